@@ -1,0 +1,131 @@
+"""A local web server that plays "the web" for the demo and the tests: real HTTP on loopback.
+
+Serves files from a folder and a few misbehaving endpoints, so downloads exercise real sockets:
+    /files/NAME                 the file (content type from the extension)
+    /status/CODE                an empty response with that status
+    /slow/SECONDS/NAME          sleeps, then serves NAME (timeouts; `/slow/` answers fast after `unslow()`)
+    /reset                      closes the connection without a response (connection reset)
+    /truncated/NAME             announces the full length, sends half the body, closes
+    /redirect?to=URL            302 to URL
+    /as/CONTENT_TYPE/NAME       serves NAME with another content type (e.g. text/html)
+    /robots/DIRECTIVE/NAME      serves NAME with `X-Robots-Tag: DIRECTIVE`
+Every request is counted by path (`server.hits`), so tests can prove what was (not) asked for again.
+"""
+
+from __future__ import annotations
+
+import collections
+import mimetypes
+import socket
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):  # noqa: A002 - silence the default stderr access log
+        pass
+
+    def _send_file(self, name: str, content_type: str | None = None, extra: dict | None = None, truncate: bool = False):
+        path = (self.server.root / urllib.parse.unquote(name)).resolve()
+        if self.server.root not in path.parents or not path.is_file():
+            return self._status(404)
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", content_type or mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2] if truncate else data)
+        if truncate:
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _status(self, code: int):
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        parsed = urllib.parse.urlparse(self.path)
+        self.server.hits[parsed.path] += 1
+        parts = parsed.path.lstrip("/").split("/", 2)
+        kind = parts[0]
+        if kind == "files":
+            return self._send_file("/".join(parts[1:]))
+        if kind == "status":
+            return self._status(int(parts[1]))
+        if kind == "slow":
+            if not self.server.unslowed:
+                time.sleep(float(parts[1]))
+            return self._send_file(parts[2])
+        if kind == "reset":
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            self.connection.close()
+            return
+        if kind == "truncated":
+            return self._send_file("/".join(parts[1:]), truncate=True)
+        if kind == "redirect":
+            to = urllib.parse.parse_qs(parsed.query)["to"][0]
+            self.send_response(302)
+            self.send_header("Location", to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if kind == "as":
+            ctype, name = urllib.parse.unquote(parts[1]), parts[2]
+            return self._send_file(name, content_type=ctype)
+        if kind == "robots":
+            return self._send_file(parts[2], extra={"X-Robots-Tag": urllib.parse.unquote(parts[1])})
+        return self._status(404)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, root: Path, host: str, port: int):
+        super().__init__((host, port), _Handler)
+        self.root = root.resolve()
+        self.hits: collections.Counter[str] = collections.Counter()
+        self.unslowed = False
+
+
+class LocalWeb:
+    """Start with `LocalWeb(folder).start()`; `url("files/x.jpg")` gives a loopback URL; `stop()` ends it."""
+
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0):
+        self._server = _Server(Path(root), host, port)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="localweb", daemon=True)
+
+    @property
+    def base(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def hits(self) -> collections.Counter:
+        return self._server.hits
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path.lstrip('/')}"
+
+    def unslow(self) -> None:
+        """From now on `/slow/...` answers at once (a server that timed out before recovers)."""
+        self._server.unslowed = True
+
+    def start(self) -> "LocalWeb":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,225 @@
+"""Token shards and their catalog: the writer and the reader of the format, side by side, with one spec.
+
+Layout (one tar member per sample, so the tar overhead is paid once):
+    KEY.sgt       or  KEY.sgt.zst   (whole member zstd-compressed)
+    bytes = b"SGT1" | uint32le header_len | header (JSON, utf-8) | codes (raw, C order) | text ids (raw int32 LE)
+    header = {"meta": {...the sample's json fields...},
+              "codes": {"dtype": "uint16", "shape": [n_images, n_groups, fh*fw]},
+              "text":  {"n": N}}
+One-line decoder with plain webdataset:
+    wds.WebDataset(url).map(lambda s: decode_token_sample(s.get("sgt") or s["sgt.zst"]))
+`codes` are already in fold order (`model.folding.fold_codes`): rows are fold groups in raster order.
+
+Catalog: `<out>/_catalog.parquet`, one row per published shard (CATALOG_SCHEMA). Shards are written
+whole to a temporary name and renamed on publish, so a reader never sees a partial shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import tarfile
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+from synergen.errors import ShardError
+
+MAGIC = b"SGT1"
+MEMBER = "sgt"
+MEMBER_ZST = "sgt.zst"
+CATALOG_NAME = "_catalog.parquet"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TokenSample:
+    """One image-text pair in token form."""
+
+    key: str
+    codes: np.ndarray  # [n_images, n_groups, fh*fw] uint16|uint32, fold order
+    text_ids: np.ndarray  # [n_text] int32
+    meta: dict = field(default_factory=dict)  # source, task, caption, size, tiles, grid, fold, sha256, url, ...
+
+    @property
+    def n_image_tokens(self) -> int:
+        """LLM positions the images take (fold groups), without <boi>/<eoi>."""
+        return int(self.codes.shape[0] * self.codes.shape[1])
+
+
+def codes_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.uint32)
+
+
+def encode_token_sample(sample: TokenSample, compress: bool = False, level: int = 3) -> tuple[str, bytes]:
+    """TokenSample -> (member extension, bytes)."""
+    codes = np.ascontiguousarray(sample.codes)
+    text = np.ascontiguousarray(sample.text_ids, dtype="<i4")
+    header = json.dumps(
+        {"meta": sample.meta, "codes": {"dtype": codes.dtype.str, "shape": list(codes.shape)}, "text": {"n": int(text.size)}},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    raw = b"".join([MAGIC, struct.pack("<I", len(header)), header, codes.tobytes(), text.tobytes()])
+    if compress:
+        return MEMBER_ZST, zstandard.ZstdCompressor(level=level).compress(raw)
+    return MEMBER, raw
+
+
+def decode_token_sample(data: bytes, key: str = "") -> TokenSample:
+    """Bytes of a `.sgt` or `.sgt.zst` member -> TokenSample (raises ShardError on garbage)."""
+    if data[:4] != MAGIC:
+        try:
+            data = zstandard.ZstdDecompressor().decompress(data)
+        except zstandard.ZstdError as e:
+            raise ShardError(f"sample {key!r}: neither a token sample nor zstd ({e}); re-tokenize its shard") from e
+        if data[:4] != MAGIC:
+            raise ShardError(f"sample {key!r}: bad magic {data[:4]!r}; re-tokenize its shard")
+    (hlen,) = struct.unpack_from("<I", data, 4)
+    try:
+        header = json.loads(data[8 : 8 + hlen])
+        dt = np.dtype(header["codes"]["dtype"])
+        shape = tuple(header["codes"]["shape"])
+        n_codes = int(np.prod(shape)) if shape else 0
+        off = 8 + hlen
+        codes = np.frombuffer(data, dtype=dt, count=n_codes, offset=off).reshape(shape)
+        off += n_codes * dt.itemsize
+        text = np.frombuffer(data, dtype="<i4", count=int(header["text"]["n"]), offset=off)
+        if off + text.nbytes != len(data):
+            raise ValueError(f"{len(data) - off - text.nbytes} trailing bytes")
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ShardError(f"sample {key!r}: corrupt token sample ({e}); re-tokenize its shard") from e
+    return TokenSample(key=key, codes=codes, text_ids=text, meta=header["meta"])
+
+
+def sha256_file(url: str, storage_options: dict | None = None) -> str:
+    h = hashlib.sha256()
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TokenShardWriter:
+    """Writes one token shard in memory and publishes it atomically (temp name, then rename).
+
+    Use as a context manager; `publish()` returns the shard's size and sha256 for the catalog.
+    """
+
+    def __init__(self, url: str, compress: bool = False, storage_options: dict | None = None):
+        self.url = url
+        self.compress = compress
+        self.storage_options = storage_options or {}
+        self._buf = io.BytesIO()
+        self._tar = tarfile.open(fileobj=self._buf, mode="w", format=tarfile.USTAR_FORMAT)
+        self.n_samples = 0
+        self.n_image_tokens = 0
+        self.n_codes = 0
+        self.n_text_tokens = 0
+
+    def write(self, sample: TokenSample) -> None:
+        if "." in sample.key:
+            raise ShardError(f"sample key {sample.key!r} contains '.', which webdataset splits on; use [A-Za-z0-9_-]")
+        ext, data = encode_token_sample(sample, self.compress)
+        info = tarfile.TarInfo(f"{sample.key}.{ext}")
+        info.size = len(data)
+        info.mode = 0o444
+        self._tar.addfile(info, io.BytesIO(data))
+        self.n_samples += 1
+        self.n_image_tokens += sample.n_image_tokens
+        self.n_codes += int(sample.codes.size)
+        self.n_text_tokens += int(sample.text_ids.size)
+
+    def publish(self) -> dict:
+        """Close the tar, write it under a temporary name, rename into place; return size and sha256."""
+        self._tar.close()
+        data = self._buf.getvalue()
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        parent = path.rsplit("/", 1)[0]
+        fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/_tmp.{uuid.uuid4().hex}.{path.rsplit('/', 1)[-1]}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def __enter__(self) -> "TokenShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._tar.closed:
+            self._tar.close()
+
+
+def iter_token_shard(url: str, data: bytes | None = None, storage_options: dict | None = None) -> Iterator[TokenSample]:
+    """Yield the samples of one token shard (raises ShardError naming the shard on a truncated/corrupt tar)."""
+    if data is None:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            data = f.read()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                if ext not in (MEMBER, MEMBER_ZST):
+                    continue
+                yield decode_token_sample(tar.extractfile(m).read(), key=key)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"token shard {url}: truncated or corrupt ({e}); re-tokenize it or skip it") from e
+
+
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # relative to the catalog's folder
+        ("source", pa.string()),
+        ("task", pa.string()),
+        ("samples", pa.int64()),
+        ("image_tokens", pa.int64()),  # LLM positions of images (fold groups)
+        ("codes", pa.int64()),
+        ("text_tokens", pa.int64()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+        ("vq_model", pa.string()),
+        ("codebook_size", pa.int64()),
+        ("fold", pa.string()),  # "2x8"
+        ("text_tokenizer", pa.string()),
+        ("vocab_hash", pa.string()),
+        ("pipeline_version", pa.string()),
+        ("code_entropy", pa.float64()),  # quality gate: bits of the shard's code histogram
+        ("distinct_codes", pa.int64()),
+        ("psnr", pa.float64()),  # reconstruction PSNR on a small sample (NaN if not measured)
+        ("flagged", pa.bool_()),
+    ]
+)
+
+
+def write_catalog(out_url: str, rows: list[dict], storage_options: dict | None = None) -> str:
+    """Write `<out>/_catalog.parquet` atomically from rows (missing quality fields default to null)."""
+    table = pa.Table.from_pylist([{k: r.get(k) for k in CATALOG_SCHEMA.names} for r in rows], schema=CATALOG_SCHEMA)
+    fs, path = fsspec.core.url_to_fs(out_url.rstrip("/"), **(storage_options or {}))
+    fs.makedirs(path, exist_ok=True)
+    tmp = f"{path}/_tmp.{uuid.uuid4().hex}.parquet"
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(tmp, f"{path}/{CATALOG_NAME}")
+    return f"{out_url.rstrip('/')}/{CATALOG_NAME}"
+
+
+def read_catalog(url: str, storage_options: dict | None = None) -> list[dict]:
+    """Rows of a catalog; `url` is the catalog file or its folder."""
+    if not url.endswith(".parquet"):
+        url = f"{url.rstrip('/')}/{CATALOG_NAME}"
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            return pq.read_table(f).to_pylist()
+    except FileNotFoundError:
+        raise ShardError(f"no catalog at {url}: run `synergen tokenize` for this dataset first") from None

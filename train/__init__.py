@@ -1,0 +1,1 @@
+"""Streaming data over token shards, mixtures, packing, and the DeepSpeed trainer."""
