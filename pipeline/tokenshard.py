@@ -223,3 +223,15 @@ def read_catalog(url: str, storage_options: dict | None = None) -> list[dict]:
             return pq.read_table(f).to_pylist()
     except FileNotFoundError:
         raise ShardError(f"no catalog at {url}: run `synergen tokenize` for this dataset first") from None
+
+
+def vocab_hash(tokenizer) -> str:
+    """Fingerprint of a text tokenizer's vocabulary (token -> id, special tokens included): 16 hex digits.
+
+    The catalog stores it per shard and the loader compares it with the run's tokenizer, so text ids
+    written under one vocabulary are never read under another. Accepts a transformers tokenizer or a
+    `tokenizers.Tokenizer` (anything with `get_vocab()`).
+    """
+    vocab = tokenizer.get_vocab()
+    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

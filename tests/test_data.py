@@ -1,0 +1,288 @@
+"""The streaming dataset over real token shards (written with TokenShardWriter, synthetic codes)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from model.folding import Fold
+from model.special_tokens import ALL_SPECIAL_TOKENS, PROMPT_UND
+from pipeline.tokenshard import TokenSample, TokenShardWriter, vocab_hash, write_catalog
+from synergen.errors import ConfigMismatchError, ShardError
+from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
+from train.mixture import MixtureManifest
+from train.sequence import IGNORE, LayoutIds, SequenceSpec, build_sequence, plan_layout
+
+FOLD = Fold(2, 2)
+CODEBOOK = 64
+WORDS = "a red blue green yellow circle square triangle on the left right top bottom and two in center".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    rng = np.random.default_rng(0)
+    corpus = [" ".join(rng.choice(WORDS, 8)) for _ in range(200)] + [PROMPT_UND, "Generate an image of: Here is a random image"]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    fast.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+                             "additional_special_tokens": [t for t in ALL_SPECIAL_TOKENS if t not in ("<s>", "</s>", "<pad>")]})
+    return fast
+
+
+def model_spec(tokenizer) -> ModelDataSpec:
+    return ModelDataSpec(FOLD, CODEBOOK, vocab_hash(tokenizer))
+
+
+def write_source(root: str, source: str, task: str, shard_sizes: list[int], tokenizer, seed: int = 0, tiles: bool = False,
+                 groups: int = 4) -> list[dict]:
+    """Shards of synthetic samples + catalog under root/source; keys name source, shard and index."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for si, n in enumerate(shard_sizes):
+        path = f"{source}-{si:05d}.tar"
+        with TokenShardWriter(f"{root}/{source}/{path}") as w:
+            for i in range(n):
+                grid = [[1, 1], [1, 2], [2, 2]][rng.integers(0, 3)] if tiles else [1, 1]
+                n_tiles = grid[0] * grid[1]
+                n_img = n_tiles + (n_tiles > 1)
+                cap = " ".join(rng.choice(WORDS, int(rng.integers(2, 9))))
+                w.write(TokenSample(
+                    key=f"{source}-{si:03d}-{i:04d}",
+                    codes=rng.integers(0, CODEBOOK, (n_img, groups, FOLD.size)).astype(np.uint16),
+                    text_ids=np.array(tokenizer.encode(cap, add_special_tokens=False), np.int32),
+                    meta={"source": source, "task": task, "caption": cap, "tiles": grid, "thumbnail": n_tiles > 1,
+                          "grid": [4, 4], "fold": [2, 2]},
+                ))
+            pub = w.publish()
+            rows.append({"path": path, "source": source, "task": task, "samples": w.n_samples, "image_tokens": w.n_image_tokens,
+                         "codes": w.n_codes, "text_tokens": w.n_text_tokens, **pub, "vq_model": "tiny-emu3",
+                         "codebook_size": CODEBOOK, "fold": "2x2", "text_tokenizer": "tiny-bpe", "vocab_hash": vocab_hash(tokenizer),
+                         "pipeline_version": "test"})
+    write_catalog(f"{root}/{source}", rows)
+    return rows
+
+
+def manifest(root: str, **over) -> MixtureManifest:
+    raw = {
+        "name": "t", "data_root": root, "seq_len": 64, "max_tiles": 4, "thumbnail": True,
+        "tasks": {
+            "und": {"global_batch": 6, "sources": {"cap_a": {"catalogs": ["cap_a"], "weight": 2}, "cap_b": {"catalogs": ["cap_b"], "weight": 1}}},
+            "gen": {"global_batch": 4, "unit": "tokens", "sources": {"gen_a": {"catalogs": ["gen_a"], "weight": 1},
+                                                                      "gen_b": {"catalogs": ["gen_b"], "weight": 1}}},
+        },
+    }
+    for k, v in over.items():
+        raw[k] = v
+    return MixtureManifest.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tokenizer):
+    root = str(tmp_path_factory.mktemp("tokens"))
+    write_source(root, "cap_a", "und", [7, 5, 9, 6], tokenizer, seed=1, tiles=True)
+    write_source(root, "cap_b", "und", [4, 6, 3], tokenizer, seed=2, tiles=True)
+    write_source(root, "gen_a", "gen", [8, 8, 8], tokenizer, seed=3, groups=4)
+    write_source(root, "gen_b", "gen", [10, 10], tokenizer, seed=4, groups=12)  # 3x the image tokens of gen_a
+    return root
+
+
+def stream(root, tokenizer, steps, state=None, workers=0, rank=0, world=1, mf=None, **cfg) -> tuple[list, StreamingLoader]:
+    ds = StreamingMixture(mf or manifest(root), model_spec(tokenizer), tokenizer,
+                          LoaderConfig(rank=rank, world_size=world, seed=7, max_steps=steps, **cfg))
+    loader = StreamingLoader(ds, num_workers=workers)
+    if state is not None:
+        loader.load_state_dict(state)
+    return list(loader), loader
+
+
+def as_bytes(sb) -> bytes:
+    parts = [json.dumps(sb.samples, sort_keys=True).encode()]
+    for task in sorted(sb.batches):
+        b = sb.batches[task]
+        for name in ("input_ids", "position_ids", "document_ids", "labels", "image_mask", "image_codes", "image_targets"):
+            parts.append(getattr(b, name).numpy().tobytes())
+    return b"".join(parts)
+
+
+def test_sequence_layout_and_loss_masks(tokenizer):
+    ids = LayoutIds.from_tokenizer(tokenizer)
+    spec = SequenceSpec(seq_len=64, max_tiles=4, thumbnail=True, fold=FOLD)
+    codes = np.arange(5 * 4 * 4).reshape(5, 4, 4).astype(np.uint16)  # 2x2 tiles + thumbnail, 4 groups each
+    s = TokenSample("k", codes, np.array([11, 12, 13], np.int32), {"tiles": [2, 2], "thumbnail": True})
+    lay = plan_layout(s, "und", False, spec, ids)
+    seq = build_sequence(s, "und", False, lay, ids)
+    assert len(seq) == lay.length == 1 + 5 * (1 + 2 + 4) + len(ids.prompt_und) + 3 + 1
+    assert seq.input_ids[0] == ids.bos and seq.input_ids[1] == ids.tile and seq.input_ids[2] == ids.boi
+    assert list(seq.input_ids).count(ids.tile) == 4 and list(seq.input_ids).count(ids.thumbnail) == 1
+    assert seq.image_mask.sum() == 20 and not seq.image_targets.any()
+    assert (seq.codes == codes.reshape(20, 4)).all()  # tiles then thumbnail, groups in order
+    assert seq.labels[seq.labels != IGNORE].tolist() == [11, 12, 13, ids.eos]  # und: caption + </s>
+    # too many tiles for the stage -> the thumbnail alone, no markers
+    lay1 = plan_layout(s, "und", False, SequenceSpec(64, 1, False, FOLD), ids)
+    assert lay1.images == (4,) and lay1.kind == "single"
+    # longer than the sequence even as a thumbnail -> dropped, never cut
+    assert plan_layout(s, "und", False, SequenceSpec(10, 4, True, FOLD), ids) is None
+    # generation: prompt + caption, image is the code target, <eoi> and </s> are text targets
+    g = TokenSample("g", codes[:1], np.array([11, 12], np.int32), {})
+    gseq = build_sequence(g, "gen", False, plan_layout(g, "gen", False, spec, ids), ids)
+    assert (gseq.image_targets == gseq.image_mask).all() and gseq.image_mask.sum() == 4
+    assert gseq.labels[gseq.labels != IGNORE].tolist() == [ids.eoi, ids.eos]
+    useq = build_sequence(g, "gen", True, plan_layout(g, "gen", True, spec, ids), ids)
+    assert ids.prompt_uncond[-2] in useq.input_ids.tolist() and 11 not in useq.input_ids.tolist()
+
+
+def test_batches_are_packed_per_task_with_document_boundaries(corpus, tokenizer):
+    out, _ = stream(corpus, tokenizer, 2)
+    sb = out[0]
+    assert set(sb.batches) == {"und", "gen"}
+    for task, b in sb.batches.items():
+        assert b.task == task and b.input_ids.shape[1] == 64
+        assert len(sb.samples[task]) == (6 if task == "und" else 4)
+        assert sum(len(r) for r in b.doc_sources) == len(sb.samples[task])
+        assert b.image_codes.shape[0] == int(b.image_mask.sum()) and b.image_codes.shape[1] == 4
+        starts = (b.position_ids == 0) & (b.document_ids >= 0)
+        assert int(starts.sum()) == len(sb.samples[task])  # positions restart at every document
+        assert (b.image_targets <= b.image_mask).all()
+        assert 0 < sb.report["tasks"][task]["packing_efficiency"] <= 1
+    assert not sb.batches["und"].image_targets.any() and sb.batches["gen"].image_targets.any()
+
+
+def test_exact_resume_at_several_points(corpus, tokenizer):
+    full, _ = stream(corpus, tokenizer, 12)
+    for k in (1, 4, 7):  # 7 is mid-shard and past cap_b's first epoch
+        head, loader = stream(corpus, tokenizer, k)
+        state = json.loads(json.dumps(loader.state_dict()))  # must survive a JSON checkpoint
+        tail, _ = stream(corpus, tokenizer, 12, state=state)
+        assert [as_bytes(x) for x in head + tail] == [as_bytes(x) for x in full]
+    assert full[-1].report["sources"]["cap_b"]["epoch"] >= 1  # epochs do roll over, counted
+
+
+def test_exact_resume_right_after_a_mixture_change(corpus, tokenizer):
+    mf = manifest(corpus, schedule=[{"at_step": 3, "weights": {"und": {"cap_a": 0, "cap_b": 1}}}])
+    full, _ = stream(corpus, tokenizer, 8, mf=mf)
+    assert all(s == "cap_b" for s, _, _ in full[3].samples["und"]) and full[3].report["mixture"].endswith("#1")
+    head, loader = stream(corpus, tokenizer, 4, mf=mf)
+    tail, _ = stream(corpus, tokenizer, 8, state=loader.state_dict(), mf=mf)
+    assert [as_bytes(x) for x in head + tail] == [as_bytes(x) for x in full]
+
+
+def test_new_manifest_keeps_source_positions(corpus, tokenizer):
+    """Switching manifests mid-epoch: no sample of a source is drawn twice within its epoch."""
+    head, loader = stream(corpus, tokenizer, 2)
+    mf2 = manifest(corpus, tasks={"und": {"global_batch": 5, "sources": {"cap_a": {"catalogs": ["cap_a"], "weight": 1}}},
+                                  "gen": {"global_batch": 4, "sources": {"gen_a": {"catalogs": ["gen_a"], "weight": 1}}}})
+    tail, loader2 = stream(corpus, tokenizer, 5, state=loader.state_dict(), mf=mf2)
+    seen = [x for sb in head + tail for x in sb.samples["und"] if x[0] == "cap_a" and x[1] == 0]
+    assert len(seen) == len(set(seen)) and len(seen) > 10
+    assert "cap_b" in loader2.state_dict()["sources"]  # the dropped source's cursor is carried for a switch back
+
+
+def test_two_ranks_two_workers_then_one_rank_no_duplicate_no_loss(corpus, tokenizer):
+    mf = manifest(corpus, tasks={"und": {"global_batch": 5, "sources": {"cap_a": {"catalogs": ["cap_a"], "weight": 1}}}})
+    epoch_size = 27
+    keys = Counter()
+    states = []
+    for rank in (0, 1):
+        out, loader = stream(corpus, tokenizer, 3, workers=2, rank=rank, world=2, mf=mf)
+        assert [sb.step for sb in out] == [0, 1, 2]  # DataLoader order = step order
+        keys.update(k for sb in out for k in sb.samples["und"])
+        states.append(loader.state_dict())
+    assert states[0] == states[1]  # the state is global: any rank's checkpoint resumes all
+    out, _ = stream(corpus, tokenizer, 6, state=states[0], mf=mf)  # 1 rank; 15 + 15 samples cover the epoch
+    keys.update(k for sb in out for k in sb.samples["und"])
+    epoch0 = {k: n for k, n in keys.items() if k[1] == 0}
+    assert len(epoch0) == epoch_size and set(epoch0.values()) == {1}
+
+
+def test_realised_proportions_in_samples_and_tokens(corpus, tokenizer):
+    out, _ = stream(corpus, tokenizer, 6)
+    for sb in out:
+        und = sb.report["tasks"]["und"]["global"]
+        assert und["cap_a"]["samples"] == 4 and und["cap_b"]["samples"] == 2  # 2:1 of 6, exactly
+        gen = sb.report["tasks"]["gen"]["global"]
+        b = sb.batches["gen"]
+        longest = max(int((row == d).sum()) for row in b.document_ids for d in row.unique() if d >= 0)
+        total = sum(d["tokens"] for d in gen.values())
+        for src in ("gen_a", "gen_b"):  # equal token shares, each within one sample of half the batch
+            assert abs(gen.get(src, {}).get("tokens", 0) - total / 2) <= longest
+    n = Counter(s for sb in out for s, _, _ in sb.samples["gen"])
+    assert n["gen_a"] > n["gen_b"]  # equal tokens means more of the short samples
+
+
+def test_mismatched_catalog_is_refused_naming_both(corpus, tokenizer):
+    with pytest.raises(ConfigMismatchError, match=r"fold 2x2 but the model config folds 2x8"):
+        StreamingMixture(manifest(corpus), ModelDataSpec(Fold(2, 8), CODEBOOK, vocab_hash(tokenizer)), tokenizer)
+    with pytest.raises(ConfigMismatchError, match=r"vocab hash .* run's tokenizer hashes to deadbeef"):
+        StreamingMixture(manifest(corpus), ModelDataSpec(FOLD, CODEBOOK, "deadbeef"), tokenizer)
+    with pytest.raises(ConfigMismatchError, match="codebook 64"):
+        StreamingMixture(manifest(corpus), ModelDataSpec(FOLD, 32768, vocab_hash(tokenizer)), tokenizer)
+
+
+def _bad_corpus(root, tokenizer):
+    mf = manifest(root, tasks={"gen": {"global_batch": 6, "sources": {"gen_a": {"catalogs": ["gen_a"], "weight": 1}}}})
+    write_source(root, "gen_a", "gen", [6, 6, 6], tokenizer, seed=9)
+    return mf
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_bad_shards_error_or_recorded_skip(tmp_path, tokenizer, request, where):
+    import fsspec
+
+    root = str(tmp_path) if where == "local" else f"{request.getfixturevalue('s3')}/bad-{tmp_path.name}"
+    mf = _bad_corpus(root, tokenizer)
+    fs, _ = fsspec.core.url_to_fs(root)
+    good, _ = stream(root, tokenizer, 3, mf=mf, cache_dir=str(tmp_path / "cache"))
+    assert sorted(k for sb in good for _, _, k in sb.samples["gen"]) == sorted(f"gen_a-{s:03d}-{i:04d}" for s in range(3) for i in range(6))
+    data = fs.cat(f"{root}/gen_a/gen_a-00001.tar")
+    fs.pipe(f"{root}/gen_a/gen_a-00001.tar", data[: len(data) // 2])  # truncated
+    fs.rm(f"{root}/gen_a/gen_a-00002.tar")  # missing
+    with pytest.raises(ShardError, match=r"gen_a-0000[12]\.tar"):
+        stream(root, tokenizer, 4, mf=mf, cache_dir=str(tmp_path / "cache2"))
+    out, _ = stream(root, tokenizer, 2, mf=mf, on_bad_shard="skip", cache_dir=str(tmp_path / "cache3"))
+    keys = [k for sb in out for _, _, k in sb.samples["gen"]]
+    assert len(keys) == 12 and all(k.startswith("gen_a-000-") for k in keys)  # only shard 0 is served, epoch after epoch
+    assert out[-1].report["sources"]["gen_a"]["epoch"] == 1
+    rep = out[-1].report
+    assert {u.rsplit("/", 1)[-1] for u in rep["skipped_shards"]} == {"gen_a-00001.tar", "gen_a-00002.tar"}
+    assert rep["sources"]["gen_a"]["skipped"] >= 12
+
+
+def test_s3_reads_like_local_with_a_bounded_cache(corpus, tokenizer, s3, tmp_path):
+    import fsspec
+
+    local_fs = fsspec.filesystem("file")
+    s3_fs, _ = fsspec.core.url_to_fs(s3)
+    remote = f"{s3}/corpus"
+    s3_fs.put(corpus, remote, recursive=True)
+    local, _ = stream(corpus, tokenizer, 5)
+    cache = tmp_path / "cache"
+    remote_out, _ = stream(remote, tokenizer, 5, cache_dir=str(cache), cache_bytes=30_000)
+    assert [as_bytes(x) for x in local] == [as_bytes(x) for x in remote_out]
+    cached = sum(p.stat().st_size for p in cache.rglob("*.tar"))
+    assert 0 < cached <= 30_000 + max(local_fs.size(p) for p in local_fs.glob(f"{corpus}/*/*.tar"))
+
+
+def test_manifest_errors_name_the_key(tmp_path):
+    from synergen.errors import ManifestError
+
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump({"name": "x", "tasks": {"und": {"global_batch": 4, "sources": {"a": {"catalogs": ["a"]}}}}}))
+    with pytest.raises(ManifestError, match=r"m\.yaml.*tasks\.und.*no `weight`"):
+        MixtureManifest.load(str(p))
+
+
+def test_torch_dataloader_workers_yield_the_same_stream(corpus, tokenizer):
+    single, _ = stream(corpus, tokenizer, 5)
+    multi, _ = stream(corpus, tokenizer, 5, workers=2)
+    assert [as_bytes(x) for x in single] == [as_bytes(x) for x in multi]
+    assert isinstance(multi[0].batches["und"].input_ids, torch.Tensor)

@@ -1,0 +1,288 @@
+"""Mixture manifests (`manifests/mixtures/*.yaml`) and the sampler that realises them per global batch.
+
+A manifest says, per task (`und`, `gen`), how many samples one global batch holds (Table 8: equal
+per-task batches), in which unit the source weights count (`samples` or `tokens`) and how the weights
+are set: explicit numbers, `natural` (by size) or `temperature` (size ** alpha). A `schedule` changes
+explicit weights from a step on; the loader keeps each source's cursor across such changes, so a
+source never repeats a sample within its epoch because the weights moved.
+
+`MixtureSampler` fills a global batch sample by sample, always taking the source that is furthest
+behind its share once its next sample is counted (weighted fair queueing). In tokens, a 4,096-code
+image and a 20-token caption are then weighed by what they cost, and every source's share of the
+batch is met to within one sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from synergen.errors import ManifestError, ShardError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("und", "gen")
+
+
+class SourceSpec(BaseModel):
+    """One source of a task: the catalog(s) that list its shards and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    catalogs: list[str] = Field(min_length=1)  # catalog files or folders; relative ones resolve against data_root
+    select: str | None = None  # keep only catalog rows of this `source` (catalogs may hold several sources)
+    weight: float | None = Field(default=None, ge=0)  # explicit weight; required when the task's weighting is explicit
+
+
+class TaskSpec(BaseModel):
+    """What one task's share of every global batch is made of."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    global_batch: int = Field(gt=0)  # samples of this task per global batch (Table 8: 6,988 in S.1, 5,090 in S.2)
+    unit: Literal["samples", "tokens"] = "samples"  # what the weights count
+    weighting: Literal["explicit", "natural", "temperature"] = "explicit"
+    alpha: float = Field(default=0.5, gt=0, le=1)  # temperature exponent: weight = size ** alpha
+    sources: dict[str, SourceSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _weights_present(self) -> "TaskSpec":
+        if self.weighting == "explicit":
+            missing = [n for n, s in self.sources.items() if s.weight is None]
+            if missing:
+                raise ValueError(f"sources {missing} have no `weight`; give one or set `weighting: natural`")
+            if sum(s.weight for s in self.sources.values()) <= 0:
+                raise ValueError("all weights are 0; give at least one source a positive weight")
+        return self
+
+
+class ScheduleEntry(BaseModel):
+    """From `at_step` on, these explicit weights replace the named sources' weights (others keep theirs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    at_step: int = Field(gt=0)
+    weights: dict[str, dict[str, float]]  # task -> source -> weight
+
+
+class MixtureManifest(BaseModel):
+    """A stage's data mixture: tasks, sources, weights, sequence layout, and an optional weight schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    stage: str = "1"
+    data_root: str = ""  # relative catalog paths resolve against it (a local path or s3://...)
+    seq_len: int = Field(default=4096, gt=8)  # Table 8: 4,096 in S.1, 8,192 in S.2
+    max_tiles: int = Field(default=1, ge=1)  # Table 8: 1 in S.1, 6 in S.2
+    thumbnail: bool = False  # Table 8: no in S.1, yes in S.2
+    uncond_prob: float = Field(default=0.10, ge=0, le=1)  # CFG prompt drop for generation samples (paper §4.1)
+    tasks: dict[Literal["und", "gen"], TaskSpec] = Field(min_length=1)
+    schedule: list[ScheduleEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _schedule_names(self) -> "MixtureManifest":
+        steps = [e.at_step for e in self.schedule]
+        if steps != sorted(set(steps)):
+            raise ValueError(f"schedule steps {steps} must be strictly increasing")
+        for e in self.schedule:
+            for task, ws in e.weights.items():
+                if task not in self.tasks:
+                    raise ValueError(f"schedule at step {e.at_step}: unknown task {task!r} (have {list(self.tasks)})")
+                unknown = set(ws) - set(self.tasks[task].sources)
+                if unknown:
+                    raise ValueError(f"schedule at step {e.at_step}: unknown sources {sorted(unknown)} in task {task!r}")
+                if self.tasks[task].weighting != "explicit":
+                    raise ValueError(f"schedule at step {e.at_step}: task {task!r} uses {self.tasks[task].weighting} weights; "
+                                     "a schedule needs `weighting: explicit`")
+        return self
+
+    @classmethod
+    def load(cls, url: str, data_root: str | None = None) -> "MixtureManifest":
+        """Read and validate a manifest (local path or fsspec URL); `data_root` overrides the file's."""
+        import fsspec
+
+        try:
+            with fsspec.open(url, "r") as f:
+                raw = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ManifestError(f"mixture manifest {url} does not exist; see manifests/mixtures/ for examples") from None
+        try:
+            manifest = cls.model_validate(raw)
+        except ValidationError as e:
+            errs = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+            raise ManifestError(f"mixture manifest {url}: {errs}") from None
+        if data_root is not None:
+            manifest = manifest.model_copy(update={"data_root": data_root})
+        return manifest
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the manifest's content (recorded in the loader state)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def segment(self, step: int) -> int:
+        """Index of the schedule segment in force at `step` (0 = the base weights)."""
+        return sum(1 for e in self.schedule if e.at_step <= step)
+
+    def mixture_id(self, step: int) -> str:
+        return f"{self.name}@{self.fingerprint}#{self.segment(step)}"
+
+    def catalog_urls(self, source: SourceSpec) -> list[str]:
+        out = []
+        for c in source.catalogs:
+            if "://" in c or c.startswith("/") or not self.data_root:
+                out.append(c)
+            else:
+                out.append(f"{self.data_root.rstrip('/')}/{c}")
+        return out
+
+    def explicit_weights(self, task: str, step: int) -> dict[str, float]:
+        """Explicit weights in force at `step` (only for `weighting: explicit`)."""
+        spec = self.tasks[task]
+        weights = {n: float(s.weight) for n, s in spec.sources.items()}
+        for e in self.schedule:
+            if e.at_step <= step:
+                weights.update(e.weights.get(task, {}))
+        return weights
+
+
+@dataclass(frozen=True)
+class SourceSize:
+    """A source's size from its catalogs: samples and tokens (image positions + caption tokens)."""
+
+    samples: int
+    tokens: int
+
+
+def resolve_weights(manifest: MixtureManifest, task: str, step: int, sizes: dict[str, SourceSize]) -> dict[str, float]:
+    """Normalised weights of a task's sources at `step`; sources with weight 0 or no samples are left out."""
+    spec = manifest.tasks[task]
+    if spec.weighting == "explicit":
+        raw = manifest.explicit_weights(task, step)
+    else:
+        size = {n: (sizes[n].tokens if spec.unit == "tokens" else sizes[n].samples) for n in spec.sources}
+        raw = {n: float(v) ** (spec.alpha if spec.weighting == "temperature" else 1.0) if v > 0 else 0.0 for n, v in size.items()}
+    raw = {n: w for n, w in raw.items() if w > 0 and sizes[n].samples > 0}
+    total = sum(raw.values())
+    if total <= 0:
+        raise ManifestError(f"mixture {manifest.name!r}, task {task!r}: no source with a positive weight has any samples at "
+                            f"step {step}; check the catalogs (run `synergen mix` to see sizes)")
+    return {n: w / total for n, w in raw.items()}
+
+
+class MixtureSampler:
+    """Picks, sample by sample, the source of the next sample of a global batch (deterministic, stateless across batches).
+
+    Weighted fair queueing: take the source whose count (samples or tokens) would be smallest relative to
+    its weight once its next sample is added. Each source then ends every batch within one sample of
+    its share. Ties go to the source listed first.
+    """
+
+    def __init__(self, weights: dict[str, float]):
+        if not weights or any(w <= 0 for w in weights.values()):
+            raise ManifestError(f"sampler weights must be positive, got {weights}")
+        self.weights = dict(weights)
+        self.taken = {n: 0 for n in weights}
+
+    def start_batch(self) -> None:
+        self.taken = {n: 0 for n in self.weights}
+
+    def pick(self, next_cost: dict[str, int]) -> str:
+        """Source to draw from, given the cost (1, or the sample's tokens) of each source's next sample."""
+        return min(self.weights, key=lambda n: (self.taken[n] + next_cost[n]) / self.weights[n])
+
+    def record(self, source: str, cost: int) -> None:
+        self.taken[source] += cost
+
+
+# ---- the plan printed by `synergen mix` -------------------------------------------------------------------
+
+# Positions a sample's sequence adds around its image and caption (<s>, </s>, <boi>, <eoi>) plus a prompt
+# of about this many tokens; the plan is an estimate, the loader reports the realised counts.
+SEQUENCE_OVERHEAD = 16
+
+
+@dataclass
+class SourcePlan:
+    task: str
+    source: str
+    size: SourceSize
+    samples: float = 0.0
+    tokens: float = 0.0
+    missing: str = ""
+
+    @property
+    def epochs(self) -> float:
+        return self.samples / self.size.samples if self.size.samples else math.inf
+
+
+def source_sizes(manifest: MixtureManifest, task: str, storage_options: dict | None = None) -> tuple[dict[str, SourceSize], dict[str, str]]:
+    """Sizes of a task's sources from their catalogs, and the reason for each source that could not be read."""
+    from pipeline.tokenshard import read_catalog
+
+    sizes, missing = {}, {}
+    for name, src in manifest.tasks[task].sources.items():
+        samples = tokens = 0
+        for url in manifest.catalog_urls(src):
+            try:
+                rows = read_catalog(url, storage_options)
+            except ShardError as e:
+                missing[name] = str(e)
+                continue
+            for r in rows:
+                if src.select is None or r["source"] == src.select:
+                    samples += int(r["samples"])
+                    tokens += int(r["image_tokens"]) + int(r["text_tokens"])
+        sizes[name] = SourceSize(samples, tokens)
+    return sizes, missing
+
+
+def plan_mixture(manifest: MixtureManifest, steps: int, storage_options: dict | None = None) -> tuple[list[SourcePlan], list[str]]:
+    """Expected samples and tokens per source over `steps` steps (schedule included), and warnings."""
+    plans: list[SourcePlan] = []
+    warnings: list[str] = []
+    bounds = [0, *[e.at_step for e in manifest.schedule if e.at_step < steps], steps]
+    for task, spec in manifest.tasks.items():
+        sizes, missing = source_sizes(manifest, task, storage_options)
+        by_name = {n: SourcePlan(task, n, sizes[n], missing=missing.get(n, "")) for n in spec.sources}
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi <= lo:
+                continue
+            try:
+                weights = resolve_weights(manifest, task, lo, sizes)
+            except ManifestError as e:
+                warnings.append(str(e))
+                continue
+            avg = {n: sizes[n].tokens / sizes[n].samples + SEQUENCE_OVERHEAD for n in weights}
+            if spec.unit == "samples":
+                per_step = {n: spec.global_batch * w for n, w in weights.items()}
+            else:  # token shares w_n: samples n_n proportional to w_n / avg_n, summing to the batch
+                denom = sum(w / avg[n] for n, w in weights.items())
+                per_step = {n: spec.global_batch * (w / avg[n]) / denom for n, w in weights.items()}
+            for n, k in per_step.items():
+                by_name[n].samples += k * (hi - lo)
+                by_name[n].tokens += k * avg[n] * (hi - lo)
+        plans.extend(by_name.values())
+    return plans, warnings
+
+
+def plan_warnings(plans: list[SourcePlan], max_epochs: float) -> list[str]:
+    out = []
+    for p in plans:
+        if p.missing:
+            out.append(f"{p.task}/{p.source}: catalog missing ({p.missing})")
+        elif p.size.samples == 0:
+            out.append(f"{p.task}/{p.source}: empty (its catalogs list no samples); it is left out of the mixture")
+        elif p.epochs > max_epochs:
+            out.append(f"{p.task}/{p.source}: will repeat {p.epochs:.1f} times (more than {max_epochs:g} epochs); "
+                       "lower its weight or add data")
+    return out
