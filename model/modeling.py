@@ -205,10 +205,17 @@ class SynerGenVLForCausalLM(SynerGenVLPreTrainedModel):
         # Image: the state at t-1 conditions the unfolding head predicting block t's codes.
         is_img = batch.image_targets[:, 1:]  # [B, T-1]
         codes = batch.image_codes[batch.image_targets[batch.image_mask]]  # [Ni, k]
-        img_logits = self.unfold_head(h[:, :-1][is_img], codes)  # [Ni, k, V]
-        img_nll = F.cross_entropy(img_logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view(codes.shape)  # [Ni, k]
         n_img = int(codes.numel())
-        image_loss = img_nll.sum() / max(n_img, 1)
+        if n_img:
+            img_logits = self.unfold_head(h[:, :-1][is_img], codes)  # [Ni, k, V]
+            img_nll = F.cross_entropy(img_logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view(codes.shape)  # [Ni, k]
+            image_loss = img_nll.sum() / n_img
+        else:
+            # No image targets: run the head on one zero block at weight 0, so that every parameter still
+            # gets a (zero) gradient and DeepSpeed ranks with and without image targets reduce alike.
+            img_nll = h.new_zeros(0, codes.shape[1], dtype=torch.float32)
+            dummy = self.unfold_head(h[:1, 0] * 0, codes.new_zeros(1, codes.shape[1]))
+            image_loss = dummy.float().sum() * 0
         token_loss[:, 1:] = token_loss[:, 1:].masked_scatter(is_img, img_nll.detach().mean(1))
 
         loss = text_loss + self.config.image_loss_weight * image_loss
