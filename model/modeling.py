@@ -149,6 +149,10 @@ class SynerGenVLModel(SynerGenVLPreTrainedModel):
         if n_img:
             img = self.fold_embed(image_codes, block_index).to(x.dtype)  # [N_img, D]
             x = x.masked_scatter(image_mask.unsqueeze(-1).expand_as(x), img)
+        elif torch.is_grad_enabled():
+            # No image position: a zero-weight call keeps every parameter in the graph (uniform DeepSpeed reduction).
+            dummy = self.fold_embed(image_codes.new_zeros(1, image_codes.shape[1]), image_codes.new_zeros(1))
+            x = x + 0 * dummy.to(x.dtype).sum()
         return x
 
     def forward(
