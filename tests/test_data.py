@@ -286,3 +286,17 @@ def test_torch_dataloader_workers_yield_the_same_stream(corpus, tokenizer):
     multi, _ = stream(corpus, tokenizer, 5, workers=2)
     assert [as_bytes(x) for x in single] == [as_bytes(x) for x in multi]
     assert isinstance(multi[0].batches["und"].input_ids, torch.Tensor)
+
+
+def test_fast_shard_walk_matches_tarfile_and_catches_truncation(corpus):
+    import fsspec
+
+    from pipeline.tokenshard import iter_token_shard, iter_token_shard_fast
+
+    url = f"{corpus}/cap_a/cap_a-00000.tar"
+    data = fsspec.open(url, "rb").open().read()
+    slow, fast = list(iter_token_shard(url, data=data)), list(iter_token_shard_fast(url, data))
+    assert [s.key for s in fast] == [s.key for s in slow] and len(fast) == 7
+    assert all((a.codes == b.codes).all() and a.meta == b.meta for a, b in zip(fast, slow))
+    with pytest.raises(ShardError, match="cap_a-00000.tar: truncated"):
+        list(iter_token_shard_fast(url, data[:3000]))

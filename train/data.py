@@ -46,7 +46,7 @@ import torch
 
 from model.batch import PackedBatch
 from model.folding import Fold
-from pipeline.tokenshard import TokenSample, iter_token_shard, read_catalog
+from pipeline.tokenshard import TokenSample, iter_token_shard_fast, read_catalog
 from synergen.errors import ConfigMismatchError, ShardError, SynergenError
 from train.mixture import MixtureManifest, MixtureSampler, SourceSize, resolve_weights
 from train.packing import pack, packing_efficiency
@@ -302,7 +302,7 @@ class ShardStore:
         try:
             fut = self._inflight.pop(shard.url, None)
             data = fut.result() if fut is not None else self._bytes(shard)
-            out = list(iter_token_shard(shard.url, data=data))
+            out = list(iter_token_shard_fast(shard.url, data))
             if len(out) != shard.samples:
                 raise ShardError(f"token shard {shard.url}: {len(out)} samples but its catalog says {shard.samples}; "
                                  "re-tokenize it or set on_bad_shard='skip'")

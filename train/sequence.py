@@ -150,46 +150,55 @@ def plan_layout(sample: TokenSample, task: str, uncond: bool, spec: SequenceSpec
 
 
 def build_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout, ids: LayoutIds, source: str = "") -> Sequence:
-    """Lay out one sample as `plan_layout` decided."""
-    parts: list[tuple[np.ndarray, bool, bool, bool]] = []  # (ids, is_text_target, is_image, is_code_target)
-    codes = []
+    """Lay out one sample as `plan_layout` decided (arrays allocated once at the planned length)."""
+    L = layout.length
+    input_ids = np.empty(L, np.int64)  # [L]
+    labels = np.full(L, IGNORE, np.int64)
+    image_mask = np.zeros(L, bool)
+    image_targets = np.zeros(L, bool)
+    t = 0
 
-    def text(tokens, target: bool = False) -> None:
-        parts.append((np.asarray(tokens, dtype=np.int64), target, False, False))
+    def put(tokens, target: bool = False) -> None:
+        nonlocal t
+        n = len(tokens)
+        input_ids[t:t + n] = tokens
+        if target:
+            labels[t:t + n] = tokens
+        t += n
 
     def image(i: int, marker: int | None, target: bool) -> None:
+        nonlocal t
         if marker is not None:
-            text([marker])
-        text([ids.boi])
-        groups = sample.codes[i]  # [n_groups, fh*fw]
-        parts.append((np.full(groups.shape[0], ids.img, dtype=np.int64), False, True, target))
-        codes.append(groups)
-        text([ids.eoi], target=target)  # gen: <eoi> is a text target after the image
+            put((marker,))
+        put((ids.boi,))
+        n = int(sample.codes.shape[1])
+        input_ids[t:t + n] = ids.img
+        image_mask[t:t + n] = True
+        image_targets[t:t + n] = target
+        t += n
+        put((ids.eoi,), target=target)  # gen: <eoi> is a text target after the image
 
-    text([ids.bos])
-    caption = np.asarray(sample.text_ids, dtype=np.int64)
+    put((ids.bos,))
+    caption = sample.text_ids
     if task == "und":
         n_tiles = len(layout.images) - (layout.kind == "tiles+thumbnail")
         for j, i in enumerate(layout.images):
             marker = None if layout.kind == "single" else (ids.tile if j < n_tiles else ids.thumbnail)
             image(i, marker, target=False)
-        text(ids.prompt_und)
-        text(caption, target=True)
-        text([ids.eos], target=True)
+        put(ids.prompt_und)
+        put(caption, target=True)
+        put((ids.eos,), target=True)
     else:
         if uncond:
-            text(ids.prompt_uncond)
+            put(ids.prompt_uncond)
         else:
-            text(ids.prompt_gen)
-            text(caption)
+            put(ids.prompt_gen)
+            put(caption)
         for i in layout.images:
             image(i, None, target=True)
-        text([ids.eos], target=True)
-
-    input_ids = np.concatenate([p[0] for p in parts])  # [L]
-    labels = np.concatenate([np.where(p[1], p[0], IGNORE) if not p[2] else np.full(p[0].shape, IGNORE) for p in parts])
-    image_mask = np.concatenate([np.full(p[0].shape, p[2]) for p in parts])
-    image_targets = np.concatenate([np.full(p[0].shape, p[3]) for p in parts])
-    fold_size = sample.codes.shape[2]
-    codes_arr = np.concatenate(codes).astype(np.int64) if codes else np.zeros((0, fold_size), np.int64)  # [N_img, fh*fw]
-    return Sequence(input_ids, labels, image_mask, image_targets, codes_arr, source=source, key=sample.key)
+        put((ids.eos,), target=True)
+    if t != L:
+        raise AssertionError(f"sample {sample.key!r}: built {t} positions, planned {L}")  # an invariant, not data validation
+    # [N_img, fh*fw]: the chosen images' fold groups, in layout order
+    codes = sample.codes[list(layout.images)].reshape(-1, sample.codes.shape[2]).astype(np.int64)
+    return Sequence(input_ids, labels, image_mask, image_targets, codes, source=source, key=sample.key)
