@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_kit import Doc, pack, random_codes, tiny_config, tiny_qwen2
+from test_model_kit import Doc, pack, random_codes, tiny_config, tiny_qwen2, single_thread  # noqa: F401
 from transformers import DynamicCache
 
 from model.fold_embed import FoldEmbed

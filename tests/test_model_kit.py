@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -15,6 +16,15 @@ from model.config import SynerGenVLConfig, preset_config
 from model.special_tokens import BOI, EOI, IMG
 
 VOCAB = 96
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: torch's 2-thread pool costs ~9 ms per attention call on a shared 2-core machine, 1 thread 6 us."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_config(**overrides) -> SynerGenVLConfig:

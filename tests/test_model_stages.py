@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_model_core import VISION, mixed_docs
-from test_model_kit import Doc, pack, tiny_qwen2
+from test_model_kit import Doc, pack, tiny_qwen2, single_thread  # noqa: F401
 
 from model.modeling import SynerGenVLForCausalLM
 from synergen.errors import SynergenError
