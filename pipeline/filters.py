@@ -1,0 +1,210 @@
+"""Ingest filters: one small class each, called on one sample, returning the drop reason or None.
+
+Row filters (caption, metadata, language) need only the URL-list row, so ingest runs them before
+downloading; image filters (geometry) run on the downloaded image's size. Every filter counts what it
+drops by reason (`counts`), and those counters end up in the shard stats and the job summary.
+Duplicates across the whole job are decided by `DedupIndex` (exact sha256 + perceptual hash).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import math
+import unicodedata
+
+import numpy as np
+from PIL import Image
+
+
+class _Counting:
+    def __init__(self):
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def _drop(self, reason: str) -> str:
+        self.counts[reason] += 1
+        return reason
+
+
+class ImageSizeFilter(_Counting):
+    """Drops images whose shorter side < min_side, longer side > max_side, or area < min_pixels."""
+
+    def __init__(self, min_side: int = 0, max_side: int | None = None, min_pixels: int = 0):
+        super().__init__()
+        self.min_side, self.max_side, self.min_pixels = min_side, max_side, min_pixels
+
+    def __call__(self, sample: dict) -> str | None:
+        w, h = sample["width"], sample["height"]
+        if min(w, h) < self.min_side:
+            return self._drop("image_too_small")
+        if self.max_side is not None and max(w, h) > self.max_side:
+            return self._drop("image_too_large")
+        if w * h < self.min_pixels:
+            return self._drop("too_few_pixels")
+        return None
+
+
+class AspectRatioFilter(_Counting):
+    """Drops images whose long/short side ratio exceeds max_ratio."""
+
+    def __init__(self, max_ratio: float):
+        super().__init__()
+        self.max_ratio = max_ratio
+
+    def __call__(self, sample: dict) -> str | None:
+        w, h = sample["width"], sample["height"]
+        if max(w, h) > self.max_ratio * max(1, min(w, h)):
+            return self._drop("aspect_ratio")
+        return None
+
+
+class CaptionFilter(_Counting):
+    """Drops rows whose caption is missing, not UTF-8, empty, or outside [min_chars, max_chars] after stripping."""
+
+    def __init__(self, min_chars: int = 1, max_chars: int | None = None):
+        super().__init__()
+        self.min_chars, self.max_chars = min_chars, max_chars
+
+    def __call__(self, sample: dict) -> str | None:
+        cap = sample.get("caption")
+        if isinstance(cap, bytes):
+            try:
+                cap = cap.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._drop("caption_not_utf8")
+        if cap is None or not str(cap).strip():
+            return self._drop("caption_empty")
+        n = len(str(cap).strip())
+        if n < self.min_chars:
+            return self._drop("caption_too_short")
+        if self.max_chars is not None and n > self.max_chars:
+            return self._drop("caption_too_long")
+        return None
+
+
+class MetadataFilter(_Counting):
+    """Drops rows whose numeric metadata column is missing or outside [min, max] (e.g. punsafe <= 0.5, aesthetic >= 5)."""
+
+    def __init__(self, column: str, min: float | None = None, max: float | None = None):  # noqa: A002
+        super().__init__()
+        self.column, self.min, self.max = column, min, max
+
+    def __call__(self, sample: dict) -> str | None:
+        v = sample.get(self.column)
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return self._drop(f"{self.column}_missing")
+        if math.isnan(v):
+            return self._drop(f"{self.column}_missing")
+        if self.min is not None and v < self.min:
+            return self._drop(f"{self.column}_below_min")
+        if self.max is not None and v > self.max:
+            return self._drop(f"{self.column}_above_max")
+        return None
+
+
+# Scripts by the first letters of unicodedata names; enough to tell en/de/fr from zh/ja/ru/ar captions.
+_SCRIPT_OF_LANGUAGE = {"en": "LATIN", "de": "LATIN", "fr": "LATIN", "es": "LATIN", "it": "LATIN", "pt": "LATIN",
+                       "zh": "CJK", "ja": "CJK", "ko": "HANGUL", "ru": "CYRILLIC", "uk": "CYRILLIC", "ar": "ARABIC",
+                       "el": "GREEK", "he": "HEBREW", "hi": "DEVANAGARI", "th": "THAI"}
+
+
+def dominant_script(text: str) -> str | None:
+    """The Unicode script most letters of `text` belong to (LATIN, CJK, CYRILLIC, ...), None without letters."""
+    counts: collections.Counter[str] = collections.Counter()
+    for ch in text:
+        if not ch.isalpha():
+            continue
+        name = unicodedata.name(ch, "")
+        script = name.split(" ")[0]
+        if script in ("HIRAGANA", "KATAKANA"):
+            script = "CJK"
+        counts[script] += 1
+    return counts.most_common(1)[0][0] if counts else None
+
+
+class LanguageFilter(_Counting):
+    """Keeps rows in `languages`: by a language column when the URL list has one (LAION's `LANGUAGE`),
+    else by the caption's dominant script (which cannot tell Latin-script languages apart)."""
+
+    def __init__(self, languages: list[str], column: str | None = None):
+        super().__init__()
+        self.languages = {lang.lower() for lang in languages}
+        self.column = column
+        self.scripts = {_SCRIPT_OF_LANGUAGE.get(lang, lang.upper()) for lang in self.languages}
+
+    def __call__(self, sample: dict) -> str | None:
+        if self.column is not None:
+            lang = sample.get(self.column)
+            return None if lang is not None and str(lang).lower() in self.languages else self._drop("language")
+        script = dominant_script(str(sample.get("caption") or ""))
+        return None if script in self.scripts else self._drop("language")
+
+
+def dhash(image: Image.Image, size: int = 8) -> int:
+    """64-bit difference hash: sign of horizontal gradients on a (size+1) x size grey thumbnail."""
+    g = np.asarray(image.convert("L").resize((size + 1, size), Image.Resampling.BILINEAR), dtype=np.int16)  # [8, 9]
+    bits = (g[:, 1:] > g[:, :-1]).ravel()  # [64]
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def dhash_bytes(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("L", (64, 64))  # JPEG: decode at reduced scale, the hash only needs a thumbnail
+        return dhash(im)
+
+
+class DedupIndex:
+    """Job-wide duplicate decisions: the first row to claim an image keeps it; later claims name the row they duplicate.
+
+    Exact: sha256 of the downloaded bytes. Near: dHash within `max_distance` bits, found through
+    `max_distance + 1` bands (pigeonhole: two hashes that close agree exactly on at least one band).
+    Claims are idempotent: the same row claiming again gets the same answer (retries, duplicate attempts).
+    """
+
+    def __init__(self, exact: bool = True, near: bool = True, max_distance: int = 4):
+        self.exact, self.near, self.max_distance = exact, near, max_distance
+        self._by_sha: dict[str, str] = {}
+        self._hashes: dict[str, int] = {}
+        self._decided: dict[str, tuple[str, str] | None] = {}
+        nb = max_distance + 1
+        self._bands = [(i * 64 // nb, (i + 1) * 64 // nb) for i in range(nb)]
+        self._buckets: dict[tuple[int, int], list[str]] = collections.defaultdict(list)
+
+    def _band_keys(self, h: int):
+        for i, (lo, hi) in enumerate(self._bands):
+            yield i, (h >> lo) & ((1 << (hi - lo)) - 1)
+
+    def add_kept(self, row_id: str, sha256: str | None, phash: int | None) -> None:
+        """Register an image kept by an earlier run (seeding from the ledger)."""
+        self._decided[row_id] = None
+        if sha256:
+            self._by_sha.setdefault(sha256, row_id)
+        if phash is not None and self.near:
+            self._hashes[row_id] = phash
+            for band in self._band_keys(phash):
+                self._buckets[band].append(row_id)
+
+    def claim(self, row_id: str, sha256: str | None, phash: int | None) -> tuple[str, str] | None:
+        """None when row_id keeps its image, else (reason, row_id it duplicates)."""
+        if row_id in self._decided:
+            return self._decided[row_id]
+        decision = None
+        if self.exact and sha256 and sha256 in self._by_sha:
+            decision = ("duplicate_exact", self._by_sha[sha256])
+        elif self.near and phash is not None:
+            for band in self._band_keys(phash):
+                for other in self._buckets.get(band, ()):
+                    if bin(self._hashes[other] ^ phash).count("1") <= self.max_distance:
+                        decision = ("duplicate_near", other)
+                        break
+                if decision:
+                    break
+        if decision is None:
+            self.add_kept(row_id, sha256, phash)
+        self._decided[row_id] = decision
+        return decision
+
+    def claim_many(self, claims: list[tuple[str, str | None, int | None]]) -> list[tuple[str, str] | None]:
+        return [self.claim(*c) for c in claims]

@@ -1,0 +1,321 @@
+"""Address policy and the guarded fetch that every ingest download goes through.
+
+`fetch(url, policy)` resolves the host, refuses private / loopback / link-local / multicast / reserved
+addresses BEFORE any socket connects, then connects to the vetted IP itself (so a second DNS answer
+cannot swap the address: no rebinding window). Every redirect hop passes through the same check.
+Only http and https are opened (no file:, ftp:, data:), bodies are capped in bytes, and image headers
+are checked against a decoded-pixel cap before anything decodes them (decompression bombs).
+
+`install(policy)` puts this fetch into img2dataset's downloader inside the current process (a Ray
+worker): img2dataset looks `download_image` up as a module global on every call.
+
+Errors carry a stable reason code (`FetchError.reason`) and whether a later retry can succeed;
+`error_text` / `parse_error_text` carry both through img2dataset's string error column.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import ipaddress
+import logging
+import socket
+import ssl
+import sys
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 8k x 8k; a 20000x20000 PNG bomb (400M pixels) is refused
+# The four directives img2dataset treats as opt-outs by default.
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+USER_AGENT = "Mozilla/5.0 (compatible; synergen-ingest; +https://github.com/rom1504/img2dataset)"
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which resolved addresses a download may connect to; link-local (cloud metadata) never."""
+
+    allow_private_network: bool = False
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_redirects: int = 5
+
+
+class FetchError(Exception):
+    """A download that did not give an image: `reason` is a stable code, `retryable` says if a re-run may succeed."""
+
+    def __init__(self, reason: str, message: str, retryable: bool):
+        super().__init__(message)
+        self.reason = reason
+        self.retryable = retryable
+
+
+class BlockedAddress(FetchError):
+    def __init__(self, message: str):
+        super().__init__("blocked_address", message, retryable=False)
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password and without its query and fragment (where tokens and signatures live)."""
+    try:
+        p = urllib.parse.urlsplit(url)
+        host = p.hostname or ""
+        if p.port:
+            host = f"{host}:{p.port}"
+        return urllib.parse.urlunsplit((p.scheme, host, p.path, "", "")) + ("?<redacted>" if p.query else "")
+    except ValueError:
+        return "<unparseable url>"
+
+
+def check_ip(ip: str, policy: AddressPolicy) -> None:
+    """Raise BlockedAddress unless `ip` is a public unicast address (or private/loopback when allowed)."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_link_local:
+        raise BlockedAddress(f"{addr} is link-local (cloud metadata services live here); always refused")
+    if addr.is_multicast:
+        raise BlockedAddress(f"{addr} is multicast")
+    if addr.is_unspecified:
+        raise BlockedAddress(f"{addr} is unspecified")
+    if addr.is_loopback or addr.is_private:
+        if policy.allow_private_network:
+            return
+        kind = "loopback" if addr.is_loopback else "private"
+        raise BlockedAddress(f"{addr} is a {kind} address; pass --allow-private-network for local mirrors")
+    if addr.is_reserved or not addr.is_global:
+        raise BlockedAddress(f"{addr} is a reserved / non-global address")
+
+
+def resolve_checked(host: str, port: int, policy: AddressPolicy) -> list[tuple]:
+    """getaddrinfo results for host, all of them checked; refuses if any answer is disallowed."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise FetchError("dns", f"cannot resolve {host}: {err}", retryable=True) from err
+    if not infos:
+        raise FetchError("dns", f"no address for {host}", retryable=True)
+    for info in infos:
+        check_ip(info[4][0], policy)
+    return infos
+
+
+def _connect_vetted(host: str, port: int, timeout, policy: AddressPolicy) -> socket.socket:
+    err: OSError | None = None
+    for family, type_, proto, _, sockaddr in resolve_checked(host, port, policy):
+        sock = socket.socket(family, type_, proto)
+        try:
+            if timeout is not None and timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            err = e
+    raise err if err else OSError(f"cannot connect to {host}")
+
+
+class _GuardedHTTPConnection(http.client.HTTPConnection):
+    policy: AddressPolicy
+
+    def connect(self):
+        self.sock = _connect_vetted(self.host, self.port, self.timeout, self.policy)
+
+
+class _GuardedHTTPSConnection(http.client.HTTPSConnection):
+    policy: AddressPolicy
+
+    def connect(self):
+        sock = _connect_vetted(self.host, self.port, self.timeout, self.policy)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _GuardedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, policy: AddressPolicy):
+        super().__init__()
+        self._conn = type("Conn", (_GuardedHTTPConnection,), {"policy": policy})
+
+    def http_open(self, req):
+        return self.do_open(self._conn, req)
+
+
+class _GuardedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, policy: AddressPolicy):
+        super().__init__(context=ssl.create_default_context())
+        self._conn = type("Conn", (_GuardedHTTPSConnection,), {"policy": policy})
+
+    def https_open(self, req):
+        return self.do_open(self._conn, req, context=self._context)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows http(s) redirects only; the target's address is checked when its connection opens."""
+
+    def __init__(self, policy: AddressPolicy):
+        super().__init__()
+        self.max_redirections = policy.max_redirects
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise FetchError("blocked_scheme", f"redirect to a {scheme}: URL refused", retryable=False)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def build_opener(policy: AddressPolicy) -> urllib.request.OpenerDirector:
+    """An opener with only guarded http/https handlers: no file/ftp/data handler, no proxy from the environment."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (_GuardedHTTPHandler(policy), _GuardedHTTPSHandler(policy), _RedirectHandler(policy),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+def _opted_out(headers, directives) -> bool:
+    for value in headers.get_all("X-Robots-Tag") or []:
+        parts = value.split(":", 1)
+        token = parts[0].strip().lower() if len(parts) == 2 else None
+        found = {d.strip().lower() for d in parts[-1].split(",")}
+        if token in (None, "synergen", "img2dataset", "*") and found & set(directives):
+            return True
+    return False
+
+
+def check_pixels(data: bytes, policy: AddressPolicy) -> None:
+    """Read only the image header; refuse when width x height exceeds the pixel cap (before any full decode)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # lazy: parses the header, decodes nothing
+            w, h = im.size
+    except Image.DecompressionBombError as err:
+        raise FetchError("pixel_cap", str(err), retryable=False) from err
+    except Exception as err:  # noqa: BLE001 - any parse failure means "not an image we can read"
+        raise FetchError("undecodable", f"cannot read image header: {err}", retryable=False) from err
+    if w * h > policy.max_pixels:
+        raise FetchError("pixel_cap", f"{w}x{h} = {w * h} pixels exceeds the cap of {policy.max_pixels}", retryable=False)
+
+
+def _classify(err: BaseException) -> FetchError:
+    if isinstance(err, FetchError):
+        return err
+    if isinstance(err, urllib.error.HTTPError):
+        return FetchError(f"http_{err.code}", f"HTTP {err.code}", retryable=err.code >= 500 or err.code in (408, 429))
+    if isinstance(err, urllib.error.URLError):
+        if isinstance(err.reason, FetchError):
+            return err.reason
+        return _classify(err.reason) if isinstance(err.reason, BaseException) else FetchError("network", str(err.reason), True)
+    if isinstance(err, (TimeoutError, socket.timeout)):
+        return FetchError("timeout", "timed out", retryable=True)
+    if isinstance(err, http.client.IncompleteRead):
+        return FetchError("truncated", f"body ended early ({len(err.partial)} bytes read)", retryable=True)
+    if isinstance(err, (ConnectionResetError, http.client.RemoteDisconnected, ConnectionAbortedError, BrokenPipeError)):
+        return FetchError("connection_reset", str(err) or type(err).__name__, retryable=True)
+    if isinstance(err, ConnectionRefusedError):
+        return FetchError("connection_refused", str(err), retryable=True)
+    if isinstance(err, ValueError):
+        return FetchError("bad_url", str(err), retryable=False)
+    if isinstance(err, OSError):
+        return FetchError("network", str(err) or type(err).__name__, retryable=True)
+    return FetchError("error", f"{type(err).__name__}: {err}", retryable=False)
+
+
+_openers = threading.local()
+
+
+def fetch(url: str, policy: AddressPolicy, timeout: float = 10.0, opt_out_directives=OPT_OUT_DIRECTIVES,
+          user_agent: str = USER_AGENT) -> bytes:
+    """The image bytes at `url`, or FetchError with a reason. No socket opens to a refused address."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+    if scheme not in ("http", "https"):
+        raise FetchError("blocked_scheme", f"only http and https are fetched, not {scheme or 'this'}: URLs", retryable=False)
+    cache = getattr(_openers, "by_policy", None)  # one opener per thread and policy (openers hold handler state)
+    if cache is None:
+        cache = _openers.by_policy = {}
+    opener = cache.get(policy) or cache.setdefault(policy, build_opener(policy))
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": user_agent})
+        with opener.open(req, timeout=timeout) as resp:
+            if opt_out_directives and _opted_out(resp.headers, opt_out_directives):
+                raise FetchError("opted_out", "X-Robots-Tag opts this image out", retryable=False)
+            ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype and not (ctype.startswith("image/") or ctype in ("application/octet-stream", "binary/octet-stream")):
+                raise FetchError("not_image", f"content type {ctype}", retryable=False)
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > policy.max_bytes:
+                raise FetchError("byte_cap", f"{length} bytes announced, cap {policy.max_bytes}", retryable=False)
+            data = resp.read(policy.max_bytes + 1)
+            if len(data) > policy.max_bytes:
+                raise FetchError("byte_cap", f"body exceeds the cap of {policy.max_bytes} bytes", retryable=False)
+    except BaseException as err:  # noqa: BLE001 - every failure becomes a classified FetchError
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise _classify(err) from err
+    check_pixels(data, policy)
+    return data
+
+
+# img2dataset passes errors through as strings: "reason|r|message" (r = retryable flag 0/1).
+def error_text(err: FetchError) -> str:
+    return f"{err.reason}|{int(err.retryable)}|{err}"
+
+
+def parse_error_text(text: str) -> tuple[str, bool, str]:
+    """(reason, retryable, message) from `error_text`, or a best guess for img2dataset's own error strings."""
+    parts = text.split("|", 2)
+    if len(parts) == 3 and parts[1] in ("0", "1"):
+        return parts[0], parts[1] == "1", parts[2]
+    low = text.lower()
+    if "decod" in low:
+        return "undecodable", False, text
+    if "too small" in low or "too large" in low:
+        return "geometry", False, text
+    return "error", False, text
+
+
+def download_image(row, timeout, user_agent_token, disallowed_header_directives, policy: AddressPolicy | None = None):
+    """img2dataset's `download_image` contract: (key, BytesIO | None, error | None), guarded by `policy`."""
+    key, url = row
+    try:
+        data = fetch(url, policy or _installed_policy, timeout, tuple(disallowed_header_directives or ()))
+        return key, io.BytesIO(data), None
+    except FetchError as err:
+        log.debug("download refused or failed: %s (%s)", redact_url(url), err.reason)
+        return key, None, error_text(err)
+
+
+_installed_policy = AddressPolicy()
+_audit_path: str | None = None
+_audit_installed = False
+
+
+def _audit(event: str, args) -> None:
+    # Records every outbound connect this process makes, so a test can prove no packet left for a refused address.
+    if event == "socket.connect" and _audit_path:
+        addr = args[1]
+        if isinstance(addr, tuple):
+            with open(_audit_path, "a", encoding="utf-8") as f:
+                f.write(f"{addr[0]}\n")
+
+
+def install(policy: AddressPolicy, connect_audit: str | None = None) -> None:
+    """Route img2dataset's downloads in this process through `fetch` under `policy` (and urllib's default opener).
+
+    `connect_audit`: a file to which every socket connect of this process appends its address (proof for tests).
+    """
+    global _installed_policy, _audit_path, _audit_installed
+    import img2dataset.downloader as dl
+
+    _installed_policy = policy
+    dl.download_image = download_image
+    urllib.request.install_opener(build_opener(policy))
+    _audit_path = connect_audit
+    if connect_audit and not _audit_installed:
+        sys.addaudithook(_audit)  # audit hooks cannot be removed; the path is cleared instead
+        _audit_installed = True
