@@ -22,6 +22,81 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 # ---- stage commands: each block below is owned by its stage; add new commands in their own block ----
 
+# ---- generate (model/generation.py): text-to-image and image-to-text with a trained SynerGen-VL ----
+
+
+@app.command("generate")
+def generate(
+    model_path: str = typer.Argument(..., help="Trained SynerGen-VL directory (save_pretrained; local or s3://)."),
+    tokenizer_path: str = typer.Option(..., "--tokenizer", help="Text tokenizer directory (local or s3://), with the model's special tokens."),
+    vq_path: str = typer.Option(..., "--vq", help="VQ tokenizer (model.vq.VQTokenizer.from_pretrained; local or s3://)."),
+    caption: list[str] = typer.Option(None, "--caption", help="Text-to-image: one image per caption (repeatable)."),
+    image: list[str] = typer.Option(None, "--image", help="Image-to-text: caption each image file (repeatable)."),
+    out: str = typer.Option("generated", "--out", help="Folder for generated PNGs (text-to-image)."),
+    cfg_scale: float = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale (1 = none)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0 = greedy)."),
+    top_k: int = typer.Option(None, "--top-k", help="Sample among the k most likely codes/tokens."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Image-to-text: longest caption in tokens."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Generate images from captions (--caption) or captions from images (--image)."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from model.config import add_special_tokens
+    from model.folding import fold_codes
+    from model.generation import generation_prompt, understanding_prompt
+    from model.modeling import SynerGenVLForCausalLM, local_dir
+    from model.special_tokens import PROMPT_GEN, PROMPT_UNCOND, PROMPT_UND
+    from model.vq import VQTokenizer
+    from synergen.errors import ConfigMismatchError, SynergenError
+
+    if bool(caption) == bool(image):
+        typer.echo("error: give --caption (text-to-image) or --image (image-to-text), not both or neither", err=True)
+        raise typer.Exit(2)
+    try:
+        model = SynerGenVLForCausalLM.from_pretrained(model_path).to(device).eval()
+        with local_dir(tokenizer_path) as tp:
+            tok = AutoTokenizer.from_pretrained(tp)
+        ids = add_special_tokens(tok)
+        if ids != {k: int(v) for k, v in model.config.special_token_ids.items()}:
+            raise ConfigMismatchError(f"tokenizer {tokenizer_path} special-token ids {ids} differ from the model's {model.config.special_token_ids}: use the tokenizer the model was trained with")
+        vq = VQTokenizer.from_pretrained(vq_path, device=device)
+        cfg = model.config
+        gen = torch.Generator(device=device).manual_seed(seed)
+        encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        if caption:
+            prompts = [generation_prompt(cfg, encode(f"{PROMPT_GEN} {c}")) for c in caption]
+            _, pixels = model.generate_images(prompts, uncond_prompt=generation_prompt(cfg, encode(PROMPT_UNCOND)), cfg_scale=cfg_scale,
+                                              temperature=temperature, top_k=top_k, generator=gen, vq=vq)
+            Path(out).mkdir(parents=True, exist_ok=True)
+            for i, (c, px) in enumerate(zip(caption, pixels)):
+                arr = ((px.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+                path = Path(out) / f"{i:03d}.png"
+                Image.fromarray(arr).save(path)
+                typer.echo(f"{path}\t{c}")
+        else:
+            side_h, side_w = cfg.image_grid[0] * vq.downsample, cfg.image_grid[1] * vq.downsample
+            groups, prompts = [], []
+            for f in image:
+                im = Image.open(f).convert("RGB").resize((side_w, side_h), Image.BICUBIC)
+                px = torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0).to(device)
+                g = fold_codes(vq.encode(px)[0], cfg.fold_geometry)  # [n_blocks, k]
+                groups.append(g)
+                prompts.append(understanding_prompt(cfg, [g.shape[0]], encode(PROMPT_UND)))
+            texts = model.generate_text(prompts, torch.cat(groups), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+            for f, t in zip(image, texts):
+                typer.echo(f"{f}\t{tok.decode(t, skip_special_tokens=True).strip()}")
+    except SynergenError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 # ---- mix (train/mixture.py): the plan of a mixture before any GPU hour is spent ----
 
 
