@@ -1,0 +1,137 @@
+"""Benchmark: a training step at 512x512 (64x64 codes) with fold 2x8 vs 2x4 vs none (1x1), and FFN routing vs blending.
+
+Run: `.venv/bin/python tests/benchmarks/bench_model.py [--hidden 256 --layers 2 --codebook 4096 --device cpu]`.
+Each fold runs in its own process so that peak memory (CUDA: max allocated; CPU: peak RSS growth during
+the steps) belongs to that fold alone. Ratios are against fold 1x1 (no folding) and against the blend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from model.batch import PackedBatch  # noqa: E402
+from model.config import preset_config  # noqa: E402
+from model.mmoe import blend_ffn, route_ffn  # noqa: E402
+from model.modeling import SynerGenVLForCausalLM  # noqa: E402
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def gen_batch(cfg, device) -> PackedBatch:
+    """One generation sample: <s> prompt(8) <boi> IMG*n <eoi>, all blocks code targets."""
+    n, k = cfg.blocks_per_image, cfg.fold_geometry.size
+    ids = [1] + list(range(10, 18)) + [cfg.token_id("<boi>")] + [cfg.token_id("<img>")] * n + [cfg.token_id("<eoi>")]
+    T = len(ids)
+    img = torch.zeros(1, T, dtype=torch.bool)
+    img[0, 10:10 + n] = True
+    labels = torch.full((1, T), -100)
+    b = PackedBatch(torch.tensor([ids]), torch.arange(T)[None], torch.zeros(1, T, dtype=torch.long), labels, img,
+                    torch.randint(0, cfg.codebook_size, (n, k)), img.clone(), [["bench"]], "gen")
+    return b.to(device)
+
+
+def step_worker(fold, args, q) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    cfg = preset_config("tiny", vocab_size=1024, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                        num_attention_heads=4, num_key_value_heads=2, codebook_size=args.codebook, image_grid=[64, 64], fold=list(fold),
+                        head_layers=args.head_layers, max_position_embeddings=8192)
+    model = SynerGenVLForCausalLM(cfg).to(args.device)
+    model.set_stage(1)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    batch = gen_batch(cfg, args.device)
+    cuda = args.device.startswith("cuda")
+
+    def step():
+        loss = model(batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up (allocates optimizer state)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() - base) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    q.put({"fold": f"{fold[0]}x{fold[1]}", "positions": batch.input_ids.shape[1], "step_s": sorted(times)[len(times) // 2], "peak_mb": max(peak, 0) / 2**20})
+
+
+def ffn_bench(args) -> tuple[float, float]:
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    cfg = preset_config("tiny", hidden_size=args.hidden, intermediate_size=4 * args.hidden)
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    text, image = Qwen2MLP(cfg).to(args.device), Qwen2MLP(cfg).to(args.device)
+    x = torch.randn(1, 4096, args.hidden, device=args.device, requires_grad=True)
+    mask = torch.zeros(1, 4096, dtype=torch.bool, device=args.device)
+    mask[0, 1024:3072] = True  # half image, half text
+
+    def timed(fn) -> float:
+        out = []
+        for i in range(args.steps + 1):
+            t = time.perf_counter()
+            fn(x, mask, text, image).sum().backward()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i:
+                out.append(time.perf_counter() - t)
+        return sorted(out)[len(out) // 2]
+
+    return timed(route_ffn), timed(blend_ffn)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--head-layers", type=int, default=2)
+    p.add_argument("--codebook", type=int, default=4096, help="32768 = Emu3's; smaller keeps a CPU run short")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    ctx = mp.get_context("spawn")
+    rows = []
+    for fold in [(2, 8), (2, 4), (1, 1)]:
+        q = ctx.Queue()
+        proc = ctx.Process(target=step_worker, args=(fold, args, q))
+        proc.start()
+        rows.append(q.get())
+        proc.join()
+    base = rows[-1]
+    print(f"training step, one 512x512 generation sample (64x64 codes), device {args.device}, LLM {args.layers}x{args.hidden}, "
+          f"head {args.head_layers} layers, codebook {args.codebook}, stage 1, median of {args.steps}")
+    print(f"{'fold':>5} {'LLM positions':>14} {'step s':>8} {'peak MB':>9} {'time vs 1x1':>12} {'memory vs 1x1':>14}")
+    for r in rows:
+        print(f"{r['fold']:>5} {r['positions']:>14} {r['step_s']:>8.3f} {r['peak_mb']:>9.1f} {r['step_s'] / base['step_s']:>12.2f} "
+              f"{r['peak_mb'] / max(base['peak_mb'], 1e-9):>14.2f}")
+    routed, blended = ffn_bench(args)
+    print(f"FFN fwd+bwd, 4096 positions (half image), width {args.hidden}: routed {routed * 1e3:.1f} ms, "
+          f"Mono-InternVL blend {blended * 1e3:.1f} ms, routed/blend {routed / blended:.2f}")
+
+
+if __name__ == "__main__":
+    main()
