@@ -44,6 +44,8 @@ class AddressPolicy:
     """Which resolved addresses a download may connect to; link-local (cloud metadata) never."""
 
     allow_private_network: bool = False
+    # Extra networks (CIDR) allowed even when private, e.g. ("127.0.0.0/8",) for a local mirror; link-local never.
+    allow_networks: tuple[str, ...] = ()
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_redirects: int = 5
@@ -87,7 +89,7 @@ def check_ip(ip: str, policy: AddressPolicy) -> None:
     if addr.is_unspecified:
         raise BlockedAddress(f"{addr} is unspecified")
     if addr.is_loopback or addr.is_private:
-        if policy.allow_private_network:
+        if policy.allow_private_network or any(addr in ipaddress.ip_network(n) for n in policy.allow_networks):
             return
         kind = "loopback" if addr.is_loopback else "private"
         raise BlockedAddress(f"{addr} is a {kind} address; pass --allow-private-network for local mirrors")
@@ -163,11 +165,14 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         super().__init__()
         self.max_redirections = policy.max_redirects
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = headers.get("location") or headers.get("uri") or ""
+        scheme = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, target)).scheme.lower()
         if scheme not in ("http", "https"):
             raise FetchError("blocked_scheme", f"redirect to a {scheme}: URL refused", retryable=False)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 def build_opener(policy: AddressPolicy) -> urllib.request.OpenerDirector:
@@ -253,6 +258,8 @@ def fetch(url: str, policy: AddressPolicy, timeout: float = 10.0, opt_out_direct
             data = resp.read(policy.max_bytes + 1)
             if len(data) > policy.max_bytes:
                 raise FetchError("byte_cap", f"body exceeds the cap of {policy.max_bytes} bytes", retryable=False)
+            if length and length.isdigit() and len(data) < int(length):
+                raise FetchError("truncated", f"body ended after {len(data)} of {length} bytes", retryable=True)
     except BaseException as err:  # noqa: BLE001 - every failure becomes a classified FetchError
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise

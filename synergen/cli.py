@@ -22,6 +22,110 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 # ---- stage commands: each block below is owned by its stage; add new commands in their own block ----
 
+# ---- train (train/trainer.py): DeepSpeed pretraining from token shards ----
+
+
+@app.command("train")
+def train_cmd(
+    config: str = typer.Argument(..., help="train config YAML (see infra/train/*.yaml)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest good checkpoint in the output dir"),
+    steps: int = typer.Option(None, "--steps", help="override the config's steps"),
+    output_dir: str = typer.Option(None, "--output-dir", help="override the config's output_dir"),
+    local_rank: int = typer.Option(-1, "--local_rank", hidden=True, help="set by the deepspeed launcher"),
+) -> None:
+    """Train SynerGen-VL on the mixture's token shards (single process, or under the `deepspeed` launcher)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from synergen.errors import SynergenError
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    overrides = {k: v for k, v in {"steps": steps, "output_dir": output_dir}.items() if v is not None}
+    try:
+        cfg = TrainConfig.load(config, overrides)
+    except SynergenError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    show = int(os.environ.get("RANK", "0")) == 0
+    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
+                  TimeRemainingColumn(), disable=not show) as bar:
+        task = bar.add_task("train", total=cfg.steps, info="")
+
+        def on_step(rec: dict) -> None:
+            info = f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f} wait {100 * rec['data_wait_fraction']:.1f}%"
+            bar.update(task, completed=rec["step"], info=info)
+
+        result = train(cfg, resume=resume, on_step=on_step)
+    if show:
+        typer.echo(f"trained steps {result.first_step}..{result.last_step}; metrics in {result.output_dir / 'metrics.jsonl'}"
+                   + (f"; model in {result.export_dir}" if result.export_dir else ""))
+
+
+# ---- demo (train/demo.py): the whole system end to end on the embedded corpus ----
+
+
+@app.command("demo")
+def demo_cmd(
+    out: str = typer.Option("demo_out", "--out", help="output folder (corpus, shards, checkpoints, report)"),
+    steps: int = typer.Option(None, "--steps", help="training steps (default: the demo's)"),
+) -> None:
+    """Generate the demo corpus, serve it locally, ingest, tokenize, train, generate, and write the report."""
+    from train.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=out) if steps is None else DemoConfig(out=out, steps=steps)
+    report = run_demo(cfg, echo=typer.echo)
+    typer.echo(f"report: {report}")
+
+
+# ---- ingest (pipeline/ingest.py): URL lists -> filtered raw WebDataset shards on Ray ----
+
+
+@app.command()
+def ingest(
+    manifest: str = typer.Argument(..., help="Source manifest, e.g. manifests/sources/laion_aesthetics.yaml"),
+    out: str = typer.Option(..., "--out", help="Output folder: local path or s3://bucket/prefix"),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Input rows per shard"),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)"),
+    allow_private_network: bool = typer.Option(False, "--allow-private-network",
+                                               help="Allow loopback and private addresses (local mirrors); link-local stays refused"),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per socket operation of a download"),
+    max_attempts: int = typer.Option(3, "--max-attempts", help="Downloads per URL across re-runs for retryable failures"),
+) -> None:
+    """Download a corpus into raw shards; re-run the same command to resume or retry."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from pipeline.ingest import run_ingest
+    from synergen.errors import SynergenError
+
+    console = Console()
+    try:
+        with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
+            job = bar.add_task("rows", total=None)
+            summary = run_ingest(manifest, out, shard_size=shard_size, allow_private_network=allow_private_network,
+                                 ray_address=ray_address, timeout=timeout, max_attempts=max_attempts,
+                                 progress=lambda done, total: bar.update(job, completed=done, total=total))
+    except SynergenError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"ingest -> {out}")
+    table.add_column("count")
+    table.add_column("rows", justify="right")
+    for label, n in (("rows in", summary["rows_in"]), ("ok", summary["ok"]), ("failed", summary["failed"]),
+                     ("filtered", summary["filtered"])):
+        table.add_row(label, f"{n:,}")
+    for reason, n in sorted(summary["failed_by_reason"].items()):
+        table.add_row(f"  failed: {reason}", f"{n:,}")
+    for reason, n in sorted(summary["filtered_by_reason"].items()):
+        table.add_row(f"  filtered: {reason}", f"{n:,}")
+    table.add_row("shards (total / this run)", f"{summary['shards_total']} / {summary['shards_this_run']}")
+    table.add_row("image bytes this run", f"{summary['bytes_this_run']:,}")
+    table.add_row("samples/s this run", f"{summary['samples_per_s']:,.1f}")
+    console.print(table)
+    if summary["shards_failed"]:
+        console.print(f"[yellow]{len(summary['shards_failed'])} shard(s) failed all retries; re-run the same command to retry them[/yellow]")
+
 # ---- generate (model/generation.py): text-to-image and image-to-text with a trained SynerGen-VL ----
 
 

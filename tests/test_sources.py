@@ -1,0 +1,84 @@
+"""Source manifests and URL lists: every shipped manifest loads, bad ones name file/key/fix, lists are checked first."""
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.sources import UrlListError, load_source_manifest, manifest_dir, read_url_list
+from synergen.errors import ManifestError
+
+TABLE1 = {"laion_aesthetics", "megalith", "sam", "objects365", "imagenet1k", "laion_en", "coyo"}
+
+
+def test_every_shipped_manifest_loads_and_table1_is_covered():
+    names = {load_source_manifest(str(p)).name for p in manifest_dir().glob("*.yaml")}
+    assert TABLE1 | {"demo"} <= names
+
+
+def test_laion_manifest_uses_the_released_column_names():
+    m = load_source_manifest(str(manifest_dir() / "laion_aesthetics.yaml"))
+    assert (m.url_column, m.caption_column) == ("URL", "TEXT") and "punsafe" in m.filters.metadata
+
+
+@pytest.mark.parametrize("body, key, fix", [
+    ("name: x\ntask: gen\nurl_lists: [a.parquet]\nfilters: {min_sid: 3}\n", "filters.min_sid", "remove it"),
+    ("name: x\ntask: both\nurl_lists: [a.parquet]\n", "task", "allowed values"),
+    ("name: x\ntask: gen\n", "url_lists", "add it"),
+    ("name: x\ntask: gen\nurl_lists: a.parquet\nfilters: {min_side: -1}\n", "filters.min_side", "fix the value"),
+])
+def test_bad_manifest_names_file_key_and_fix(tmp_path, body, key, fix):
+    p = tmp_path / "bad.yaml"
+    p.write_text(body)
+    with pytest.raises(ManifestError) as e:
+        load_source_manifest(str(p))
+    assert str(p) in str(e.value) and repr(key) in str(e.value) and fix in str(e.value)
+
+
+def test_metadata_threshold_needs_its_column_carried(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("name: x\ntask: gen\nurl_lists: [a.parquet]\nfilters: {metadata: {punsafe: {max: 0.5}}}\n")
+    with pytest.raises(ManifestError, match="extra_columns"):
+        load_source_manifest(str(p))
+
+
+def _manifest(tmp_path, lists, **kw):
+    from pipeline.sources import SourceManifest
+    return SourceManifest(name="t", task="gen", url_lists=lists, **kw)
+
+
+def test_reads_parquet_csv_jsonl_with_glob_and_stable_row_ids(tmp_path):
+    pq.write_table(pa.table({"URL": ["http://a/1", "http://a/2"], "TEXT": ["one", "two"], "aesthetic": [5.0, 6.0]}),
+                   tmp_path / "p1.parquet")
+    pq.write_table(pa.table({"URL": ["http://a/1"], "TEXT": ["dup"], "aesthetic": [1.0]}), tmp_path / "p2.parquet")
+    t = read_url_list(_manifest(tmp_path, [str(tmp_path / "p*.parquet")], url_column="URL", caption_column="TEXT",
+                                extra_columns=["aesthetic"]))
+    assert t.column("url").to_pylist() == ["http://a/1", "http://a/2", "http://a/1"]
+    ids = t.column("row_id").to_pylist()
+    assert ids[0] != ids[2] and ids[0].endswith("-0") and ids[2].endswith("-1")
+    (tmp_path / "l.csv").write_bytes(b"url,caption\nhttp://b/1,ok\nhttp://b/2,\xff\xfe bad\n")
+    t = read_url_list(_manifest(tmp_path, [str(tmp_path / "l.csv")]))
+    assert t.column("caption_utf8").to_pylist() == [True, False]
+    (tmp_path / "l.jsonl").write_text('{"url": "http://c/1", "caption": "x"}\n')
+    assert read_url_list(_manifest(tmp_path, [str(tmp_path / "l.jsonl")])).num_rows == 1
+
+
+def test_missing_url_column_fails_naming_the_column(tmp_path):
+    pq.write_table(pa.table({"link": ["http://a/1"], "caption": ["x"]}), tmp_path / "l.parquet")
+    with pytest.raises(UrlListError, match="'url'.*url_column"):
+        read_url_list(_manifest(tmp_path, [str(tmp_path / "l.parquet")]))
+
+
+def test_no_matching_file_is_a_clear_error(tmp_path):
+    with pytest.raises(UrlListError, match="matches no file"):
+        read_url_list(_manifest(tmp_path, [str(tmp_path / "nothing*.parquet")]))
+
+
+def test_url_list_on_s3(s3):
+    import s3fs
+    fs = s3fs.S3FileSystem()
+    with fs.open(f"{s3}/lists/l.parquet", "wb") as f:
+        pq.write_table(pa.table({"url": ["http://a/1"], "caption": ["x"]}), f)
+    t = read_url_list(_manifest(Path("."), [f"{s3}/lists/*.parquet"]))
+    assert t.column("url").to_pylist() == ["http://a/1"]
