@@ -81,3 +81,19 @@ def test_every_parameter_gets_a_gradient_in_text_only_and_image_only_batches():
         model(batch).loss.backward()
         missing = [n for n, p in model.named_parameters() if p.grad is None]
         assert missing == [], missing[:5]
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from test_model_kit import tiny_config
+
+    torch.manual_seed(0)
+    model = SynerGenVLForCausalLM(tiny_config()).train()
+    batch = pack(model.config, [mixed_docs(model.config)])
+    model(batch).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    model(batch).loss.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], atol=1e-6), n
