@@ -1,0 +1,173 @@
+"""Training metrics: what one step measured, reduced over ranks, written to JSONL and TensorBoard.
+
+Per step: loss per task (and its text/image parts), loss per source, tokens/s, samples/s, the share of
+step time spent waiting for data, lr, grad norm, and the loader's realised mixture. Rank 0 writes
+`OUTPUT/metrics.jsonl` (one JSON object per logged step) and TensorBoard events under `OUTPUT/tb/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model.batch import PackedBatch
+
+log = logging.getLogger(__name__)
+
+
+def loss_by_source(batch: PackedBatch, token_loss: torch.Tensor) -> dict[str, list[float]]:
+    """{source: [summed loss, n targets]} over the batch's documents.
+
+    `token_loss[b, t]` is the model's per-target loss placed at the target's slot (0 elsewhere); a slot is
+    a target when it has a text label or is an image target. Documents map to sources by
+    `batch.doc_sources[b][document_id]`.
+    """
+    tl = token_loss.detach().float().cpu()  # [B, T]
+    targets = (batch.labels != -100) | batch.image_targets  # [B, T]
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    if not batch.doc_sources:
+        return {}
+    doc = batch.document_ids.cpu()
+    for b, sources in enumerate(batch.doc_sources):
+        for d, source in enumerate(sources):
+            sel = (doc[b] == d) & targets[b].cpu()
+            out[source][0] += float(tl[b][sel].sum())
+            out[source][1] += float(sel.sum())
+    return dict(out)
+
+
+class StepMeter:
+    """Accumulates one optimizer step's measurements on one rank; `reduce()` merges all ranks."""
+
+    def __init__(self) -> None:
+        self.task_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # task: [sum of losses, n micro-batches]
+        self.task_parts: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])  # text sum, n, image sum, n
+        self.source_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self.tokens = 0
+        self.slots = 0
+        self.samples = 0
+        self.data_wait = 0.0
+
+    def add(self, batch: PackedBatch, out: Any) -> None:
+        task = batch.task or "all"
+        self.task_loss[task][0] += float(out.loss.detach())
+        self.task_loss[task][1] += 1
+        parts = self.task_parts[task]
+        n_text = float(getattr(out, "n_text_targets", 0) or 0)
+        n_img = float(getattr(out, "n_image_targets", 0) or 0)
+        if getattr(out, "text_loss", None) is not None and n_text:
+            parts[0] += float(out.text_loss.detach()) * n_text
+            parts[1] += n_text
+        if getattr(out, "image_loss", None) is not None and n_img:
+            parts[2] += float(out.image_loss.detach()) * n_img
+            parts[3] += n_img
+        if getattr(out, "token_loss", None) is not None:
+            for source, (s, n) in loss_by_source(batch, out.token_loss).items():
+                self.source_loss[source][0] += s
+                self.source_loss[source][1] += n
+        self.tokens += batch.n_real_tokens
+        self.slots += int(batch.document_ids.numel())
+        self.samples += sum(len(s) for s in batch.doc_sources) if batch.doc_sources else int(batch.input_ids.shape[0])
+
+    def reduce(self) -> dict[str, Any]:
+        """Sums over ranks (every rank must call it); returns plain numbers."""
+        mine = {
+            "task_loss": dict(self.task_loss), "task_parts": dict(self.task_parts), "source_loss": dict(self.source_loss),
+            "tokens": self.tokens, "slots": self.slots, "samples": self.samples, "data_wait": self.data_wait,
+        }
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        total: dict[str, Any] = {"task_loss": defaultdict(lambda: [0.0, 0.0]), "task_parts": defaultdict(lambda: [0.0] * 4),
+                                 "source_loss": defaultdict(lambda: [0.0, 0.0]), "tokens": 0, "slots": 0, "samples": 0,
+                                 "data_wait": 0.0}
+        for m in everyone:
+            for key in ("task_loss", "task_parts", "source_loss"):
+                for k, v in m[key].items():
+                    total[key][k] = [a + b for a, b in zip(total[key][k], v)]
+            for key in ("tokens", "slots", "samples"):
+                total[key] += m[key]
+            total["data_wait"] = max(total["data_wait"], m["data_wait"])  # the slowest rank's wait holds up the step
+        return total
+
+
+def step_record(step: int, reduced: dict[str, Any], step_time: float, lr: float, grad_norm: float | None,
+                mixture: dict[str, Any] | None) -> dict[str, Any]:
+    """The flat JSON record of one step (what goes to JSONL and, numbers only, to TensorBoard)."""
+    rec: dict[str, Any] = {"step": step, "time_s": step_time, "lr": lr, "grad_norm": grad_norm}
+    losses = []
+    for task, (s, n) in sorted(reduced["task_loss"].items()):
+        rec[f"loss/{task}"] = s / n
+        losses.append(s / n)
+        t_sum, t_n, i_sum, i_n = reduced["task_parts"][task]
+        if t_n:
+            rec[f"text_loss/{task}"] = t_sum / t_n
+        if i_n:
+            rec[f"image_loss/{task}"] = i_sum / i_n
+    rec["loss"] = sum(losses) / max(len(losses), 1)
+    for source, (s, n) in sorted(reduced["source_loss"].items()):
+        if n:
+            rec[f"source_loss/{source}"] = s / n
+    rec["tokens_per_s"] = reduced["tokens"] / step_time if step_time > 0 else 0.0
+    rec["samples_per_s"] = reduced["samples"] / step_time if step_time > 0 else 0.0
+    rec["packing_efficiency"] = reduced["tokens"] / reduced["slots"] if reduced["slots"] else 0.0
+    rec["data_wait_fraction"] = reduced["data_wait"] / step_time if step_time > 0 else 0.0
+    if mixture:
+        rec["mixture"] = mixture
+    return rec
+
+
+def _numbers(prefix: str, obj: Any):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield prefix, float(obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(f"{prefix}/{k}" if prefix else str(k), v)
+
+
+class MetricsWriter:
+    """JSONL + TensorBoard on rank 0; a no-op elsewhere. Appends, so a resumed run continues the same files."""
+
+    def __init__(self, out_dir: Path, enabled: bool = True, resume_step: int = 0) -> None:
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step and self.path.exists():
+            # Drop records of steps after the checkpoint we resumed from: they will be run again.
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(f"{line}\n" for line in kept))
+        elif not resume_step:
+            self.path.write_text("")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in _numbers("", {k: v for k, v in record.items() if k != "step"}):
+            if value == value:  # skip NaN
+                self._tb.add_scalar(name, value, record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
