@@ -52,6 +52,12 @@ LEDGER_SCHEMA = pa.schema([
     ("sha256", pa.string()), ("phash", pa.uint64()),
 ])
 
+# Columns after the input's in NNNNN.parquet: img2dataset's, then ours (ledger state, reason, duplicate-of).
+SHARD_COLUMNS = [("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
+                 ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
+                 ("original_height", pa.int32()), ("sha256", pa.string()), ("row_id", pa.string()),
+                 ("state", pa.string()), ("reason", pa.string()), ("dup_of", pa.string())]
+
 
 class IngestError(SynergenError):
     """The ingest job cannot run (bad output location, inconsistent ledger) or a shard failed all its retries."""
@@ -63,6 +69,7 @@ class IngestOptions:
 
     shard_size: int = 1000
     allow_private_network: bool = False
+    allow_networks: tuple[str, ...] = ()  # CIDRs allowed although private, e.g. ("127.0.0.0/8",); link-local never
     timeout: float = 10.0
     thread_count: int = 32
     max_attempts: int = 3  # downloads per URL across re-runs before a retryable failure is final
@@ -129,7 +136,8 @@ def download_shard(spec: dict, dedup) -> dict:
     import webdataset as wds
 
     opts = IngestOptions(**spec["options"])
-    netguard.install(netguard.AddressPolicy(opts.allow_private_network, opts.max_bytes, opts.max_pixels),
+    netguard.install(netguard.AddressPolicy(opts.allow_private_network, tuple(opts.allow_networks),
+                                           opts.max_bytes, opts.max_pixels),
                      opts.connect_audit)
     sid, rows = spec["shard"], spec["rows"]
     t0 = time.time()
@@ -213,10 +221,11 @@ def download_shard(spec: dict, dedup) -> dict:
             meta["error_message"] = None
             tw.write({"__key__": rec["key"], "jpg": staged_img[i], "txt": r["caption"] or "", "json": json.dumps(meta)})
             n_bytes += len(staged_img[i])
-    cols = {c: [r.get(c) for r in rows] for c in ["url", "caption", *spec["extra_columns"]]}
-    for c in ("key", "status", "error_message", "width", "height", "original_width", "original_height", "sha256",
-              "row_id", "state", "reason", "dup_of"):
-        cols[c] = [rec[c] for rec in records]
+    cols = {"url": pa.array([r["url"] for r in rows], pa.string()),
+            "caption": pa.array([r["caption"] for r in rows], pa.string())}
+    cols |= {c: pa.array([r.get(c) for r in rows]) for c in spec["extra_columns"]}
+    for c, typ in SHARD_COLUMNS:
+        cols[c] = pa.array([rec[c] for rec in records], typ)
     pq.write_table(pa.table(cols), final / f"{name}.parquet")
     counts = shard_counts(records)
     stats = {"count": len(rows), "successes": counts["ok"],
@@ -299,7 +308,8 @@ def _publish(fs, root: str, staged: str, sid: int) -> bool:
     _, spath = fsspec.core.url_to_fs(staged)
     for suffix in (".tar", "_stats.json", ".parquet"):
         fs.mv(f"{spath}/{name}{suffix}", f"{root}/{name}{suffix}")
-    fs.rm(spath, recursive=True)
+    if fs.exists(spath):  # on S3 the folder vanished with its last file
+        fs.rm(spath, recursive=True)
     return True
 
 
