@@ -1,0 +1,96 @@
+"""Ingest under faults: a killed Ray worker, timeouts recovered by a re-run, an extended list, a straggler shard."""
+
+import glob
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.ingest import run_ingest
+from pipeline.sources import SourceManifest
+
+LOOPBACK = ("127.0.0.0/8",)
+
+
+def _setup(web, tmp_path, paths, n_images):
+    for i in range(n_images):
+        Image.new("RGB", (96, 96), (i * 37 % 255, i * 11 % 255, 120)).save(web.root / f"i{i}.jpg")
+    urls = [web.url(p) for p in paths]
+    lst = tmp_path / "l.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(len(urls))]}), lst)
+    m = SourceManifest(name="f", task="und", url_lists=[str(lst)], filters={"dedup_near": False})
+    return m, lst, urls
+
+
+def _shard_rows(out):
+    return pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(f"{out}/[0-9]*.parquet"))])
+
+
+def _kill_one_shard_worker(stop):
+    """Kill the first Ray worker seen running a shard task (process title `ray::ingest-shard-...`)."""
+    while not stop.is_set():
+        for p in psutil.process_iter(["cmdline"]):
+            if any("ingest-shard" in part for part in (p.info["cmdline"] or [])):
+                os.kill(p.pid, signal.SIGKILL)
+                return p.pid
+        time.sleep(0.05)
+
+
+def test_killed_worker_loses_no_row_and_rerun_downloads_nothing(ray_cluster, web, tmp_path):
+    paths = [f"slow/1/i{i}.jpg" if i % 4 == 0 else f"files/i{i}.jpg" for i in range(12)]
+    m, _, urls = _setup(web, tmp_path, paths, 12)
+    out = str(tmp_path / "out")
+    stop = threading.Event()
+    killed = []
+    killer = threading.Thread(target=lambda: killed.append(_kill_one_shard_worker(stop)), daemon=True)
+    killer.start()
+    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=5)
+    stop.set()
+    assert killed and killed[0] is not None
+    assert s["rows_in"] == 12 and s["ok"] == 12 and s["rows_in"] == s["ok"] + s["failed"] + s["filtered"]
+    rows = _shard_rows(out)
+    assert sorted(rows.column("url").to_pylist()) == sorted(urls)  # every row exactly once
+    hits = sum(web.hits.values())
+    s2 = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=5)
+    assert sum(web.hits.values()) == hits and s2["shards_this_run"] == 0 and s2["ok"] == 12
+
+
+def test_rerun_recovers_timeouts_into_new_shards_and_skips_404_and_extends(ray_cluster, web, tmp_path):
+    paths = ["files/i0.jpg", "slow/3/i1.jpg", "status/404", "files/i2.jpg"]
+    m, lst, urls = _setup(web, tmp_path, paths, 5)
+    out = str(tmp_path / "out")
+    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=1)
+    assert s["ok"] == 2 and s["failed_by_reason"] == {"timeout": 1, "http_404": 1}
+    first = open(f"{out}/00000.tar", "rb").read()
+    web.unslow()
+    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=1)
+    assert s["ok"] == 3 and s["failed_by_reason"] == {"http_404": 1} and s["shards_total"] == 2
+    assert web.hits["/status/404"] == 1 and web.hits["/files/i0.jpg"] == 1
+    assert open(f"{out}/00000.tar", "rb").read() == first  # published shards are never rewritten
+    recovered = pq.read_table(f"{out}/00001.parquet").to_pylist()
+    assert [(r["url"], r["status"]) for r in recovered] == [(urls[1], "success")]
+    # an extended list: only the new URL is downloaded, into a new shard
+    pq.write_table(pa.table({"url": urls + [web.url("files/i4.jpg")], "caption": [f"image {i}" for i in range(5)]}), lst)
+    before = sum(web.hits.values())
+    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=1)
+    assert sum(web.hits.values()) == before + 1 and s["rows_in"] == 5 and s["ok"] == 4 and s["shards_total"] == 3
+    ledger = {r["url"]: r for r in pq.read_table(f"{out}/_ledger.parquet").to_pylist()}
+    assert ledger[urls[2]]["state"] == "failed_permanent" and ledger[urls[1]]["attempts"] == 2
+
+
+def test_straggler_shard_gets_a_second_attempt_and_publishes_once(ray_cluster, web, tmp_path):
+    paths = ["slow/4/i0.jpg", "files/i1.jpg"]
+    m, _, urls = _setup(web, tmp_path, paths, 2)
+    out = str(tmp_path / "out")
+    threading.Timer(1.5, web.unslow).start()  # the first attempt is stuck in its sleep; a second one is fast
+    t0 = time.time()
+    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=10, shard_deadline_s=1.0)
+    assert s["straggler_restarts"] == 1 and s["ok"] == 2 and s["shards_total"] == 1
+    assert time.time() - t0 < 4 + 3  # did not wait for the slow attempt's full sleep on top
+    assert sorted(_shard_rows(out).column("url").to_pylist()) == sorted(urls)
+    assert web.hits["/slow/4/i0.jpg"] == 2
