@@ -31,9 +31,9 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue from the latest good checkpoint in the output dir"),
     steps: int = typer.Option(None, "--steps", help="override the config's steps"),
     output_dir: str = typer.Option(None, "--output-dir", help="override the config's output_dir"),
-    local_rank: int = typer.Option(-1, "--local_rank", hidden=True, help="set by the deepspeed launcher"),
 ) -> None:
-    """Train SynerGen-VL on the mixture's token shards (single process, or under the `deepspeed` launcher)."""
+    """Train SynerGen-VL on the mixture's token shards: single process, or under the launcher with
+    `deepspeed --no_local_rank [--hostfile H] --num_gpus N $(which synergen) train CONFIG` (ranks from the env)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from synergen.errors import SynergenError
