@@ -41,6 +41,10 @@ class SynerGenVLConfig(Qwen2Config):
     head_num_attention_heads: int | None = None
     head_num_key_value_heads: int | None = None
     image_loss_weight: float = 2.0  # lambda of Eq. 4
+    # Our choice: the most logits (elements) the LM head and the code classifier hold at once in the loss,
+    # forward and backward (model.chunked_ce). 2**25 = 128 MiB in fp32: 64 blocks of 16 codes x 32,768,
+    # or 220 text targets x a 151,936 vocabulary. Chunks are whole blocks / whole target rows.
+    loss_chunk_logits: int = 2**25
     cfg_scale: float = 7.5  # classifier-free guidance at inference (§4.1)
     # Ids of <boi>, <eoi>, <img>, <UNCOND>, <tile>, <thumbnail> (keys: SPECIAL_KEYS values).
     special_token_ids: dict | None = None
@@ -79,6 +83,8 @@ class SynerGenVLConfig(Qwen2Config):
         if bad:
             raise SynergenError(f"config special_token_ids {bad} outside vocab_size {self.vocab_size}: raise vocab_size to the tokenizer's length")
         self.fold_geometry.check_grid(*self.image_grid)
+        if int(self.loss_chunk_logits) < 1:
+            raise SynergenError(f"config loss_chunk_logits {self.loss_chunk_logits} must be >= 1 (logits held at once in the loss; default 2**25)")
         if self.head_hidden_size % self.head_num_attention_heads:
             raise SynergenError(f"head_hidden_size {self.head_hidden_size} not divisible by head_num_attention_heads {self.head_num_attention_heads}")
 

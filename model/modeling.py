@@ -28,6 +28,7 @@ from transformers import initialization as init
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from model.batch import PackedBatch
+from model.chunked_ce import chunked_cross_entropy, rows_per_chunk
 from model.config import SPECIAL_KEYS, SynerGenVLConfig
 from model.fold_embed import FoldEmbed
 from model.folding import fold_codes
@@ -200,8 +201,9 @@ class SynerGenVLForCausalLM(SynerGenVLPreTrainedModel):
         # Text: position t-1 predicts labels[t].
         tgt = batch.labels[:, 1:]
         is_txt = tgt != -100  # [B, T-1]
-        txt_logits = self.lm_head(h[:, :-1][is_txt])  # [Nt, V]
-        txt_nll = F.cross_entropy(txt_logits.float(), tgt[is_txt], reduction="none")  # [Nt]
+        # Logits only at positions with a target, in chunks of at most `loss_chunk_logits` elements.
+        chunk = self.config.loss_chunk_logits
+        txt_nll = chunked_cross_entropy(self.lm_head, h[:, :-1][is_txt], tgt[is_txt], rows_per_chunk(chunk, self.config.vocab_size))  # [Nt]
         n_txt = int(is_txt.sum())
         text_loss = txt_nll.sum() / max(n_txt, 1)
         token_loss[:, 1:] = token_loss[:, 1:].masked_scatter(is_txt, txt_nll.detach())
@@ -211,8 +213,8 @@ class SynerGenVLForCausalLM(SynerGenVLPreTrainedModel):
         codes = batch.image_codes[batch.image_targets[batch.image_mask]]  # [Ni, k]
         n_img = int(codes.numel())
         if n_img:
-            img_logits = self.unfold_head(h[:, :-1][is_img], codes)  # [Ni, k, V]
-            img_nll = F.cross_entropy(img_logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view(codes.shape)  # [Ni, k]
+            chunk_blocks = rows_per_chunk(chunk, codes.shape[1] * self.config.codebook_size)
+            img_nll = self.unfold_head.code_nll(h[:, :-1][is_img], codes, chunk_blocks)  # [Ni, k]
             image_loss = img_nll.sum() / n_img
         else:
             # No image targets: run the head on one zero block at weight 0, so that every parameter still

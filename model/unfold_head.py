@@ -16,11 +16,13 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
+from model.chunked_ce import chunked_cross_entropy
 from model.config import SynerGenVLConfig
 
 
 class UnfoldHead(nn.Module):
-    """`h [N, D]` + teacher codes `[N, k]` -> code logits `[N, k, codebook]`; `sample` draws codes autoregressively."""
+    """`h [N, D]` + teacher codes `[N, k]` -> code logits `[N, k, codebook]` (or, in training, their per-code
+    nll via `code_nll`, chunked over blocks); `sample` draws codes autoregressively."""
 
     def __init__(self, config: SynerGenVLConfig):
         super().__init__()
@@ -35,20 +37,35 @@ class UnfoldHead(nn.Module):
         self.classifier = nn.Linear(hc.hidden_size, config.codebook_size, bias=False)
         self.head_config = hc
 
-    def _run(self, x: torch.Tensor, start: int, cache: DynamicCache | None) -> torch.Tensor:
-        """`x [N, L, Dh]` at in-block positions start..start+L-1 -> logits `[N, L, V]`."""
+    def _trunk(self, x: torch.Tensor, start: int, cache: DynamicCache | None) -> torch.Tensor:
+        """`x [N, L, Dh]` at in-block positions start..start+L-1 -> final-norm states `[N, L, Dh]`."""
         pos = torch.arange(start, start + x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
         x = x + self.pos_embed(pos)
         pe = self.rotary_emb(x, pos)
         for layer in self.layers:
             # attention_mask None + sdpa -> is_causal for L > 1; one query against its cached prefix otherwise.
             x = layer(x, attention_mask=None, position_ids=pos, cache=cache, use_cache=cache is not None, position_embeddings=pe)
-        return self.classifier(self.norm(x))
+        return self.norm(x)
+
+    def _run(self, x: torch.Tensor, start: int, cache: DynamicCache | None) -> torch.Tensor:
+        """`x [N, L, Dh]` -> logits `[N, L, V]`."""
+        return self.classifier(self._trunk(x, start, cache))
+
+    def _teacher_states(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """`h [N, D]`, `codes [N, k]` -> states `[N, k, Dh]`; state j predicts codes[:, j]."""
+        x = torch.cat([self.in_proj(h).unsqueeze(1), self.code_embed(codes[:, :-1])], dim=1)  # [N, k, Dh]
+        return self._trunk(x, 0, None)
 
     def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: `h [N, D]`, `codes [N, k]` -> logits `[N, k, V]` (position j predicts codes[:, j])."""
-        x = torch.cat([self.in_proj(h).unsqueeze(1), self.code_embed(codes[:, :-1])], dim=1)  # [N, k, Dh]
-        return self._run(x, 0, None)
+        return self.classifier(self._teacher_states(h, codes))
+
+    def code_nll(self, h: torch.Tensor, codes: torch.Tensor, chunk_blocks: int) -> torch.Tensor:
+        """Teacher forcing: `h [N, D]`, `codes [N, k]` -> per-code nll `[N, k]` float32, the classifier and
+        cross-entropy run `chunk_blocks` blocks at a time so the `[N, k, V]` logits never exist at once."""
+        states = self._teacher_states(h, codes)  # [N, k, Dh]
+        nll = chunked_cross_entropy(self.classifier, states.flatten(0, 1), codes.flatten(), chunk_blocks * self.k)  # [N*k]
+        return nll.view(codes.shape)
 
     @torch.no_grad()
     def sample(self, h: torch.Tensor, pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
