@@ -146,6 +146,8 @@ class TokenShardWriter:
         parent = path.rsplit("/", 1)[0]
         fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/_tmp.{uuid.uuid4().hex}.{path.rsplit('/', 1)[-1]}"
+        # the per-sample index goes first, so a published tar always has one (read_shard_index)
+        write_shard_index(self.url, build_shard_index(data, self.url), self.storage_options)
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
@@ -266,3 +268,130 @@ def iter_token_shard_fast(url: str, data: bytes) -> Iterator[TokenSample]:
             yield decode_token_sample(bytes(view[start:start + size]), key=key)
         off = start + (size + 511) // 512 * 512
     raise ShardError(f"token shard {url}: truncated (no end-of-archive marker); re-tokenize it or skip it")
+
+
+# ---- per-sample index: where each sample lies in the tar and what its sequence needs -------------------
+# `NNNNN.tar.idx.npy` beside each shard (written by TokenShardWriter.publish before the tar is renamed into
+# place, so a published tar always has its index): one row per sample, in tar order. A loader plans whole
+# global batches from these rows without reading any shard, then reads only its own samples by byte range.
+
+INDEX_SUFFIX = ".idx.npy"
+INDEX_FIELDS = {  # name -> dtype (the key's width varies with the shard's longest key)
+    "offset": "<i8",  # byte offset of the member's data in the tar (its 512-byte tar header precedes it)
+    "size": "<i8",  # member data bytes
+    "n_images": "<i4",  # codes.shape[0]
+    "groups": "<i4",  # fold groups per image (LLM positions), codes.shape[1]
+    "fold_size": "<i4",  # codes.shape[2] (fh*fw), -1 when codes are not 3-d
+    "text": "<i4",  # caption tokens
+    "tiles": "<i4",  # meta tiles rows*cols
+    "thumbnail": "?",  # meta thumbnail
+}
+
+
+def _index_dtype(key_width: int) -> np.dtype:
+    return np.dtype([("key", f"S{max(1, key_width)}"), *INDEX_FIELDS.items()])
+
+
+def _sample_header(member: memoryview, key: str) -> dict:
+    """The JSON header of a `.sgt`/`.sgt.zst` member, without decoding its codes."""
+    if bytes(member[:4]) != MAGIC:
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(member)) as r:
+                head = r.read(8)
+                if head[:4] != MAGIC:
+                    raise ShardError(f"sample {key!r}: bad magic {head[:4]!r}; re-tokenize its shard")
+                body = r.read(struct.unpack_from("<I", head, 4)[0])
+        except zstandard.ZstdError as e:
+            raise ShardError(f"sample {key!r}: neither a token sample nor zstd ({e}); re-tokenize its shard") from e
+    else:
+        (hlen,) = struct.unpack_from("<I", member, 4)
+        body = bytes(member[8:8 + hlen])
+    try:
+        return json.loads(body)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ShardError(f"sample {key!r}: corrupt token sample header ({e}); re-tokenize its shard") from e
+
+
+def _tar_members(url: str, data: bytes) -> Iterator[tuple[str, int, int]]:
+    """(member name, data offset, data size) of a shard's regular files, tar order; truncation -> ShardError."""
+    view = memoryview(data)
+    off, n = 0, len(data)
+    while off + 512 <= n:
+        header = view[off:off + 512]
+        if header[0] == 0:  # end-of-archive block
+            return
+        if header[156] not in (0x30, 0x00) or header[345] != 0:  # pax/long names/links: let tarfile walk it
+            try:
+                with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                    members = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+            except (tarfile.TarError, EOFError, OSError) as e:
+                raise ShardError(f"token shard {url}: truncated or corrupt ({e}); re-tokenize it or skip it") from e
+            if any(o + s > n for _, o, s in members):
+                raise ShardError(f"token shard {url}: truncated; re-tokenize it or skip it")
+            yield from members
+            return
+        name = bytes(header[0:100]).split(b"\0", 1)[0].decode()
+        try:
+            size = int(bytes(header[124:136]).strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise ShardError(f"token shard {url}: corrupt tar header at byte {off}; re-tokenize it or skip it") from None
+        start = off + 512
+        if start + size > n:
+            raise ShardError(f"token shard {url}: truncated (member {name} needs {start + size} bytes, shard has {n}); "
+                             "re-tokenize it or skip it")
+        yield name, start, size
+        off = start + (size + 511) // 512 * 512
+    raise ShardError(f"token shard {url}: truncated (no end-of-archive marker); re-tokenize it or skip it")
+
+
+def build_shard_index(data: bytes, url: str = "") -> np.ndarray:
+    """A token shard's bytes -> its per-sample index (INDEX_FIELDS + key), reading only headers, never codes."""
+    rows = []
+    view = memoryview(data)
+    for name, off, size in _tar_members(url, data):
+        key, _, ext = name.partition(".")
+        if ext not in (MEMBER, MEMBER_ZST):
+            continue
+        h = _sample_header(view[off:off + size], key)
+        shape = list(h.get("codes", {}).get("shape", []))
+        meta = h.get("meta", {})
+        rows_cols = meta.get("tiles", [1, 1])
+        rows.append((key.encode(), off, size, shape[0] if shape else 0, shape[1] if len(shape) == 3 else 0,
+                     shape[2] if len(shape) == 3 else -1, int(h.get("text", {}).get("n", 0)),
+                     int(rows_cols[0]) * int(rows_cols[1]), bool(meta.get("thumbnail", False))))
+    return np.array(rows, dtype=_index_dtype(max((len(r[0]) for r in rows), default=1)))
+
+
+def write_shard_index(url: str, index: np.ndarray, storage_options: dict | None = None) -> None:
+    """Write `url + INDEX_SUFFIX` atomically (temp name, then rename)."""
+    fs, path = fsspec.core.url_to_fs(url + INDEX_SUFFIX, **(storage_options or {}))
+    parent = path.rsplit("/", 1)[0]
+    tmp = f"{parent}/_tmp.{uuid.uuid4().hex}.{path.rsplit('/', 1)[-1]}"
+    buf = io.BytesIO()
+    np.save(buf, index, allow_pickle=False)
+    with fs.open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    fs.mv(tmp, path)
+
+
+def parse_shard_index(blob: bytes, name: str) -> np.ndarray:
+    """Bytes of an index file -> the index (ShardError naming `name` when it is not one)."""
+    try:
+        index = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ShardError(f"shard index {name}: not a .npy index ({e}); delete it (the loader rebuilds it from the tar)") from None
+    fields = index.dtype.names or ()
+    if index.ndim != 1 or fields != ("key", *INDEX_FIELDS) or any(index.dtype[f] != np.dtype(t) for f, t in INDEX_FIELDS.items()):
+        raise ShardError(f"shard index {name}: fields {fields} are not {('key', *INDEX_FIELDS)}; delete it "
+                         "(the loader rebuilds it from the tar)")
+    return index
+
+
+def read_shard_index(url: str, storage_options: dict | None = None) -> np.ndarray | None:
+    """The sidecar index of the shard at `url` (None when it has none; ShardError when it is not an index)."""
+    try:
+        with fsspec.open(url + INDEX_SUFFIX, "rb", **(storage_options or {})) as f:
+            blob = f.read()
+    except FileNotFoundError:
+        return None
+    return parse_shard_index(blob, url + INDEX_SUFFIX)

@@ -1,4 +1,4 @@
-"""The streaming pretraining dataset: catalogs -> verified shards -> global order -> mixture -> rank slice -> packed batches.
+"""The streaming pretraining dataset: catalogs -> verified shards + indices -> global plan -> own samples -> packed batches.
 
 The stream, link by link (each a small piece with its own test):
   1. `resolve_sources`: each mixture source's catalogs -> its shards, checked against the model (fold,
@@ -6,34 +6,44 @@ The stream, link by link (each a small piece with its own test):
   2. `SourceOrder`: a source's sample order in an epoch, a pure function of (seed, source, epoch): shards
      permuted, then samples shuffled within groups of `shuffle_shards` consecutive shards. Any position
      maps to its (shard, sample) in O(1), so resuming never replays.
-  3. `ShardStore`: shard bytes, local or remote via fsspec, with read-ahead into a bounded local cache;
-     size and sha256 verified before use; a bad shard is an error naming it, or a recorded skip.
-  4. `Planner`: the global batch of every step, identical on every rank and worker: `MixtureSampler`
-     picks the source of each next sample (in samples or tokens), sequences that cannot fit are dropped
-     and counted, sources that run out start a new epoch with a new order (counted).
+  3. `ShardStore`: per shard, its verified tar (size + sha256, once per machine: a stamp in the local
+     cache; remote shards are downloaded whole into a bounded cache shared by the machine's processes)
+     and its per-sample index (`NNNNN.tar.idx.npy` beside the shard, else built once by scanning the
+     tar's headers). A bad shard is an error naming it, or a recorded skip.
+  4. `Planner`: the global batch of every step, identical on every rank and worker, from the indices
+     alone (no sample is read to plan): each shuffle group's lengths are computed once, vectorised, and
+     each step merges the sources' next samples by weighted fair queueing (`train.mixture`), in samples
+     or tokens. Samples that cannot fit are dropped and counted; sources that run out start a new epoch.
   5. Rank slice: sample j of the global batch goes to rank j % world_size; DataLoader worker w builds
      the steps s with (s - first step) % num_workers == w, which is the order torch's DataLoader reads them.
-  6. `train.sequence` builds each sample's sequence, `train.packing` packs the rank's share per task.
+  6. Each worker reads and decodes only its own samples (byte ranges of the verified tar, checked against
+     the index), `train.sequence` builds them, `train.packing` packs the rank's share per task.
 
 State is a handful of counters per source (epoch, position) plus the step, the same on every rank:
 resuming on another number of ranks or workers continues the same global stream, so the epoch's
 remaining samples are neither repeated nor skipped. Changing the mixture (a new manifest or the
 manifest's schedule) keeps each source's position, so no source repeats a sample within its epoch.
 
-The cost of a global plan: every worker reads the samples of every global batch (to know their
-lengths for token weighting), but builds and packs only its own. Shards are shared through the local
-cache, so remote traffic is per machine, not per worker.
+Cost per worker: decoding and building only its own samples, plus planning from indices (a few numpy
+operations per step and per shuffle group) and reading each shard's index once.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
+import fcntl
+import glob
 import hashlib
+import json
 import logging
 import os
+import tarfile
+import time
 import tempfile
 import threading
+import uuid
 import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -46,11 +56,12 @@ import torch
 
 from model.batch import PackedBatch
 from model.folding import Fold
-from pipeline.tokenshard import TokenSample, iter_token_shard_fast, read_catalog
+from pipeline.tokenshard import (INDEX_SUFFIX, TokenSample, build_shard_index, decode_token_sample, parse_shard_index,
+                                 read_catalog, read_shard_index)
 from synergen.errors import ConfigMismatchError, ShardError, SynergenError
-from train.mixture import MixtureManifest, MixtureSampler, SourceSize, resolve_weights
+from train.mixture import MixtureManifest, SourceSize, resolve_weights
 from train.packing import pack, packing_efficiency
-from train.sequence import LayoutIds, SequenceSpec, build_sequence, plan_layout
+from train.sequence import VIEW_DROPPED, LayoutIds, SequenceSpec, build_sequence, layout_of, plan_lengths
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +184,21 @@ class SourceOrder:
         self._set_epoch(epoch)
         return [int(i) for i in self.perm[g * self.k:(g + 1) * self.k]]
 
+    def group_bounds(self, epoch: int, g: int) -> tuple[int, int]:
+        self._set_epoch(epoch)
+        return int(self.group_starts[g]), int(self.group_starts[g + 1])
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_starts) - 1
+
+    def group_arrays(self, epoch: int, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index [n], sample index [n]) of every position of group g, in position order (`locate`, vectorised)."""
+        lo, hi = self.group_bounds(epoch, g)
+        j = lo + np.random.default_rng(_seed(self.seed, self.source.name, epoch, g + 1)).permutation(hi - lo)
+        k = np.searchsorted(self.starts, j, side="right") - 1
+        return self.perm[k].astype(np.int64), (j - self.starts[k]).astype(np.int64)
+
     def locate(self, epoch: int, pos: int) -> tuple[int, int]:
         self._set_epoch(epoch)
         g = self.group_of(epoch, pos)
@@ -186,157 +212,355 @@ class SourceOrder:
         return int(self.perm[k]), int(j - self.starts[k])
 
 
-# ---- 3. shard bytes: verified, cached, read ahead ---------------------------------------------------------
+# ---- 3. verified shards and their indices -----------------------------------------------------------------
+
+
+STALE_PART_S = 3600  # a partial file untouched this long belongs to a dead process
+
+
+def index_problem(index: np.ndarray, shard: Shard) -> str | None:
+    """Why `index` cannot be the index of `shard` (checked against the catalog's count and the tar's size), or None."""
+    if len(index) != shard.samples:
+        return f"{len(index)} rows but the catalog lists {shard.samples} samples"
+    if not len(index):
+        return None
+    off, size = index["offset"].astype(np.int64), index["size"].astype(np.int64)
+    if off[0] < 512 or (off % 512).any() or (size < 0).any() or (off[:-1] + size[:-1] + 512 > off[1:]).any():
+        return "its byte offsets are not those of consecutive tar members"
+    end = int(off[-1] + size[-1] + 511) // 512 * 512 + 1024  # last member, padded, then the end-of-archive blocks
+    if not end <= shard.bytes < end + tarfile.RECORDSIZE:
+        return f"its last sample ends at byte {int(off[-1] + size[-1])} but the shard has {shard.bytes} bytes"
+    return None
 
 
 @dataclass
 class ShardStore:
-    """Verified shard contents; remote shards go through a bounded local cache with read-ahead."""
+    """Verified shards, their per-sample indices, and byte-range reads of single samples.
+
+    Verification (size + sha256) happens once per machine: remote shards are downloaded into the bounded
+    local cache under a per-shard file lock and renamed into place only once verified; local shards get
+    a stamp (path, size, mtime) in the cache once hashed. A crash leaves no state that blocks a restart:
+    locks die with their process and partial downloads are deleted by the next holder of the lock.
+    """
 
     cache_dir: str
     cache_bytes: int
     on_bad_shard: Literal["error", "skip"]
     storage_options: dict = field(default_factory=dict)
-    decoded_capacity: int = 16
     readahead_threads: int = 2
+    index_capacity: int = 256  # shard indices kept in memory (a dropped one is re-read from the sidecar or cache)
+    open_files: int = 32
 
     def __post_init__(self) -> None:
-        self._decoded: OrderedDict[str, list[TokenSample] | None] = OrderedDict()
+        self._index: OrderedDict[str, np.ndarray | None] = OrderedDict()
         self._inflight: dict[str, Future] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self.skipped: dict[str, str] = {}  # shard url -> reason
-        self.downloaded_bytes = 0
+        self.downloaded_bytes = 0  # by this process
+        self.hashed_bytes = 0  # verified by this process (others on the machine trust its stamp)
+        self.scanned = 0  # indices this process built by scanning a tar (no usable sidecar)
+        self.decoded = 0  # samples this process read and decoded
+        self.read_bytes = 0
 
     @staticmethod
     def is_remote(url: str) -> bool:
         return "://" in url and not url.startswith("file://")
 
-    def _cache_path(self, shard: Shard) -> str:
-        return os.path.join(self.cache_dir, shard.sha256[:2], f"{shard.sha256}.tar")
+    # -- paths and locks
 
-    def _verify(self, shard: Shard, data: bytes) -> None:
-        if len(data) != shard.bytes:
-            raise ShardError(f"token shard {shard.url}: {len(data)} bytes but its catalog says {shard.bytes} "
-                             "(truncated or replaced); re-tokenize it or set on_bad_shard='skip'")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != shard.sha256:
-            raise ShardError(f"token shard {shard.url}: sha256 {digest[:12]}... but its catalog says {shard.sha256[:12]}... "
-                             "(corrupt or replaced); re-tokenize it or set on_bad_shard='skip'")
+    def _cached(self, shard: Shard, suffix: str = ".tar") -> str:
+        return os.path.join(self.cache_dir, shard.sha256[:2], f"{shard.sha256}{suffix}")
 
-    def _read(self, url: str) -> bytes:
-        try:
-            with fsspec.open(url, "rb", **self.storage_options) as f:
-                return f.read()
-        except FileNotFoundError:
-            raise ShardError(f"token shard {url} is missing though its catalog lists it; restore it, re-tokenize, "
-                             "or set on_bad_shard='skip'") from None
+    def _local_path(self, shard: Shard) -> str:
+        return shard.url[len("file://"):] if shard.url.startswith("file://") else shard.url
 
-    def _fetch_remote(self, shard: Shard) -> bytes:
-        path = self._cache_path(shard)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            if len(data) == shard.bytes:  # written only after verification, renamed into place
-                os.utime(path)
-                return data
-        except FileNotFoundError:
-            pass
-        data = self._read(shard.url)
-        self._verify(shard, data)
+    def _tar_path(self, shard: Shard) -> str:
+        return self._cached(shard) if self.is_remote(shard.url) else self._local_path(shard)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str, blocking: bool = True):
+        """An exclusive lock between the machine's processes; released by the OS if its holder dies."""
+        os.makedirs(os.path.join(self.cache_dir, "locks"), exist_ok=True)
+        with open(os.path.join(self.cache_dir, "locks", f"{name}.lock"), "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _write_atomic(path: str, data: bytes) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".part.")
-        with os.fdopen(fd, "wb") as f:
+        tmp = f"{path}.part.{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+
+    # -- verification
+
+    def _bad(self, shard: Shard, what: str) -> ShardError:
+        return ShardError(f"token shard {shard.url}: {what}; re-tokenize it or set on_bad_shard='skip'")
+
+    def _verify_local(self, shard: Shard) -> str:
+        path = self._local_path(shard)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ShardError(f"token shard {shard.url} is missing though its catalog lists it; restore it, re-tokenize, "
+                             "or set on_bad_shard='skip'") from None
+        if st.st_size != shard.bytes:
+            raise self._bad(shard, f"{st.st_size} bytes but its catalog says {shard.bytes} (truncated or replaced)")
+        want = {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": shard.sha256}
+        stamp = os.path.join(self.cache_dir, "verified", f"{hashlib.sha256(want['path'].encode()).hexdigest()[:32]}.json")
+
+        def stamped() -> bool:
+            try:
+                with open(stamp) as f:
+                    return json.load(f) == want
+            except (FileNotFoundError, ValueError):
+                return False
+
+        if stamped():
+            return path
+        with self._locked(shard.sha256):
+            if stamped():
+                return path
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            with self._lock:
+                self.hashed_bytes += shard.bytes
+            if h.hexdigest() != shard.sha256:
+                raise self._bad(shard, f"sha256 {h.hexdigest()[:12]}... but its catalog says {shard.sha256[:12]}... (corrupt or replaced)")
+            self._write_atomic(stamp, json.dumps(want).encode())
+        return path
+
+    def _fetch_remote(self, shard: Shard) -> str:
+        """The shard's verified copy in the cache (downloaded by whichever process of the machine gets there first)."""
+        path = self._cached(shard)
+
+        def present() -> bool:
+            try:
+                if os.path.getsize(path) == shard.bytes:  # written only after verification, renamed into place
+                    os.utime(path)
+                    return True
+            except FileNotFoundError:
+                pass
+            return False
+
+        if present():
+            return path
+        with self._locked(shard.sha256):
+            if present():
+                return path
+            for stale in glob.glob(f"{path}.part.*"):  # a crashed download: we hold the lock, so nobody writes it
+                os.remove(stale)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.part.{uuid.uuid4().hex}"
+            h, n = hashlib.sha256(), 0
+            try:
+                with fsspec.open(shard.url, "rb", **self.storage_options) as src, open(tmp, "wb") as dst:
+                    for block in iter(lambda: src.read(1 << 22), b""):
+                        h.update(block)
+                        dst.write(block)
+                        n += len(block)
+                if n != shard.bytes:
+                    raise self._bad(shard, f"{n} bytes but its catalog says {shard.bytes} (truncated or replaced)")
+                if h.hexdigest() != shard.sha256:
+                    raise self._bad(shard, f"sha256 {h.hexdigest()[:12]}... but its catalog says {shard.sha256[:12]}... "
+                                           "(corrupt or replaced)")
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                raise ShardError(f"token shard {shard.url} is missing though its catalog lists it; restore it, re-tokenize, "
+                                 "or set on_bad_shard='skip'") from None
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         with self._lock:
-            self.downloaded_bytes += len(data)
+            self.downloaded_bytes += n
+            self.hashed_bytes += n
         self._evict(keep=path)
-        return data
+        return path
 
     def _evict(self, keep: str) -> None:
-        """Drop least recently used cached shards until the cache fits `cache_bytes`."""
-        files = []
+        """Drop least recently used cached shards (with their indices) until the cache fits `cache_bytes`."""
+        files, total = [], 0
         for root, _, names in os.walk(self.cache_dir):
             for n in names:
-                if n.endswith(".tar"):
-                    p = os.path.join(root, n)
-                    try:
-                        st = os.stat(p)
-                    except FileNotFoundError:
-                        continue
-                    files.append((st.st_mtime, st.st_size, p))
-        total = sum(f[1] for f in files)
+                p = os.path.join(root, n)
+                if ".part." in n:  # a crash's leftover once nobody has written it for a while (live ones grow)
+                    with contextlib.suppress(FileNotFoundError):
+                        if time.time() - os.stat(p).st_mtime > STALE_PART_S:
+                            os.remove(p)
+                    continue
+                if not n.endswith(".tar"):
+                    continue
+                try:
+                    st = os.stat(p)
+                    extra = os.path.getsize(p[:-4] + INDEX_SUFFIX) if os.path.exists(p[:-4] + INDEX_SUFFIX) else 0
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_mtime, st.st_size + extra, p))
+                total += st.st_size + extra
         for _, size, p in sorted(files):
             if total <= self.cache_bytes:
                 break
             if p == keep:
                 continue
-            try:
-                os.remove(p)
-                total -= size
-            except FileNotFoundError:
-                pass
+            for victim in (p, p[:-4] + INDEX_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(victim)
+            total -= size
 
-    def _bytes(self, shard: Shard) -> bytes:
-        if self.is_remote(shard.url):
-            return self._fetch_remote(shard)
-        data = self._read(shard.url)
-        self._verify(shard, data)
-        return data
+    def _verified_tar(self, shard: Shard) -> str:
+        return self._fetch_remote(shard) if self.is_remote(shard.url) else self._verify_local(shard)
 
-    def prefetch(self, shards: list[Shard]) -> None:
-        """Start downloading remote shards into the cache in the background (no-op for local ones)."""
-        for s in shards:
-            if not self.is_remote(s.url) or s.url in self._decoded or s.url in self._inflight:
-                continue
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.readahead_threads, thread_name_prefix="shard-readahead")
-            self._inflight[s.url] = self._pool.submit(self._fetch_remote, s)
+    # -- indices
 
-    def samples(self, shard: Shard) -> list[TokenSample] | None:
-        """The shard's samples in tar order, or None when it is bad and bad shards are skipped."""
-        if shard.url in self._decoded:
-            self._decoded.move_to_end(shard.url)
-            return self._decoded[shard.url]
+    def _load_index(self, shard: Shard) -> np.ndarray:
+        """The shard's verified per-sample index: its sidecar, else one built from the tar (cached for the machine)."""
+        tar = self._verified_tar(shard)
+        cached = self._cached(shard, INDEX_SUFFIX) if self.is_remote(shard.url) else \
+            os.path.join(self.cache_dir, "index", f"{shard.sha256}{INDEX_SUFFIX}")
+        with contextlib.suppress(FileNotFoundError, ShardError):
+            with open(cached, "rb") as f:
+                index = parse_shard_index(f.read(), cached)
+            if index_problem(index, shard) is None:
+                return index
+        sidecar = shard.url + INDEX_SUFFIX
         try:
+            index = read_shard_index(shard.url, self.storage_options)
+            problem = "missing" if index is None else index_problem(index, shard)
+        except ShardError as e:
+            problem = str(e)
+        if problem is None:
+            if self.is_remote(shard.url):
+                self._write_atomic(cached, _npy_bytes(index))
+            return index
+        with self._locked(f"{shard.sha256}.idx"):
+            with contextlib.suppress(FileNotFoundError, ShardError):  # another process built it meanwhile
+                with open(cached, "rb") as f:
+                    index = parse_shard_index(f.read(), cached)
+                if index_problem(index, shard) is None:
+                    return index
+            if problem == "missing":
+                log.info("token shard %s has no index %s; building it from the tar's headers (once per machine)", shard.url, sidecar)
+            else:
+                log.warning("shard index %s does not match its shard (%s); rebuilding it from the tar's headers", sidecar, problem)
+            with open(tar, "rb") as f:
+                index = build_shard_index(f.read(), shard.url)
+            if len(index) != shard.samples:
+                raise self._bad(shard, f"{len(index)} samples but its catalog says {shard.samples}")
+            self._write_atomic(cached, _npy_bytes(index))
+            with self._lock:
+                self.scanned += 1
+        return index
+
+    def index(self, shard: Shard) -> np.ndarray | None:
+        """The shard's index (rows in tar order), or None when the shard is bad and bad shards are skipped."""
+        with self._lock:
+            if shard.url in self._index:
+                self._index.move_to_end(shard.url)
+                return self._index[shard.url]
             fut = self._inflight.pop(shard.url, None)
-            data = fut.result() if fut is not None else self._bytes(shard)
-            out = list(iter_token_shard_fast(shard.url, data))
-            if len(out) != shard.samples:
-                raise ShardError(f"token shard {shard.url}: {len(out)} samples but its catalog says {shard.samples}; "
-                                 "re-tokenize it or set on_bad_shard='skip'")
+        try:
+            index = fut.result() if fut is not None else self._load_index(shard)
         except ShardError as e:
             if self.on_bad_shard == "error":
                 raise
-            log.warning("skipping bad shard: %s", e)
+            if shard.url not in self.skipped:
+                log.warning("skipping bad shard: %s", e)
             self.skipped[shard.url] = str(e)
-            out = None
-        self._decoded[shard.url] = out
-        if len(self._decoded) > self.decoded_capacity:
-            self._decoded.popitem(last=False)
-        return out
+            index = None
+        with self._lock:
+            self._index[shard.url] = index
+            while len(self._index) > self.index_capacity:
+                self._index.popitem(last=False)
+        return index
+
+    def prefetch(self, shards: list[Shard]) -> None:
+        """Verify (download, for remote ones) and index shards in the background."""
+        with self._lock:
+            for s in shards:
+                if s.url in self._index or s.url in self._inflight:
+                    continue
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.readahead_threads, thread_name_prefix="shard-readahead")
+                self._inflight[s.url] = self._pool.submit(self._load_index, s)
+
+    # -- single samples
+
+    def _fd(self, shard: Shard) -> int:
+        path = self._tar_path(shard)
+        fd = self._fds.get(path)
+        if fd is not None:
+            self._fds.move_to_end(path)
+            return fd
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # evicted from the cache by another process since it was verified
+            fd = os.open(self._verified_tar(shard), os.O_RDONLY)
+        self._fds[path] = fd
+        while len(self._fds) > self.open_files:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def read(self, shard: Shard, row: int) -> TokenSample:
+        """Sample `row` of the shard, read by byte range and checked against its index row."""
+        index = self.index(shard)
+        if index is None:
+            raise AssertionError(f"planned a sample of skipped shard {shard.url}")  # the planner never does
+        r = index[row]
+        key, off, size = r["key"].decode(), int(r["offset"]), int(r["size"])
+        fd = self._fd(shard)
+        header = os.pread(fd, 512, off - 512)
+        data = os.pread(fd, size, off)
+        name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
+        try:
+            member_size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            member_size = -1
+        if len(data) != size or member_size != size or not name.startswith(f"{key}."):
+            raise ShardError(f"shard index {shard.url}{INDEX_SUFFIX}: row {row} names {key} ({size} bytes at {off}) but the tar has "
+                             f"{name!r} ({member_size} bytes) there; delete the index (the loader rebuilds it) or re-tokenize")
+        sample = decode_token_sample(data, key)
+        c = sample.codes
+        rows, cols = sample.meta.get("tiles", [1, 1])
+        got = (c.shape[0] if c.ndim else 0, c.shape[1] if c.ndim == 3 else 0, c.shape[2] if c.ndim == 3 else -1,
+               int(sample.text_ids.size), int(rows) * int(cols), bool(sample.meta.get("thumbnail", False)))
+        want = tuple(r[f].item() for f in ("n_images", "groups", "fold_size", "text", "tiles", "thumbnail"))
+        if got != want:
+            raise ShardError(f"shard index {shard.url}{INDEX_SUFFIX}: sample {key} is {got} (images, groups, fold size, text, "
+                             f"tiles, thumbnail) but its index row says {want}; delete the index (the loader rebuilds it) or re-tokenize")
+        self.decoded += 1
+        self.read_bytes += size
+        return sample
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self._inflight.clear()
+        while self._fds:
+            os.close(self._fds.popitem()[1])
 
 
-# ---- 4. the global plan of every step --------------------------------------------------------------------
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
 
-@dataclass
-class Draw:
-    """One sample of a global batch."""
-
-    source: str
-    epoch: int
-    pos: int
-    sample: TokenSample
-    uncond: bool
-    layout: object  # train.sequence.Layout
+# ---- 4. the global plan of every step, from the indices ---------------------------------------------------
 
 
 @dataclass
@@ -350,14 +574,38 @@ class SourceCursor:
         return {"epoch": self.epoch, "pos": self.pos, "dropped": self.dropped, "skipped": self.skipped}
 
 
-def _unit_hash(*parts) -> float:
-    """A uniform number in [0, 1) from the parts: per-sample randomness without RNG state."""
-    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64
+@dataclass
+class GroupPlan:
+    """Every position of one shuffle group of a source in one epoch, planned once from the shards' indices."""
+
+    shard: np.ndarray  # [n] int64, into source.shards
+    row: np.ndarray  # [n] int64, the sample's row in its shard's index
+    length: np.ndarray  # [n] int64, planned sequence length
+    view: np.ndarray  # [n] int8, train.sequence view; VIEW_DROPPED when unusable
+    bad: np.ndarray  # [n] bool, sample of a skipped shard
+    uncond: np.ndarray  # [n] bool, CFG prompt drop
+
+
+# a task's global batch, one entry per sample in batch order (struct of arrays; rank r takes [r::world_size])
+PLAN_FIELDS = ("source", "epoch", "pos", "shard", "row", "length", "view", "uncond")
+
+
+def _uncond(seed: int, name: str, epoch: int, pos: np.ndarray, prob: float) -> np.ndarray:
+    """Seeded per-sample CFG drop: splitmix64 of (seed, source, epoch, position), no RNG state."""
+    key = int.from_bytes(hashlib.blake2b(repr((seed, name, epoch)).encode(), digest_size=8).digest(), "little")
+    z = pos.astype(np.uint64) + np.uint64(key) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < prob
 
 
 class Planner:
-    """Computes each step's global batches (per task) from the cursors; identical on every rank and worker."""
+    """Computes each step's global batches (per task) from the cursors and the shards' indices; identical everywhere.
+
+    Sampling is `train.mixture.MixtureSampler`'s weighted fair queueing, vectorised: a source's samples
+    finish at cumsum(cost) / weight, and the batch takes the globally smallest finish times (ties to the
+    source listed first), which is the order the sequential sampler picks them in."""
 
     def __init__(self, manifest: MixtureManifest, sources: dict[str, Source], store: ShardStore, seq: SequenceSpec,
                  ids: LayoutIds, seed: int, shuffle_shards: int, readahead: int):
@@ -371,8 +619,7 @@ class Planner:
         self.orders = {n: SourceOrder(s, seed, shuffle_shards) for n, s in sources.items() if s.size.samples > 0}
         self.cursors: dict[str, SourceCursor] = {n: SourceCursor() for n in sources}
         self.carried: dict[str, dict] = {}  # cursors of sources not in this manifest (kept for a switch back)
-        self._heads: dict[str, Draw] = {}
-        self._prefetched: dict[str, tuple[int, int]] = {}
+        self._groups: dict[str, OrderedDict[tuple[int, int], GroupPlan]] = {n: OrderedDict() for n in sources}
         self._weights_cache: dict[tuple[str, int], dict[str, float]] = {}
 
     def weights(self, task: str, step: int) -> dict[str, float]:
@@ -382,88 +629,129 @@ class Planner:
             self._weights_cache[key] = resolve_weights(self.manifest, task, step, sizes)
         return self._weights_cache[key]
 
-    def _readahead(self, name: str, epoch: int, pos: int) -> None:
-        order = self.orders[name]
-        g = order.group_of(epoch, pos)
-        if self._prefetched.get(name) == (epoch, g):
-            return
-        self._prefetched[name] = (epoch, g)
-        shards = self.sources[name].shards
-        groups = [(epoch, g + d) for d in range(0, self.readahead + 1)]
-        ahead = []
-        for e, gg in groups:
-            if gg >= len(order.group_starts) - 1:  # past the end: the next epoch's first groups
-                e, gg = e + 1, gg - (len(order.group_starts) - 1)
-                if gg >= len(order.group_starts) - 1:
-                    continue
-            ahead += [shards[i] for i in order.shards_of_group(e, gg)]
-        self.store.prefetch(ahead)
-        order._set_epoch(epoch)
+    def _group(self, name: str, epoch: int, g: int) -> GroupPlan:
+        cache = self._groups[name]
+        if (epoch, g) in cache:
+            cache.move_to_end((epoch, g))
+            return cache[(epoch, g)]
+        order, source = self.orders[name], self.sources[name]
+        self._readahead(name, epoch, g)
+        shard, row = order.group_arrays(epoch, g)
+        lo, hi = order.group_bounds(epoch, g)
+        n = hi - lo
+        uncond = np.zeros(n, bool)
+        if source.task == "gen":
+            uncond = _uncond(self.seed, name, epoch, np.arange(lo, hi), self.manifest.uncond_prob)
+        length, view, bad = np.zeros(n, np.int64), np.zeros(n, np.int8), np.zeros(n, bool)
+        for s in order.shards_of_group(epoch, g):
+            index = self.store.index(source.shards[s])
+            m = shard == s
+            if index is None:
+                bad[m] = True
+                continue
+            length[m], view[m] = plan_lengths(index[row[m]], source.task, uncond[m], self.seq, self.ids)
+        cache[(epoch, g)] = GroupPlan(shard, row, length, view, bad, uncond)
+        while len(cache) > 3:
+            cache.popitem(last=False)
+        return cache[(epoch, g)]
 
-    def _head(self, name: str) -> Draw:
-        """The next sample of a source that can be used (bad shards and unfit samples are passed, counted)."""
-        if name in self._heads:
-            return self._heads[name]
-        order, cur, task = self.orders[name], self.cursors[name], self.sources[name].task
-        passed = 0
-        while True:
-            if cur.pos >= order.size:
-                cur.epoch += 1
-                cur.pos = 0
-                log.info("source %s starts epoch %d", name, cur.epoch)
-            if passed > order.size:
+    def _readahead(self, name: str, epoch: int, g: int) -> None:
+        """Start verifying/indexing the shards of the next `readahead` groups (the next epoch's, past the end)."""
+        order, shards = self.orders[name], self.sources[name].shards
+        ahead = []
+        for d in range(1, self.readahead + 1):
+            e, gg = epoch, g + d
+            while gg >= order.n_groups:
+                e, gg = e + 1, gg - order.n_groups
+            ahead += [shards[i] for i in order.shards_of_group(e, gg)]
+        order._set_epoch(epoch)
+        self.store.prefetch(ahead)
+
+    def _upcoming(self, name: str, need: int) -> dict[str, np.ndarray]:
+        """The source's positions from its cursor on, far enough to hold `need` usable samples (or one epoch)."""
+        order, cur = self.orders[name], self.cursors[name]
+        epoch, pos = cur.epoch, cur.pos
+        parts: list[dict[str, np.ndarray]] = []
+        usable = passed = 0
+        while usable < need:
+            if pos >= order.size:
+                epoch, pos = epoch + 1, 0
+            if passed >= order.size and usable == 0:
                 raise ShardError(f"source {name}: no usable sample in a whole epoch (all shards bad or every sample longer "
                                  f"than seq_len={self.seq.seq_len}); fix its shards or drop it from the mixture")
-            self._readahead(name, cur.epoch, cur.pos)
-            shard_i, sample_i = order.locate(cur.epoch, cur.pos)
-            samples = self.store.samples(self.sources[name].shards[shard_i])
-            if samples is None:
-                cur.pos += 1
-                cur.skipped += 1
-                passed += 1
-                continue
-            sample = samples[sample_i]
-            uncond = task == "gen" and _unit_hash(self.seed, name, cur.epoch, cur.pos) < self.manifest.uncond_prob
-            layout = plan_layout(sample, task, uncond, self.seq, self.ids)
-            if layout is None:
-                cur.pos += 1
-                cur.dropped += 1
-                passed += 1
-                continue
-            self._heads[name] = Draw(name, cur.epoch, cur.pos, sample, uncond, layout)
-            return self._heads[name]
+            g = order.group_of(epoch, pos)
+            lo, hi = order.group_bounds(epoch, g)
+            gp = self._group(name, epoch, g)
+            a = pos - lo
+            parts.append({"epoch": np.full(hi - pos, epoch, np.int64), "pos": np.arange(pos, hi, dtype=np.int64),
+                          "shard": gp.shard[a:], "row": gp.row[a:], "length": gp.length[a:], "view": gp.view[a:],
+                          "bad": gp.bad[a:], "uncond": gp.uncond[a:]})
+            usable += int((gp.view[a:] != VIEW_DROPPED).sum())
+            passed += hi - pos
+            pos = hi
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
 
-    def plan_step(self, step: int) -> dict[str, list[Draw]]:
-        """The global batch of every task at `step`; advances the cursors past it."""
+    def plan_step(self, step: int) -> dict[str, dict[str, np.ndarray]]:
+        """The global batch of every task at `step` (PLAN_FIELDS arrays); advances the cursors past it."""
         out = {}
         for task, tspec in self.manifest.tasks.items():
-            sampler = MixtureSampler(self.weights(task, step))
-            unit_tokens = tspec.unit == "tokens"
-            draws = []
-            for _ in range(tspec.global_batch):
-                heads = {n: self._head(n) for n in sampler.weights}
-                name = sampler.pick({n: (h.layout.length if unit_tokens else 1) for n, h in heads.items()})
-                d = heads[name]
-                sampler.record(name, d.layout.length if unit_tokens else 1)
-                draws.append(d)
-                del self._heads[name]
-                self.cursors[name].pos = d.pos + 1
-            out[task] = draws
+            weights = self.weights(task, step)
+            names = list(weights)
+            B = tspec.global_batch
+            # gather a few more candidates than each source's share; a source whose every candidate is taken
+            # may have more to give, so gather more and merge again (rare: only when lengths run far from average)
+            need = {n: min(B, int(2 * w * B) + 8) for n, w in weights.items()}
+            while True:
+                streams, cand = [], []
+                for si, n in enumerate(names):
+                    st = self._upcoming(n, need[n])
+                    ok = np.flatnonzero(st["view"] != VIEW_DROPPED)[:need[n]]
+                    cost = st["length"][ok] if tspec.unit == "tokens" else np.ones(len(ok), np.int64)
+                    finish = np.cumsum(cost) / weights[n]  # the same floats as MixtureSampler's (taken + cost) / weight
+                    streams.append((st, ok))
+                    cand.append((finish, np.full(len(ok), si), np.arange(len(ok))))
+                finish, src, k = (np.concatenate(x) for x in zip(*cand))
+                take = np.lexsort((k, src, finish))[:B]
+                counts = np.bincount(src[take], minlength=len(names))
+                short = [n for si, n in enumerate(names) if counts[si] == len(streams[si][1]) and need[n] < B]
+                if not short:
+                    break
+                for n in short:
+                    need[n] = min(B, 2 * need[n])
+            batch: dict = {}
+            for si, n in enumerate(names):
+                st, ok = streams[si]
+                c = int(counts[si])
+                if c == 0:
+                    continue
+                cut = int(ok[c - 1]) + 1  # positions up to the last one drawn are consumed
+                cur = self.cursors[n]
+                dropped = int(((st["view"][:cut] == VIEW_DROPPED) & ~st["bad"][:cut]).sum())
+                cur.dropped += dropped
+                cur.skipped += int(st["bad"][:cut].sum())
+                if int(st["epoch"][cut - 1]) != cur.epoch:
+                    log.info("source %s starts epoch %d", n, int(st["epoch"][cut - 1]))
+                cur.epoch, cur.pos = int(st["epoch"][cut - 1]), int(st["pos"][cut - 1]) + 1
+            # gather in batch order: candidate i of source s is row `ok[k]` of its stream
+            for f in PLAN_FIELDS:
+                if f == "source":
+                    batch[f] = src[take]
+                    continue
+                col = np.concatenate([streams[si][0][f][streams[si][1]] for si in range(len(names))])
+                batch[f] = col[take]
+            batch["names"] = names
+            out[task] = batch
         return out
 
     def state(self, step: int) -> dict:
-        """Loader state before `step` (heads not yet drawn are re-derived from the cursors on load)."""
+        """Loader state before `step`."""
         sources = dict(copy.deepcopy(self.carried))
         for n, c in self.cursors.items():
-            # a head that was peeked but not drawn has moved the cursor past unusable samples only
             sources[n] = {**c.as_dict(), "fingerprint": self.sources[n].fingerprint, "size": self.sources[n].size.samples}
-            if n in self._heads:
-                sources[n]["epoch"], sources[n]["pos"] = self._heads[n].epoch, self._heads[n].pos
         return {"version": STATE_VERSION, "step": step, "seed": self.seed, "mixture": self.manifest.mixture_id(step),
                 "sources": sources}
 
     def load(self, state: dict) -> None:
-        self._heads.clear()
         self.carried = {}
         for n, s in state["sources"].items():
             if n not in self.sources:
@@ -535,7 +823,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
     def _planner(self) -> Planner:
         c = self.config
         store = ShardStore(c.cache_dir or os.path.join(tempfile.gettempdir(), "synergen-shards"), c.cache_bytes,
-                           c.on_bad_shard, dict(c.storage_options), decoded_capacity=max(16, 3 * c.shuffle_shards))
+                           c.on_bad_shard, dict(c.storage_options))
         return Planner(self.manifest, self.sources, store, self.seq, self.ids, c.seed, c.shuffle_shards, c.readahead)
 
     def state_dict(self) -> dict:
@@ -567,42 +855,54 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         step = start
         try:
             while self.config.max_steps is None or step < self.config.max_steps:
-                plan = planner.plan_step(step)
+                plan = planner.plan_step(step)  # every worker plans every step (from indices: cheap), builds only its own
                 if (step - start) % n_workers == worker:
-                    yield self._build(step, plan, planner)
+                    yield self._build(step, plan, planner, worker)
                 step += 1
         finally:
             planner.store.close()
 
-    def _build(self, step: int, plan: dict[str, list[Draw]], planner: Planner) -> StepBatch:
-        c = self.config
+    def _build(self, step: int, plan: dict[str, dict], planner: Planner, worker: int) -> StepBatch:
+        c, store = self.config, planner.store
         batches, samples, report = {}, {}, {"step": step, "mixture": self.manifest.mixture_id(step), "tasks": {}}
-        for task, draws in plan.items():
-            mine = draws[c.rank::c.world_size]
-            docs = [build_sequence(d.sample, task, d.uncond, d.layout, self.ids, source=d.source) for d in mine]
+        for task, p in plan.items():
+            names = p["names"]
+            mine = np.arange(c.rank, len(p["source"]), c.world_size)
+            docs, keys = [], []
+            for j in mine:
+                name = names[int(p["source"][j])]
+                shard = self.sources[name].shards[int(p["shard"][j])]
+                sample = store.read(shard, int(p["row"][j]))
+                layout = layout_of(store.index(shard)[int(p["row"][j])], task, int(p["view"][j]), int(p["length"][j]), self.seq)
+                docs.append(build_sequence(sample, task, bool(p["uncond"][j]), layout, self.ids, source=name))
+                keys.append((name, int(p["epoch"][j]), sample.key))
             batch = pack(docs, self.seq.seq_len, self.ids.pad, task)
             batches[task] = batch
-            samples[task] = [(d.source, d.epoch, d.sample.key) for d in mine]
+            samples[task] = keys
             report["tasks"][task] = {
-                "global": _tally(draws),
-                "rank": _tally(mine),
+                "global": _tally(names, p["source"], p["length"]),
+                "rank": _tally(names, p["source"][mine], p["length"][mine]),
                 "rows": int(batch.input_ids.shape[0]),
                 "packing_efficiency": packing_efficiency(batch),
-                "uncond": sum(d.uncond for d in mine),
+                "uncond": int(p["uncond"][mine].sum()),
             }
         state = planner.state(step + 1)
         report["sources"] = {n: {k: s[k] for k in ("epoch", "pos", "dropped", "skipped")} for n, s in state["sources"].items()
                              if n in self.sources}
-        report["skipped_shards"] = sorted(planner.store.skipped)
+        report["skipped_shards"] = sorted(store.skipped)
+        # this process's own I/O, cumulative: decodes grow with the samples it yields, not with ranks x workers
+        report["io"] = {"rank": c.rank, "worker": worker, "decoded": store.decoded, "read_bytes": store.read_bytes,
+                        "downloaded_bytes": store.downloaded_bytes, "hashed_bytes": store.hashed_bytes,
+                        "indices_scanned": store.scanned}
         return StepBatch(step, batches, report, state, samples)
 
 
-def _tally(draws: list[Draw]) -> dict[str, dict[str, int]]:
+def _tally(names: list[str], source: np.ndarray, length: np.ndarray) -> dict[str, dict[str, int]]:
+    """Samples and tokens per source (in the order sources first appear)."""
     out: dict[str, dict[str, int]] = {}
-    for d in draws:
-        t = out.setdefault(d.source, {"samples": 0, "tokens": 0})
-        t["samples"] += 1
-        t["tokens"] += d.layout.length
+    for si in dict.fromkeys(source.tolist()):
+        m = source == si
+        out[names[si]] = {"samples": int(m.sum()), "tokens": int(length[m].sum())}
     return out
 
 

@@ -105,48 +105,83 @@ class Layout:
     length: int
 
 
-def _image_views(sample: TokenSample, task: str, spec: SequenceSpec) -> list[tuple[tuple[int, ...], str]]:
-    """Candidate image selections, most preferred first (the rule in the module docstring)."""
-    n_images = int(sample.codes.shape[0])
-    if sample.codes.ndim != 3 or sample.codes.shape[2] != spec.fold.size:
-        raise ShardError(f"sample {sample.key!r}: codes shape {tuple(sample.codes.shape)} does not hold {spec.fold} fold "
-                         f"groups of {spec.fold.size} codes; re-tokenize with the model's fold")
-    if n_images == 0:
-        return []
-    if task == "gen":  # generation has one image; if a thumbnail is present it is the whole image
-        return [((n_images - 1,), "single")]
+# What the layout rule needs of a sample, as rows of `pipeline.tokenshard` index (one row per sample): the
+# planner decides every sample's layout from these rows alone, without decoding the sample.
+VIEW_DROPPED, VIEW_FIRST, VIEW_THUMBNAIL = 0, 1, 2
+
+
+def sample_facts(sample: TokenSample) -> np.ndarray:
+    """A decoded sample as a one-row index (the fields `plan_lengths` reads)."""
+    from pipeline.tokenshard import _index_dtype
+
+    c = sample.codes
     rows, cols = sample.meta.get("tiles", [1, 1])
-    n_tiles = int(rows) * int(cols)
-    has_thumb = bool(sample.meta.get("thumbnail", False)) and n_images == n_tiles + 1
-    if n_images != n_tiles + has_thumb:
-        raise ShardError(f"sample {sample.key!r}: {n_images} images but tiles {rows}x{cols} and thumbnail="
-                         f"{sample.meta.get('thumbnail')}; its shard disagrees with its metadata, re-tokenize it")
-    views = []
+    row = (sample.key.encode(), 0, 0, c.shape[0] if c.ndim else 0, c.shape[1] if c.ndim == 3 else 0,
+           c.shape[2] if c.ndim == 3 else -1, int(sample.text_ids.size), int(rows) * int(cols),
+           bool(sample.meta.get("thumbnail", False)))
+    return np.array([row], dtype=_index_dtype(len(row[0])))
+
+
+def plan_lengths(facts: np.ndarray, task: str, uncond: np.ndarray, spec: SequenceSpec, ids: LayoutIds) -> tuple[np.ndarray, np.ndarray]:
+    """The layout rule of the module docstring over index rows: (length [N] int64, view [N] int8; VIEW_DROPPED = 0).
+
+    VIEW_FIRST is the first candidate (gen: the last image; und: the single tile, or every tile [+ thumbnail]),
+    VIEW_THUMBNAIL the thumbnail alone. Rows that contradict the fold or their own metadata raise ShardError."""
+    n_images = facts["n_images"].astype(np.int64)
+    groups = facts["groups"].astype(np.int64)
+    text = facts["text"].astype(np.int64)
+    bad = (facts["fold_size"] != spec.fold.size) & (n_images > 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ShardError(f"sample {facts['key'][i].decode()!r}: codes hold fold groups of {int(facts['fold_size'][i])} codes, "
+                         f"not {spec.fold} fold groups of {spec.fold.size}; re-tokenize with the model's fold")
+    view = np.zeros(len(facts), np.int8)
+    length = np.zeros(len(facts), np.int64)
+    if task == "gen":  # generation has one image; if a thumbnail is present it is the whole image
+        text_part = np.where(uncond, len(ids.prompt_uncond), len(ids.prompt_gen) + text)
+        n = 1 + text_part + (groups + 2) + 1
+        ok = (n_images > 0) & (n <= spec.seq_len)
+        view[ok], length[ok] = VIEW_FIRST, n[ok]
+        return length, view
+    n_tiles = facts["tiles"].astype(np.int64)
+    has_thumb = facts["thumbnail"] & (n_images == n_tiles + 1)
+    wrong = (n_images != n_tiles + has_thumb) & (n_images > 0)
+    if wrong.any():
+        i = int(np.argmax(wrong))
+        raise ShardError(f"sample {facts['key'][i].decode()!r}: {int(n_images[i])} images but {int(n_tiles[i])} tiles and "
+                         f"thumbnail={bool(facts['thumbnail'][i])}; its shard disagrees with its metadata, re-tokenize it")
+    base = 1 + len(ids.prompt_und) + text + 1
+    first = (n_images > 0) & ((n_tiles == 1) | (n_tiles <= spec.max_tiles))
+    m = np.where(n_tiles == 1, 1, n_tiles + (has_thumb & spec.thumbnail))
+    n1 = base + m * (groups + 2) + np.where(n_tiles == 1, 0, m)  # <boi> IMG* <eoi>, plus a marker per image
+    n2 = base + groups + 2
+    use1 = first & (n1 <= spec.seq_len)
+    use2 = ~use1 & has_thumb & (n2 <= spec.seq_len)
+    view[use1], length[use1] = VIEW_FIRST, n1[use1]
+    view[use2], length[use2] = VIEW_THUMBNAIL, n2[use2]
+    return length, view
+
+
+def layout_of(fact: np.void, task: str, view: int, length: int, spec: SequenceSpec) -> Layout:
+    """The Layout a (row, view) of `plan_lengths` stands for."""
+    n_images, n_tiles = int(fact["n_images"]), int(fact["tiles"])
+    if task == "gen":
+        return Layout((n_images - 1,), "single", length)
+    if view == VIEW_THUMBNAIL:
+        return Layout((n_tiles,), "single", length)
     if n_tiles == 1:
-        views.append(((0,), "single"))
-    elif n_tiles <= spec.max_tiles:
-        views.append((tuple(range(n_tiles + (has_thumb and spec.thumbnail))), "tiles+thumbnail" if has_thumb and spec.thumbnail else "tiles"))
-    if has_thumb:
-        views.append(((n_tiles,), "single"))
-    return views
-
-
-def _length(sample: TokenSample, task: str, images: tuple[int, ...], kind: str, uncond: bool, ids: LayoutIds) -> int:
-    groups = int(sample.codes.shape[1])
-    n_img = len(images) * (groups + 2) + (len(images) if kind != "single" else 0)  # <boi> IMG* <eoi>, plus markers
-    if task == "und":
-        return 1 + n_img + len(ids.prompt_und) + int(sample.text_ids.size) + 1
-    text = len(ids.prompt_uncond) if uncond else len(ids.prompt_gen) + int(sample.text_ids.size)
-    return 1 + text + n_img + 1
+        return Layout((0,), "single", length)
+    with_thumb = bool(fact["thumbnail"]) and n_images == n_tiles + 1 and spec.thumbnail
+    return Layout(tuple(range(n_tiles + with_thumb)), "tiles+thumbnail" if with_thumb else "tiles", length)
 
 
 def plan_layout(sample: TokenSample, task: str, uncond: bool, spec: SequenceSpec, ids: LayoutIds) -> Layout | None:
     """The layout the sample gets, or None when it cannot fit `spec.seq_len` without cutting an image."""
-    for images, kind in _image_views(sample, task, spec):
-        n = _length(sample, task, images, kind, uncond, ids)
-        if n <= spec.seq_len:
-            return Layout(images, kind, n)
-    return None
+    facts = sample_facts(sample)
+    length, view = plan_lengths(facts, task, np.array([uncond]), spec, ids)
+    if view[0] == VIEW_DROPPED:
+        return None
+    return layout_of(facts[0], task, int(view[0]), int(length[0]), spec)
 
 
 def build_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout, ids: LayoutIds, source: str = "") -> Sequence:
