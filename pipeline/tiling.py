@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 
 RESAMPLE = Image.BICUBIC
@@ -83,19 +82,21 @@ def resize_center_crop(image: Image.Image, size: int, min_side: int = 0) -> Imag
     return resized.crop((left, top, left + size, top + size))
 
 
-def to_pixels(images: list) -> torch.Tensor:
-    """PIL RGB images of one size -> [B, 3, H, W] float32 in [-1, 1] (the VQ's input range)."""
+def to_pixels(images: list):
+    """PIL RGB images of one size -> [B, 3, H, W] float32 tensor in [-1, 1] (the VQ's input range)."""
+    import torch  # lazily: decode/tile workers never need torch
+
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])  # [B, H, W, 3]
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-def to_images(pixels: torch.Tensor) -> list:
+def to_images(pixels) -> list:
     """[B, 3, H, W] in [-1, 1] -> PIL RGB images."""
     arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, 3]
     return [Image.fromarray(a) for a in arr]
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB between two pixel batches in [-1, 1] (peak-to-peak 2)."""
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
+def psnr(a, b) -> float:
+    """PSNR in dB between two pixel tensors in [-1, 1] (peak-to-peak 2)."""
+    mse = ((a.float() - b.float()) ** 2).mean().item()
     return float("inf") if mse == 0 else 10 * float(np.log10(4.0 / mse))

@@ -3,8 +3,8 @@
 The job, as one visible list of steps (Ray Data):
 
     raw shard urls --ReadRawShard (flat_map)--> raw samples --PrepareImages (tasks)--> one row per image
-      --EncodeImages (actor pool: one VQ per actor, batched, GPU when given)--> codes + PSNR sample
-      --FoldCodes (tasks)--> fold groups --ShardAssembler (driver)--> text ids, token shard NNNNN.tar
+      --EncodeImages (actor pool: one VQ per actor, batched, GPU when given)--> codes in fold order + PSNR sample
+      --ShardAssembler (driver)--> text ids, token shard NNNNN.tar
 
 Token shard N is made from raw shard N only (names are deterministic, samples sorted by key), written
 whole and published atomically, then its `NNNNN_stats.json` (counts, bytes, sha256, quality figures).
@@ -222,13 +222,14 @@ class PrepareImages:
 
 
 class EncodeImages:
-    """Actor-pool step: one VQ per actor; `pixels` [B, S, S, 3] -> `codes` [B, gh, gw], per-row forward seconds, PSNR.
+    """Actor-pool step: one VQ per actor; `pixels` [B, S, S, 3] -> `groups` [B, gh*gw/(fh*fw), fh*fw] (codes in
+    fold order, `model.folding`), per-row forward seconds, PSNR.
 
     Time spent inside the VQ forward is recorded per row (`encode_s`, the batch time split evenly) for the
     job's encoder busy fraction. PSNR is measured on rows marked `psnr_sample` (decoded by the same VQ).
     """
 
-    def __init__(self, vq_url: str, use_gpu: bool, kill_once_marker: str | None = None):
+    def __init__(self, vq_url: str, fold: str, use_gpu: bool, kill_once_marker: str | None = None):
         import torch
 
         from model.vq import VQTokenizer
@@ -237,6 +238,7 @@ class EncodeImages:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.vq = VQTokenizer.from_pretrained(vq_url, device=self.device)
         self.kill_once_marker = kill_once_marker
+        self.fold = Fold.parse(fold)
 
     def _maybe_die(self) -> None:
         """Fault injection (tests only): the first call to see no marker creates it and kills this process."""
@@ -271,19 +273,8 @@ class EncodeImages:
             rec = self.vq.decode(torch.from_numpy(codes[sample]))  # [k, 3, S, S]
             psnrs[sample] = [psnr(rec[j : j + 1].cpu(), pix[i : i + 1]) for j, i in enumerate(idx)]
         del batch["pixels"]
-        return {**batch, "codes": codes, "encode_s": np.full(n, elapsed / max(n, 1)), "psnr": psnrs,
+        return {**batch, "groups": fold_codes(codes, self.fold), "encode_s": np.full(n, elapsed / max(n, 1)), "psnr": psnrs,
                 "vq_model": np.asarray([self.vq.model_id] * n), "codebook_size": np.full(n, self.vq.codebook_size)}
-
-
-class FoldCodes:
-    """map_batches step: codes [B, gh, gw] -> fold groups [B, gh*gw/(fh*fw), fh*fw] (model.folding, defined once)."""
-
-    def __init__(self, fold: str):
-        self.fold = Fold.parse(fold)
-
-    def __call__(self, batch: dict) -> dict:
-        batch["groups"] = fold_codes(batch.pop("codes"), self.fold)
-        return batch
 
 
 # ---- driver side: assemble samples into shards, publish, catalog ----
@@ -425,11 +416,11 @@ def run_tokenize(cfg: TokenizeConfig, progress: Callable[[int, int, dict], None]
             ray.data.from_items([{"shard": s, "url": u} for s, u in todo], override_num_blocks=len(todo))
             .flat_map(ReadRawShard())
             .map_batches(prepare, batch_size=8, batch_format="numpy", num_cpus=cfg.cpus_per_prepare)
-            .map_batches(EncodeImages, fn_constructor_kwargs={"vq_url": cfg.vq, "use_gpu": cfg.gpus_per_actor > 0,
+            .map_batches(EncodeImages, fn_constructor_kwargs={"vq_url": cfg.vq, "fold": cfg.fold,
+                                                              "use_gpu": cfg.gpus_per_actor > 0,
                                                               "kill_once_marker": cfg.kill_actor_once_marker},
-                         concurrency=cfg.concurrency, batch_size=cfg.batch_size, batch_format="numpy",
-                         num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor)
-            .map_batches(FoldCodes(cfg.fold), batch_format="numpy", batch_size=None)
+                         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), batch_size=cfg.batch_size,
+                         batch_format="numpy", num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor)
         )
         t_job = time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -77,6 +77,124 @@ def demo_cmd(
     typer.echo(f"report: {report}")
 
 
+# ---- tokenize, vq-train, inspect (pipeline/tokenize.py, pipeline/vq_train.py, pipeline/inspect.py) ----
+
+
+@app.command("tokenize")
+def tokenize_cmd(
+    raw: str = typer.Option(..., "--raw", help="Raw shards folder (the ingest output): local path or s3://"),
+    out: str = typer.Option(..., "--out", help="Token shards folder: local path or s3://"),
+    task: str = typer.Option(..., "--task", help="und (tiled, understanding) or gen (one centre crop, generation)"),
+    vq: str = typer.Option(..., "--vq", help="Trained VQ checkpoint folder (e.g. model/assets/demo_vq) or s3:// URL"),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="The LLM's text tokenizer folder (e.g. model/assets/demo_tokenizer)"),
+    fold: str = typer.Option("2x8", "--fold", help="Fold ROWSxCOLS (paper: 2x8)"),
+    max_tiles: int = typer.Option(6, "--max-tiles", help="Most dynamic-resolution tiles per image (und)"),
+    thumbnail: bool = typer.Option(False, "--thumbnail", help="Append a whole-image thumbnail when tiled (und)"),
+    image_size: int = typer.Option(512, "--image-size", help="Tile size (und) or image size (gen) in pixels"),
+    source: str = typer.Option(None, "--source", help="Source name for the catalog (default: the raw folder's name)"),
+    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="GPUs per VQ actor (0: encode on CPU)"),
+    concurrency: int = typer.Option(1, "--concurrency", help="VQ encoder actors"),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per VQ forward"),
+    compress: bool = typer.Option(False, "--zstd", help="zstd-compress each sample member (see README: layout)"),
+    min_distinct_codes: int = typer.Option(32, "--min-distinct-codes", help="Quality gate: distinct codes per shard"),
+    min_entropy_bits: float = typer.Option(4.0, "--min-entropy-bits", help="Quality gate: code histogram entropy per shard"),
+    min_psnr_db: float = typer.Option(14.0, "--min-psnr-db", help="Quality gate: reconstruction PSNR on a small sample"),
+    max_flagged_share: float = typer.Option(0.1, "--max-flagged-share", help="Exit non-zero when more shards than this share are flagged"),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)"),
+) -> None:
+    """Tokenize raw shards into VQ-token shards in fold order + _catalog.parquet; re-run to resume."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from pipeline.tokenize import QualityGateError, QualityThresholds, TokenizeConfig, run_tokenize
+    from synergen.errors import SynergenError
+
+    console = Console()
+    try:
+        cfg = TokenizeConfig(raw=raw, out=out, task=task, vq=vq, tokenizer=tokenizer, fold=fold, max_tiles=max_tiles,
+                             thumbnail=thumbnail, image_size=image_size, source=source, gpus_per_actor=gpus_per_actor,
+                             concurrency=concurrency, batch_size=batch_size, compress=compress, ray_address=ray_address,
+                             quality=QualityThresholds(min_distinct_codes, min_entropy_bits, min_psnr_db, max_flagged_share))
+        with Progress(TextColumn("tokenize"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
+            job = bar.add_task("shards", total=None)
+            summary = run_tokenize(cfg, progress=lambda done, total, _: bar.update(job, completed=done, total=total))
+    except QualityGateError as e:
+        console.print(f"[red]quality gate:[/red] {e}")
+        raise typer.Exit(3) from None
+    except SynergenError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"tokenize -> {out}")
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    table.add_row("samples in", f"{summary['samples_in']:,}")
+    table.add_row("tokenized", f"{summary['tokenized']:,}")
+    for reason, n in sorted(summary["filtered"].items()):
+        table.add_row(f"  filtered: {reason}", f"{n:,}")
+    table.add_row("shards (total / this run / skipped)",
+                  f"{summary['shards']} / {summary['shards_written_now']} / {summary['shards_skipped']}")
+    table.add_row("bytes (bytes/sample)", f"{summary['bytes']:,} ({summary['bytes'] / max(summary['tokenized'], 1):,.0f})")
+    table.add_row("samples/s this run", f"{summary['samples_per_s']:,.1f}")
+    table.add_row("encoder busy fraction", f"{summary['encoder_busy_fraction']:.2f}")
+    table.add_row("flagged shards", str(len(summary["flagged_shards"])))
+    console.print(table)
+
+
+@app.command("vq-train")
+def vq_train_cmd(
+    out: str = typer.Option("model/assets/demo_vq", "--out", help="Output folder for the trained VQ"),
+    tokenizer_out: str = typer.Option("model/assets/demo_tokenizer", "--tokenizer-out", help="Also write the demo BPE here ('' to skip)"),
+    steps: int = typer.Option(800, "--steps", help="Optimizer steps (batch 32)"),
+    image_size: int = typer.Option(64, "--image-size", help="Training image size in pixels"),
+    codebook_size: int = typer.Option(512, "--codebook-size", help="VQ codebook entries"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train the tiny Emu3VQVAE (and the demo BPE) on the demo corpus: minutes on 2 CPU cores."""
+    from pipeline.text_tokenizer import write_demo_tokenizer
+    from pipeline.vq_train import VQTrainConfig, train_demo_vq
+
+    report = train_demo_vq(VQTrainConfig(out=out, steps=steps, image_size=image_size, codebook_size=codebook_size, seed=seed))
+    typer.echo(f"VQ {report['model_id']} -> {out}: held-out PSNR {report['heldout_psnr_db']} dB, "
+               f"{report['heldout_distinct_codes']} distinct codes, {report['train_seconds']} s")
+    if tokenizer_out:
+        write_demo_tokenizer(tokenizer_out)
+        typer.echo(f"demo tokenizer -> {tokenizer_out}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    target: str = typer.Argument(..., help="A token dataset's _catalog.parquet (or its folder), or one token shard"),
+    html_out: str = typer.Option(None, "--html", help="Write an HTML page of N samples here"),
+    n: int = typer.Option(8, "--n", help="Samples on the page"),
+    vq: str = typer.Option(None, "--vq", help="VQ checkpoint that made the codes (default: the demo VQ, checked against the catalog)"),
+) -> None:
+    """Print a token dataset's summary; optionally write an HTML page of decoded samples."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.inspect import summarize, write_html
+    from synergen.errors import SynergenError
+
+    console = Console()
+    try:
+        s = summarize(target)
+        table = Table(title=f"{target}: VQ {s['vq_model']}, fold {s['fold']}, tokenizer {s['text_tokenizer']}")
+        for col in ("source", "task", "shards", "samples", "image tokens", "text tokens", "bytes", "bytes/sample"):
+            table.add_column(col, justify="left" if col in ("source", "task") else "right")
+        for g in [*s["groups"], {"source": "total", "task": "", **s["total"]}]:
+            table.add_row(str(g["source"]), g["task"] or "", str(g["shards"]), f"{g['samples']:,}", f"{g['image_tokens']:,}",
+                          f"{g['text_tokens']:,}", f"{g['bytes']:,}", f"{g['bytes_per_sample']:,.0f}")
+        console.print(table)
+        if s["flagged"]:
+            console.print(f"[yellow]flagged shards: {', '.join(s['flagged'])}[/yellow]")
+        if html_out:
+            console.print(f"wrote {write_html(target, html_out, n=n, vq_url=vq)}")
+    except SynergenError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
 # ---- ingest (pipeline/ingest.py): URL lists -> filtered raw WebDataset shards on Ray ----
 
 
