@@ -1,0 +1,272 @@
+"""`synergen demo`: the whole system end to end on the embedded shapes corpus, in minutes on a CPU.
+
+The steps, each a real stage of the system:
+  1. corpus    render the demo scenes (pipeline.democorpus); the last `n_eval` are held out of training
+  2. web       serve them from a local web server (pipeline.localweb) and write a LAION-style URL list
+  3. ingest    a local Ray cluster downloads them into raw WebDataset shards (pipeline.ingest)
+  4. tokenize  the tiny trained VQ and the demo BPE turn them into token shards for both tasks (pipeline.tokenize)
+  5. train     the tiny model through DeepSpeed on the demo mixture: stage 1 (image-side parameters), then
+               all parameters (the demo's LLM starts random: there is no language to protect)
+  6. evaluate  generate images from held-out captions and captions from held-out images; the learning
+               check scores both with the corpus's own classifier (pipeline.democorpus.classify_image)
+  7. report    an HTML page with the loss curves, stage statistics, samples beside targets (train.report)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "model" / "assets"
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and knobs of the demo; the defaults make `make demo` (well under 15 minutes on 2 cores)."""
+
+    out: str = "demo_out"
+    n_images: int = 1600  # rendered scenes, held-out ones included
+    n_eval: int = 48  # held out of ingest and training, used by the learning check
+    image_size: int = 64  # the tiny VQ's training size: an 8x8 code grid
+    fold: str = "2x4"  # 8 LLM positions per image
+    vq: str = str(ASSETS / "demo_vq")
+    tokenizer: str = str(ASSETS / "demo_tokenizer")
+    mixture: str = str(REPO / "manifests" / "mixtures" / "demo.yaml")
+    source_manifest: str = str(REPO / "manifests" / "sources" / "demo.yaml")
+    deepspeed: str = str(REPO / "infra" / "deepspeed" / "zero0_cpu.json")
+    steps: int = 600  # total optimizer steps: stage 1 takes `stage1_share` of them, then all parameters
+    stage1_share: float = 0.25
+    lr: float = 2e-3
+    warmup_steps: int = 30
+    model_overrides: dict[str, Any] = field(default_factory=lambda: {
+        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_layers": 2,
+    })
+    cfg_scale: float = 3.0  # the paper's 7.5 is for a large model; a tiny one samples better with less guidance
+    temperature: float = 0.7
+    top_k: int | None = 32
+    seed: int = 0
+    threads: int = 2
+
+
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+
+
+def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = lambda s: None) -> Path:
+    """Run every step into `cfg.out`; return the report's path. Each step logs what it did."""
+    import ray
+
+    from pipeline.democorpus import write_demo_corpus, write_url_list
+    from pipeline.ingest import run_ingest
+    from pipeline.localweb import LocalWeb
+    from pipeline.tokenize import TokenizeConfig, run_tokenize
+
+    _set_threads(cfg.threads)
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stats: dict[str, Any] = {"config": asdict(cfg), "timings_s": {}}
+    t_all = time.time()
+
+    def timed(name: str, t0: float) -> None:
+        stats["timings_s"][name] = round(time.time() - t0, 1)
+        echo(f"[demo] {name}: {stats['timings_s'][name]} s")
+
+    # 1-2. corpus and web
+    t0 = time.time()
+    rows = write_demo_corpus(out / "www", n=cfg.n_images, seed=cfg.seed)
+    train_rows, eval_rows = rows[: -cfg.n_eval], rows[-cfg.n_eval:]
+    web = LocalWeb(out / "www").start()
+    urls = write_url_list(train_rows, web.base, str(out / "urls" / "demo.parquet"))
+    timed("corpus", t0)
+    try:
+        # 3. ingest on a local Ray cluster
+        t0 = time.time()
+        own_ray = not ray.is_initialized()
+        if own_ray:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        stats["ingest"] = run_ingest(cfg.source_manifest, str(out / "raw" / "demo"), shard_size=400,
+                                     allow_private_network=True, url_lists=[urls])
+        timed("ingest", t0)
+    finally:
+        web.stop()
+
+    # 4. tokenize for both tasks
+    t0 = time.time()
+    stats["tokenize"] = {}
+    for task in ("gen", "und"):
+        tcfg = TokenizeConfig(raw=str(out / "raw" / "demo"), out=str(out / "tokens" / task / "demo"), task=task, vq=cfg.vq,
+                              tokenizer=cfg.tokenizer, fold=cfg.fold, max_tiles=1, image_size=cfg.image_size,
+                              source=f"demo_{task}", psnr_images=2)
+        stats["tokenize"][task] = run_tokenize(tcfg)
+    if own_ray:
+        ray.shutdown()  # give the cores back to training
+    timed("tokenize", t0)
+
+    # 5. train: stage 1, then everything
+    t0 = time.time()
+    stats["train"] = train_demo_model(cfg, out)
+    timed("train", t0)
+
+    # 6. evaluate
+    t0 = time.time()
+    stats["eval"] = evaluate(cfg, out / "train" / "all" / "model", eval_rows, out / "www", out / "report")
+    timed("evaluate", t0)
+
+    # 7. report
+    from train.report import write_report
+
+    stats["timings_s"]["total"] = round(time.time() - t_all, 1)
+    (out / "demo_stats.json").write_text(json.dumps(stats, indent=1, default=str))
+    report = write_report(out, stats)
+    ev = stats["eval"]
+    echo(f"[demo] learning check: images {ev['image_match']:.0%} and captions {ev['caption_match']:.0%} match the held-out "
+         f"shape+colour (chance {ev['chance']:.0%})")
+    return report
+
+
+def _train_config(cfg: DemoConfig, out: Path, stage, model: str, steps: int, overrides: dict):
+    from train.config import TrainConfig
+
+    return TrainConfig(
+        model=model, model_overrides=overrides, tokenizer=cfg.tokenizer, vq=cfg.vq, stage=stage, mixture=cfg.mixture,
+        data_root=str(out / "tokens"), data_options={"cache_dir": str(out / "cache")}, deepspeed=cfg.deepspeed,
+        precision="auto", lr=cfg.lr, schedule="cosine" if stage == "sft" else "constant", warmup_steps=cfg.warmup_steps,
+        steps=steps, seed=cfg.seed, output_dir=str(out / "train" / ("stage1" if stage == 1 else "all")),
+        save_every=max(50, steps // 4), log_every=1,
+    )
+
+
+def train_demo_model(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """Stage 1 from scratch, then all parameters from the stage-1 export; returns per-stage statistics."""
+    from model.vq import VQTokenizer
+    from train.trainer import train
+
+    vq = VQTokenizer.from_pretrained(cfg.vq)
+    fh, fw = (int(x) for x in cfg.fold.split("x"))
+    grid = list(vq.grid(cfg.image_size, cfg.image_size))
+    overrides = {**cfg.model_overrides, "codebook_size": vq.codebook_size, "image_grid": grid, "fold": [fh, fw]}
+    s1 = max(1, int(cfg.steps * cfg.stage1_share))
+    results = {}
+    r1 = train(_train_config(cfg, out, 1, "tiny", s1, overrides), resume=True)
+    results["stage1"] = _stage_stats(r1)
+    r2 = train(_train_config(cfg, out, "sft", str(r1.export_dir), cfg.steps - s1, {}), resume=True)
+    results["all"] = _stage_stats(r2)
+    return results
+
+
+def _stage_stats(result) -> dict[str, Any]:
+    from train.metrics import read_metrics
+
+    recs = read_metrics(result.output_dir / "metrics.jsonl")
+    n = len(recs)
+    tail = recs[-max(1, n // 10):]
+    head = recs[: max(1, n // 10)]
+
+    def mean(rs, k):
+        vals = [r[k] for r in rs if k in r]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    return {
+        "steps": n, "metrics": str(result.output_dir / "metrics.jsonl"),
+        "loss_first": mean(head, "loss"), "loss_last": mean(tail, "loss"),
+        "loss_und_last": mean(tail, "loss/und"), "loss_gen_last": mean(tail, "loss/gen"),
+        "tokens_per_s": mean(recs, "tokens_per_s"), "samples_per_s": mean(recs, "samples_per_s"),
+        "data_wait_fraction": mean(recs, "data_wait_fraction"), "packing_efficiency": mean(recs, "packing_efficiency"),
+        "seconds": sum(r["time_s"] for r in recs),
+    }
+
+
+# ---- the learning check -----------------------------------------------------------------------------------
+
+COLOUR_WORDS = ("red", "green", "blue", "yellow")
+SHAPE_WORDS = ("circle", "square", "triangle")
+
+
+def named_object(text: str) -> tuple[str | None, str | None]:
+    """The first (colour, shape) a caption names, e.g. 'a red circle on the left' -> ('red', 'circle')."""
+    words = re.findall(r"[a-z]+", text.lower())
+    colour = next((w for w in words if w in COLOUR_WORDS), None)
+    shape = next((w.rstrip("s") for w in words if w.rstrip("s") in SHAPE_WORDS), None)
+    return colour, shape
+
+
+def evaluate(cfg: DemoConfig, model_dir: Path, eval_rows: list[dict], image_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Generate images from held-out captions and captions from held-out images; score both vs the targets."""
+    from PIL import Image
+
+    from model.folding import Fold, fold_codes
+    from model.generation import generation_prompt, understanding_prompt
+    from model.modeling import SynerGenVLForCausalLM
+    from model.vq import VQTokenizer
+    from pipeline.democorpus import classify_image
+    from pipeline.text_tokenizer import load_text_tokenizer
+    from pipeline.tiling import resize_center_crop, to_images, to_pixels
+    from train.sequence import LayoutIds
+
+    model = SynerGenVLForCausalLM.from_pretrained(str(model_dir)).eval()
+    vq = VQTokenizer.from_pretrained(cfg.vq)
+    tok = load_text_tokenizer(cfg.tokenizer)
+    ids = LayoutIds.from_tokenizer(tok)
+    fold = Fold.parse(cfg.fold)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    samples_dir = out_dir / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+
+    # Text -> image.
+    prompts = [generation_prompt(model.config, list(ids.prompt_gen) + tok.encode(r["caption"], add_special_tokens=False))
+               for r in eval_rows]
+    uncond = generation_prompt(model.config, list(ids.prompt_uncond))
+    images = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), 16):
+            _, pix = model.generate_images(prompts[i:i + 16], uncond_prompt=uncond, cfg_scale=cfg.cfg_scale,
+                                           temperature=cfg.temperature, top_k=cfg.top_k, generator=gen, vq=vq)
+            images += to_images(pix)
+    # Image -> text.
+    pixels = to_pixels([resize_center_crop(Image.open(image_dir / r["file"]).convert("RGB"), cfg.image_size) for r in eval_rows])
+    codes = fold_codes(vq.encode(pixels), fold)  # [N, groups, k]
+    n_groups = codes.shape[1]
+    und_prompt = understanding_prompt(model.config, [n_groups], list(ids.prompt_und))
+    captions = []
+    with torch.no_grad():
+        for i in range(0, len(eval_rows), 16):
+            chunk = codes[i:i + 16]
+            out = model.generate_text([und_prompt] * len(chunk), image_codes=chunk.reshape(-1, fold.size), max_new_tokens=24)
+            captions += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+
+    samples, img_hits, cap_hits, img_colour, img_shape, cap_colour, cap_shape = [], 0, 0, 0, 0, 0, 0
+    for i, (r, im, cap) in enumerate(zip(eval_rows, images, captions)):
+        shape, colour = classify_image(im)
+        c_colour, c_shape = named_object(cap)
+        img_ok = (shape, colour) == (r["shape"], r["colour"])
+        cap_ok = (c_shape, c_colour) == (r["shape"], r["colour"])
+        img_hits += img_ok
+        cap_hits += cap_ok
+        img_colour += colour == r["colour"]
+        img_shape += shape == r["shape"]
+        cap_colour += c_colour == r["colour"]
+        cap_shape += c_shape == r["shape"]
+        name = f"gen_{i:03d}.png"
+        im.resize((128, 128), Image.NEAREST).save(samples_dir / name)
+        samples.append({"caption": r["caption"], "target": r["file"], "generated_image": name, "classified": [shape, colour],
+                        "image_ok": img_ok, "generated_caption": cap, "caption_named": [c_shape, c_colour], "caption_ok": cap_ok,
+                        "dominant": [r["shape"], r["colour"]]})
+    n = max(1, len(eval_rows))
+    return {
+        "n": len(eval_rows), "image_match": img_hits / n, "caption_match": cap_hits / n,
+        "image_colour": img_colour / n, "image_shape": img_shape / n, "caption_colour": cap_colour / n, "caption_shape": cap_shape / n,
+        "chance": 1 / (len(COLOUR_WORDS) * len(SHAPE_WORDS)), "chance_colour": 1 / len(COLOUR_WORDS),
+        "chance_shape": 1 / len(SHAPE_WORDS), "samples": samples,
+    }
