@@ -82,6 +82,14 @@ def test_stage_defaults_follow_table_8():
     assert set(STAGE_DEFAULTS) == {1, 2, "sft"}
 
 
+@pytest.mark.parametrize("name", ["demo", "stage1", "stage2"])
+def test_shipped_train_configs_load(name):
+    cfg = TrainConfig.load(str(REPO / "infra/train" / f"{name}.yaml")).resolved()
+    assert (REPO / cfg.mixture).exists() and (REPO / cfg.deepspeed).exists()
+    if name != "demo":
+        assert cfg.stage == int(name[-1]) and cfg.lr == STAGE_DEFAULTS[cfg.stage]["lr"]
+
+
 # ---- stages: frozen parameters stay bit-identical -------------------------------------------------------
 
 

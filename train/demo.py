@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -64,8 +63,8 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = lambda s: None) -> Path:
-    """Run every step into `cfg.out`; return the report's path. Each step logs what it did."""
+def prepare_data(cfg: DemoConfig, out: Path, stats: dict[str, Any], echo: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Steps 1-4: corpus, local web, Ray ingest, tokenize both tasks into `out/tokens`; returns the held-out rows."""
     import ray
 
     from pipeline.democorpus import write_demo_corpus, write_url_list
@@ -73,11 +72,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = lambda s: None) -> P
     from pipeline.localweb import LocalWeb
     from pipeline.tokenize import TokenizeConfig, run_tokenize
 
-    _set_threads(cfg.threads)
-    out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    stats: dict[str, Any] = {"config": asdict(cfg), "timings_s": {}}
-    t_all = time.time()
+    stats.setdefault("timings_s", {})
 
     def timed(name: str, t0: float) -> None:
         stats["timings_s"][name] = round(time.time() - t0, 1)
@@ -86,14 +81,14 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = lambda s: None) -> P
     # 1-2. corpus and web
     t0 = time.time()
     rows = write_demo_corpus(out / "www", n=cfg.n_images, seed=cfg.seed)
-    train_rows, eval_rows = rows[: -cfg.n_eval], rows[-cfg.n_eval:]
+    train_rows, eval_rows = rows[: len(rows) - cfg.n_eval], rows[len(rows) - cfg.n_eval:]
     web = LocalWeb(out / "www").start()
     urls = write_url_list(train_rows, web.base, str(out / "urls" / "demo.parquet"))
     timed("corpus", t0)
+    own_ray = not ray.is_initialized()
     try:
         # 3. ingest on a local Ray cluster
         t0 = time.time()
-        own_ray = not ray.is_initialized()
         if own_ray:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         stats["ingest"] = run_ingest(cfg.source_manifest, str(out / "raw" / "demo"), shard_size=400,
@@ -113,16 +108,28 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = lambda s: None) -> P
     if own_ray:
         ray.shutdown()  # give the cores back to training
     timed("tokenize", t0)
+    return eval_rows
+
+
+def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = lambda s: None) -> Path:
+    """Run every step into `cfg.out`; return the report's path. Each step logs what it did."""
+    _set_threads(cfg.threads)
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stats: dict[str, Any] = {"config": asdict(cfg), "timings_s": {}}
+    t_all = time.time()
+    eval_rows = prepare_data(cfg, out, stats, echo)
 
     # 5. train: stage 1, then everything
     t0 = time.time()
     stats["train"] = train_demo_model(cfg, out)
-    timed("train", t0)
+    stats["timings_s"]["train"] = round(time.time() - t0, 1)
+    echo(f"[demo] train: {stats['timings_s']['train']} s")
 
     # 6. evaluate
     t0 = time.time()
     stats["eval"] = evaluate(cfg, out / "train" / "all" / "model", eval_rows, out / "www", out / "report")
-    timed("evaluate", t0)
+    stats["timings_s"]["evaluate"] = round(time.time() - t0, 1)
 
     # 7. report
     from train.report import write_report
@@ -132,11 +139,11 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = lambda s: None) -> P
     report = write_report(out, stats)
     ev = stats["eval"]
     echo(f"[demo] learning check: images {ev['image_match']:.0%} and captions {ev['caption_match']:.0%} match the held-out "
-         f"shape+colour (chance {ev['chance']:.0%})")
+         f"shape+colour (chance {ev['chance']:.0%}); {stats['timings_s']['total']} s in all")
     return report
 
 
-def _train_config(cfg: DemoConfig, out: Path, stage, model: str, steps: int, overrides: dict):
+def train_config(cfg: DemoConfig, out: Path, stage, model: str, steps: int, overrides: dict):
     from train.config import TrainConfig
 
     return TrainConfig(
@@ -148,20 +155,26 @@ def _train_config(cfg: DemoConfig, out: Path, stage, model: str, steps: int, ove
     )
 
 
-def train_demo_model(cfg: DemoConfig, out: Path) -> dict[str, Any]:
-    """Stage 1 from scratch, then all parameters from the stage-1 export; returns per-stage statistics."""
+def model_overrides(cfg: DemoConfig) -> dict[str, Any]:
+    """The demo model's config: the demo sizes plus the VQ's codebook and grid and the fold."""
     from model.vq import VQTokenizer
-    from train.trainer import train
 
     vq = VQTokenizer.from_pretrained(cfg.vq)
     fh, fw = (int(x) for x in cfg.fold.split("x"))
     grid = list(vq.grid(cfg.image_size, cfg.image_size))
-    overrides = {**cfg.model_overrides, "codebook_size": vq.codebook_size, "image_grid": grid, "fold": [fh, fw]}
+    return {**cfg.model_overrides, "codebook_size": vq.codebook_size, "image_grid": grid, "fold": [fh, fw]}
+
+
+def train_demo_model(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """Stage 1 from scratch, then all parameters from the stage-1 export; returns per-stage statistics."""
+    from train.trainer import train
+
+    overrides = model_overrides(cfg)
     s1 = max(1, int(cfg.steps * cfg.stage1_share))
     results = {}
-    r1 = train(_train_config(cfg, out, 1, "tiny", s1, overrides), resume=True)
+    r1 = train(train_config(cfg, out, 1, "tiny", s1, overrides), resume=True)
     results["stage1"] = _stage_stats(r1)
-    r2 = train(_train_config(cfg, out, "sft", str(r1.export_dir), cfg.steps - s1, {}), resume=True)
+    r2 = train(train_config(cfg, out, "sft", str(r1.export_dir), cfg.steps - s1, {}), resume=True)
     results["all"] = _stage_stats(r2)
     return results
 
