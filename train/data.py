@@ -47,7 +47,7 @@ import uuid
 import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterator, Literal
 
 import fsspec
@@ -61,7 +61,7 @@ from pipeline.tokenshard import (INDEX_SUFFIX, TokenSample, build_shard_index, d
 from synergen.errors import ConfigMismatchError, ShardError, SynergenError
 from train.mixture import MixtureManifest, SourceSize, resolve_weights
 from train.packing import pack, packing_efficiency
-from train.sequence import VIEW_DROPPED, LayoutIds, SequenceSpec, build_sequence, layout_of, plan_lengths
+from train.sequence import VIEW_DROPPED, LayoutIds, SequenceSpec, layout_of, plan_lengths
 
 log = logging.getLogger(__name__)
 
@@ -512,36 +512,34 @@ class ShardStore:
             os.close(self._fds.popitem(last=False)[1])
         return fd
 
-    def read(self, shard: Shard, row: int) -> TokenSample:
-        """Sample `row` of the shard, read by byte range and checked against its index row."""
+    def read(self, shard: Shard, row: int) -> tuple[TokenSample, tuple]:
+        """Sample `row` of the shard, read by byte range and checked against its index row; and that row's
+        (n_images, groups, fold_size, text, tiles, thumbnail)."""
         index = self.index(shard)
         if index is None:
             raise AssertionError(f"planned a sample of skipped shard {shard.url}")  # the planner never does
-        r = index[row]
-        key, off, size = r["key"].decode(), int(r["offset"]), int(r["size"])
-        fd = self._fd(shard)
-        header = os.pread(fd, 512, off - 512)
-        data = os.pread(fd, size, off)
-        name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
+        key, off, size, *facts = index[row].item()
+        key = key.decode()
+        buf = os.pread(self._fd(shard), size + 512, off - 512)  # the member's tar header, then its data
+        name = buf[:100].split(b"\0", 1)[0].decode(errors="replace")
         try:
-            member_size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+            member_size = int(buf[124:136].strip(b"\0 ") or b"0", 8)
         except ValueError:
             member_size = -1
-        if len(data) != size or member_size != size or not name.startswith(f"{key}."):
+        if len(buf) != size + 512 or member_size != size or not name.startswith(f"{key}."):
             raise ShardError(f"shard index {shard.url}{INDEX_SUFFIX}: row {row} names {key} ({size} bytes at {off}) but the tar has "
                              f"{name!r} ({member_size} bytes) there; delete the index (the loader rebuilds it) or re-tokenize")
-        sample = decode_token_sample(data, key)
+        sample = decode_token_sample(buf[512:], key)
         c = sample.codes
         rows, cols = sample.meta.get("tiles", [1, 1])
-        got = (c.shape[0] if c.ndim else 0, c.shape[1] if c.ndim == 3 else 0, c.shape[2] if c.ndim == 3 else -1,
-               int(sample.text_ids.size), int(rows) * int(cols), bool(sample.meta.get("thumbnail", False)))
-        want = tuple(r[f].item() for f in ("n_images", "groups", "fold_size", "text", "tiles", "thumbnail"))
-        if got != want:
+        got = [c.shape[0] if c.ndim else 0, c.shape[1] if c.ndim == 3 else 0, c.shape[2] if c.ndim == 3 else -1,
+               int(sample.text_ids.size), int(rows) * int(cols), bool(sample.meta.get("thumbnail", False))]
+        if got != facts:
             raise ShardError(f"shard index {shard.url}{INDEX_SUFFIX}: sample {key} is {got} (images, groups, fold size, text, "
-                             f"tiles, thumbnail) but its index row says {want}; delete the index (the loader rebuilds it) or re-tokenize")
+                             f"tiles, thumbnail) but its index row says {facts}; delete the index (the loader rebuilds it) or re-tokenize")
         self.decoded += 1
         self.read_bytes += size
-        return sample
+        return sample, tuple(facts)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -799,6 +797,19 @@ class StepBatch:
     state: dict  # loader state after this step: save it with the checkpoint of this step
     samples: dict[str, list[tuple[str, int, str]]]  # task -> (source, epoch, key) of this rank's documents
 
+    def __reduce__(self):
+        # From a DataLoader worker, tensors would each go through a new shared-memory file (~30 ms a step for
+        # 7 tensors); as numpy arrays they travel in the pickle itself (~1 ms), and torch.from_numpy is free.
+        arrays = {t: {f.name: (v.numpy() if isinstance(v := getattr(b, f.name), torch.Tensor) else v) for f in fields(b)}
+                  for t, b in self.batches.items()}
+        return _step_batch, (self.step, arrays, self.report, self.state, self.samples)
+
+
+def _step_batch(step: int, arrays: dict, report: dict, state: dict, samples: dict) -> StepBatch:
+    batches = {t: PackedBatch(**{k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()})
+               for t, a in arrays.items()}
+    return StepBatch(step, batches, report, state, samples)
+
 
 class StreamingMixture(torch.utils.data.IterableDataset):
     """The mixture's packed batches for one rank, one `StepBatch` per step; use with DataLoader(batch_size=None)."""
@@ -871,12 +882,12 @@ class StreamingMixture(torch.utils.data.IterableDataset):
             docs, keys = [], []
             for j in mine:
                 name = names[int(p["source"][j])]
-                shard = self.sources[name].shards[int(p["shard"][j])]
-                sample = store.read(shard, int(p["row"][j]))
-                layout = layout_of(store.index(shard)[int(p["row"][j])], task, int(p["view"][j]), int(p["length"][j]), self.seq)
-                docs.append(build_sequence(sample, task, bool(p["uncond"][j]), layout, self.ids, source=name))
+                sample, (n_images, _, _, _, n_tiles, thumbnail) = store.read(self.sources[name].shards[int(p["shard"][j])],
+                                                                           int(p["row"][j]))
+                layout = layout_of(n_images, n_tiles, thumbnail, task, int(p["view"][j]), int(p["length"][j]), self.seq)
+                docs.append((sample, layout, bool(p["uncond"][j]), name))
                 keys.append((name, int(p["epoch"][j]), sample.key))
-            batch = pack(docs, self.seq.seq_len, self.ids.pad, task)
+            batch = pack(docs, self.seq.seq_len, self.ids, task)
             batches[task] = batch
             samples[task] = keys
             report["tasks"][task] = {
@@ -890,10 +901,10 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         report["sources"] = {n: {k: s[k] for k in ("epoch", "pos", "dropped", "skipped")} for n, s in state["sources"].items()
                              if n in self.sources}
         report["skipped_shards"] = sorted(store.skipped)
-        # this process's own I/O, cumulative: decodes grow with the samples it yields, not with ranks x workers
+        # this process's own I/O and CPU time, cumulative: decodes equal the samples it yields, whatever ranks x workers
         report["io"] = {"rank": c.rank, "worker": worker, "decoded": store.decoded, "read_bytes": store.read_bytes,
                         "downloaded_bytes": store.downloaded_bytes, "hashed_bytes": store.hashed_bytes,
-                        "indices_scanned": store.scanned}
+                        "indices_scanned": store.scanned, "cpu_s": time.process_time()}
         return StepBatch(step, batches, report, state, samples)
 
 

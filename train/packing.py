@@ -1,8 +1,9 @@
 """Packing documents into rows of `seq_len` slots for block-diagonal attention.
 
-First-fit decreasing over one rank's documents of one step: rows never carry documents across steps,
-so a step's batch is exactly its samples (which keeps resume and the per-batch mixture exact), at the
-cost of at most one part-filled row per rank and task. Documents longer than `seq_len` never reach
+First-fit decreasing over one rank's documents of one step, each written straight into its row (no
+per-document arrays). Rows never carry documents across steps, so a step's batch is exactly its
+samples (which keeps resume and the per-batch mixture exact), at the cost of at most one part-filled
+row per rank and task. Documents longer than `seq_len` never reach
 here: `train.sequence.plan_layout` falls back to fewer tiles or drops them, counted.
 """
 
@@ -13,7 +14,8 @@ import torch
 
 from model.batch import PackedBatch
 from synergen.errors import SynergenError
-from train.sequence import IGNORE, Sequence
+from pipeline.tokenshard import TokenSample
+from train.sequence import IGNORE, Layout, LayoutIds, write_sequence
 
 
 def first_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
@@ -36,34 +38,37 @@ def first_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-def pack(docs: list[Sequence], seq_len: int, pad_id: int, task: str) -> PackedBatch:
-    """Documents -> one PackedBatch of shape [rows, seq_len] (rows = 0 when there are no documents)."""
-    rows = first_fit_decreasing([len(d) for d in docs], seq_len)
+def pack(docs: list[tuple[TokenSample, Layout, bool, str]], seq_len: int, ids: LayoutIds, task: str) -> PackedBatch:
+    """Documents (sample, layout, uncond, source) -> one PackedBatch [rows, seq_len], each written in place once.
+
+    rows = 0 when there are no documents."""
+    rows = first_fit_decreasing([lay.length for _, lay, _, _ in docs], seq_len)
     B, T = len(rows), seq_len
-    input_ids = np.full((B, T), pad_id, np.int64)
+    input_ids = np.full((B, T), ids.pad, np.int64)
     position_ids = np.zeros((B, T), np.int64)
     document_ids = np.full((B, T), -1, np.int64)
     labels = np.full((B, T), IGNORE, np.int64)
     image_mask = np.zeros((B, T), bool)
     image_targets = np.zeros((B, T), bool)
-    codes, sources = [], []
+    fold_size = int(docs[0][0].codes.shape[2]) if docs else 0
+    n_codes = sum(len(lay.images) * int(s.codes.shape[1]) for s, lay, _, _ in docs)
+    image_codes = np.empty((n_codes, fold_size), np.int64)  # [N_img, fh*fw], row-major over (b, t)
+    arange = np.arange(T)
+    sources: list[list[str]] = []
+    c = 0
     for b, row in enumerate(rows):
         t = 0
         sources.append([])
         for j, i in enumerate(row):
-            d = docs[i]
-            n = len(d)
-            input_ids[b, t:t + n] = d.input_ids
-            position_ids[b, t:t + n] = np.arange(n)
+            sample, lay, uncond, source = docs[i]
+            n, k = lay.length, len(lay.images) * int(sample.codes.shape[1])
+            write_sequence(sample, task, uncond, lay, ids, input_ids[b, t:t + n], labels[b, t:t + n], image_mask[b, t:t + n],
+                           image_targets[b, t:t + n], image_codes[c:c + k])
+            position_ids[b, t:t + n] = arange[:n]
             document_ids[b, t:t + n] = j
-            labels[b, t:t + n] = d.labels
-            image_mask[b, t:t + n] = d.image_mask
-            image_targets[b, t:t + n] = d.image_targets
-            codes.append(d.codes)  # row-major over (b, t): documents in row order, codes in position order
-            sources[-1].append(d.source)
+            sources[-1].append(source)
             t += n
-    fold_size = docs[0].codes.shape[1] if docs else 0
-    image_codes = np.concatenate(codes) if codes else np.zeros((0, fold_size), np.int64)  # [N_img, fh*fw]
+            c += k
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),
         position_ids=torch.from_numpy(position_ids),

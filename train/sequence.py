@@ -162,16 +162,15 @@ def plan_lengths(facts: np.ndarray, task: str, uncond: np.ndarray, spec: Sequenc
     return length, view
 
 
-def layout_of(fact: np.void, task: str, view: int, length: int, spec: SequenceSpec) -> Layout:
-    """The Layout a (row, view) of `plan_lengths` stands for."""
-    n_images, n_tiles = int(fact["n_images"]), int(fact["tiles"])
+def layout_of(n_images: int, n_tiles: int, thumbnail: bool, task: str, view: int, length: int, spec: SequenceSpec) -> Layout:
+    """The Layout a view of `plan_lengths` stands for, given the sample's image count, tiles and thumbnail flag."""
     if task == "gen":
         return Layout((n_images - 1,), "single", length)
     if view == VIEW_THUMBNAIL:
         return Layout((n_tiles,), "single", length)
     if n_tiles == 1:
         return Layout((0,), "single", length)
-    with_thumb = bool(fact["thumbnail"]) and n_images == n_tiles + 1 and spec.thumbnail
+    with_thumb = thumbnail and n_images == n_tiles + 1 and spec.thumbnail
     return Layout(tuple(range(n_tiles + with_thumb)), "tiles+thumbnail" if with_thumb else "tiles", length)
 
 
@@ -181,19 +180,50 @@ def plan_layout(sample: TokenSample, task: str, uncond: bool, spec: SequenceSpec
     length, view = plan_lengths(facts, task, np.array([uncond]), spec, ids)
     if view[0] == VIEW_DROPPED:
         return None
-    return layout_of(facts[0], task, int(view[0]), int(length[0]), spec)
+    f = facts[0]
+    return layout_of(int(f["n_images"]), int(f["tiles"]), bool(f["thumbnail"]), task, int(view[0]), int(length[0]), spec)
 
 
 def build_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout, ids: LayoutIds, source: str = "") -> Sequence:
-    """Lay out one sample as `plan_layout` decided (arrays allocated once at the planned length)."""
+    """Lay out one sample as `plan_layout` decided, as a standalone document (`train.packing` writes rows in place)."""
     L = layout.length
     input_ids = np.empty(L, np.int64)  # [L]
     labels = np.full(L, IGNORE, np.int64)
     image_mask = np.zeros(L, bool)
     image_targets = np.zeros(L, bool)
-    t = 0
+    codes = np.empty((len(layout.images) * int(sample.codes.shape[1]), sample.codes.shape[2]), np.int64)  # [N_img, fh*fw]
+    write_sequence(sample, task, uncond, layout, ids, input_ids, labels, image_mask, image_targets, codes)
+    return Sequence(input_ids, labels, image_mask, image_targets, codes, source=source, key=sample.key)
 
-    def put(tokens, target: bool = False) -> None:
+
+def write_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout, ids: LayoutIds, input_ids: np.ndarray,
+                   labels: np.ndarray, image_mask: np.ndarray, image_targets: np.ndarray, codes: np.ndarray) -> None:
+    """Write one sample's sequence into views of `layout.length` slots (labels IGNORE and masks False on entry).
+
+    `codes` [len(layout.images) * groups, fh*fw] receives the chosen images' fold groups in layout order."""
+    groups = int(sample.codes.shape[1])
+    t = c = 0
+
+    def image(i: int, marker: int | None, target: bool) -> None:
+        nonlocal t, c
+        if marker is not None:
+            input_ids[t] = marker
+            t += 1
+        input_ids[t] = ids.boi
+        t += 1
+        input_ids[t:t + groups] = ids.img
+        image_mask[t:t + groups] = True
+        if target:
+            image_targets[t:t + groups] = True
+        codes[c:c + groups] = sample.codes[i]
+        c += groups
+        t += groups
+        input_ids[t] = ids.eoi
+        if target:  # gen: <eoi> is a text target after the image
+            labels[t] = ids.eoi
+        t += 1
+
+    def text(tokens, target: bool = False) -> None:
         nonlocal t
         n = len(tokens)
         input_ids[t:t + n] = tokens
@@ -201,39 +231,24 @@ def build_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout,
             labels[t:t + n] = tokens
         t += n
 
-    def image(i: int, marker: int | None, target: bool) -> None:
-        nonlocal t
-        if marker is not None:
-            put((marker,))
-        put((ids.boi,))
-        n = int(sample.codes.shape[1])
-        input_ids[t:t + n] = ids.img
-        image_mask[t:t + n] = True
-        image_targets[t:t + n] = target
-        t += n
-        put((ids.eoi,), target=target)  # gen: <eoi> is a text target after the image
-
-    put((ids.bos,))
-    caption = sample.text_ids
+    input_ids[0] = ids.bos
+    t = 1
     if task == "und":
         n_tiles = len(layout.images) - (layout.kind == "tiles+thumbnail")
         for j, i in enumerate(layout.images):
-            marker = None if layout.kind == "single" else (ids.tile if j < n_tiles else ids.thumbnail)
-            image(i, marker, target=False)
-        put(ids.prompt_und)
-        put(caption, target=True)
-        put((ids.eos,), target=True)
+            image(i, None if layout.kind == "single" else (ids.tile if j < n_tiles else ids.thumbnail), target=False)
+        text(ids.prompt_und)
+        text(sample.text_ids, target=True)
     else:
         if uncond:
-            put(ids.prompt_uncond)
+            text(ids.prompt_uncond)
         else:
-            put(ids.prompt_gen)
-            put(caption)
+            text(ids.prompt_gen)
+            text(sample.text_ids)
         for i in layout.images:
             image(i, None, target=True)
-        put((ids.eos,), target=True)
-    if t != L:
-        raise AssertionError(f"sample {sample.key!r}: built {t} positions, planned {L}")  # an invariant, not data validation
-    # [N_img, fh*fw]: the chosen images' fold groups, in layout order
-    codes = sample.codes[list(layout.images)].reshape(-1, sample.codes.shape[2]).astype(np.int64)
-    return Sequence(input_ids, labels, image_mask, image_targets, codes, source=source, key=sample.key)
+    input_ids[t] = ids.eos
+    labels[t] = ids.eos
+    t += 1
+    if t != layout.length:
+        raise AssertionError(f"sample {sample.key!r}: built {t} positions, planned {layout.length}")  # an invariant, not data validation
