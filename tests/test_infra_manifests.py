@@ -194,6 +194,17 @@ def test_dockerfile_installs_the_project_like_a_local_install():
     assert "-f infra/docker/Dockerfile" in readme and "VARIANT=cpu" in readme and CPU_IMAGE in readme and GPU_IMAGE in readme
 
 
+def test_train_configs_load_and_name_shipped_files():
+    from train.config import TrainConfig
+
+    configs = sorted((INFRA / "train").glob("*.yaml"))
+    assert configs, "no train config in infra/train"
+    for path in configs:
+        cfg = TrainConfig.load(str(path))
+        assert (REPO / cfg.deepspeed).is_file() and cfg.deepspeed.startswith("infra/deepspeed/"), f"{path}: {cfg.deepspeed}"
+        assert (REPO / cfg.mixture).is_file(), f"{path}: mixture {cfg.mixture}"
+
+
 def test_hostfile_example_parses_with_deepspeeds_parser():
     from deepspeed.launcher.runner import _parse_hostfile
 
