@@ -300,3 +300,82 @@ def test_fast_shard_walk_matches_tarfile_and_catches_truncation(corpus):
     assert all((a.codes == b.codes).all() and a.meta == b.meta for a, b in zip(fast, slow))
     with pytest.raises(ShardError, match="cap_a-00000.tar: truncated"):
         list(iter_token_shard_fast(url, data[:3000]))
+
+
+def test_index_sidecar_is_written_on_publish_and_equals_a_header_scan(tmp_path, tokenizer):
+    import fsspec
+
+    from pipeline.tokenshard import INDEX_SUFFIX, build_shard_index, read_shard_index
+
+    write_source(str(tmp_path), "cap", "und", [5], tokenizer, seed=5, tiles=True)
+    url = f"{tmp_path}/cap/cap-00000.tar"
+    assert (tmp_path / "cap" / f"cap-00000.tar{INDEX_SUFFIX}").exists()
+    side = read_shard_index(url)
+    scan = build_shard_index(fsspec.open(url, "rb").open().read(), url)
+    assert side.tolist() == scan.tolist() and len(side) == 5
+    assert [k.decode() for k in side["key"]] == [f"cap-000-{i:04d}" for i in range(5)]
+    assert (side["text"] > 0).all() and set(side["tiles"].tolist()) <= {1, 2, 4}
+    with TokenShardWriter(str(tmp_path / "z.tar"), compress=True) as w:  # zstd members: headers read without the codes
+        w.write(TokenSample("z0", np.zeros((2, 3, 4), np.uint16), np.arange(7, dtype=np.int32), {"tiles": [1, 1], "thumbnail": True}))
+        w.publish()
+    z = read_shard_index(str(tmp_path / "z.tar"))
+    assert z[["n_images", "groups", "fold_size", "text", "tiles", "thumbnail"]].tolist() == [(2, 3, 4, 7, 1, True)]
+    assert read_shard_index(str(tmp_path / "nowhere.tar")) is None
+
+
+def test_missing_or_wrong_index_is_rebuilt_and_named(corpus, tokenizer, tmp_path, caplog):
+    import shutil
+
+    from pipeline.tokenshard import INDEX_SUFFIX, read_shard_index
+
+    root = tmp_path / "copy"
+    shutil.copytree(corpus, root)
+    (root / "cap_a" / f"cap_a-00000.tar{INDEX_SUFFIX}").unlink()  # missing: older or foreign shard
+    (root / "cap_a" / f"cap_a-00001.tar{INDEX_SUFFIX}").write_bytes(b"not an index")  # garbage
+    short = read_shard_index(f"{root}/cap_b/cap_b-00000.tar")[:-1]  # one row short of the catalog
+    np.save(root / "cap_b" / f"cap_b-00000.tar{INDEX_SUFFIX}", short)
+    want, _ = stream(corpus, tokenizer, 4, cache_dir=str(tmp_path / "c0"))
+    with caplog.at_level("INFO", logger="train.data"):
+        got, _ = stream(str(root), tokenizer, 4, cache_dir=str(tmp_path / "c1"))
+    assert [as_bytes(x) for x in got] == [as_bytes(x) for x in want]
+    text = caplog.text
+    assert f"cap_a-00000.tar has no index {root}/cap_a/cap_a-00000.tar{INDEX_SUFFIX}" in text
+    assert f"cap_a-00001.tar{INDEX_SUFFIX}: not a .npy index" in text
+    assert f"cap_b-00000.tar{INDEX_SUFFIX} does not match its shard (3 rows but the catalog lists 4 samples)" in text
+    assert got[-1].report["io"]["indices_scanned"] == 3
+    # built once per machine: a second run finds them in the cache and scans nothing
+    again, _ = stream(str(root), tokenizer, 4, cache_dir=str(tmp_path / "c1"))
+    assert again[-1].report["io"]["indices_scanned"] == 0 and again[-1].report["io"]["hashed_bytes"] == 0
+    # a wrong index that looks right (a row's caption length) is caught when its sample is read, naming it
+    idx = read_shard_index(f"{root}/gen_a/gen_a-00000.tar")
+    idx["text"] += 1
+    with open(root / "gen_a" / f"gen_a-00000.tar{INDEX_SUFFIX}", "wb") as f:
+        np.save(f, idx)
+    with pytest.raises(ShardError, match=rf"shard index .*gen_a-00000\.tar{INDEX_SUFFIX}: sample gen_a-000-\d+ .* index row says"):
+        stream(str(root), tokenizer, 4, cache_dir=str(tmp_path / "c2"))
+
+
+def test_each_worker_decodes_only_its_own_samples(corpus, tokenizer, tmp_path):
+    """2 ranks x 2 workers sharing one machine cache: every process decodes exactly the samples it yields, and
+    each shard is hashed once for the machine, not once per process."""
+    import fsspec
+
+    cache = str(tmp_path / "cache")
+    decoded, yielded, hashed, used = Counter(), Counter(), 0, set()
+    for rank in (0, 1):
+        out, _ = stream(corpus, tokenizer, 6, workers=2, rank=rank, world=2, cache_dir=cache)
+        last = {}
+        for sb in out:
+            io = sb.report["io"]
+            assert io["rank"] == rank
+            yielded[(rank, io["worker"])] += sum(len(v) for v in sb.samples.values())
+            last[io["worker"]] = io
+        for w, io in last.items():
+            decoded[(rank, w)] = io["decoded"]
+            hashed += io["hashed_bytes"]
+        used |= {(s, k.rsplit("-", 1)[0]) for sb in out for v in sb.samples.values() for s, _, k in v}
+    assert set(yielded) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert decoded == yielded and sum(yielded.values()) == 6 * (6 + 4)  # every sample of every global batch, once
+    fs = fsspec.filesystem("file")
+    assert hashed <= sum(fs.size(p) for p in fs.glob(f"{corpus}/*/*.tar"))  # no shard hashed twice on the machine
+    assert len(used) > 4
