@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -266,8 +267,14 @@ def test_s3_reads_like_local_with_a_bounded_cache(corpus, tokenizer, s3, tmp_pat
     s3_fs.put(corpus, remote, recursive=True)
     local, _ = stream(corpus, tokenizer, 5)
     cache = tmp_path / "cache"
+    # a download that crashed half-way left a partial file: the next run is not blocked by it, and removes it
+    sha = pq.read_table(f"{corpus}/cap_a/_catalog.parquet").to_pylist()[0]["sha256"]
+    (cache / sha[:2]).mkdir(parents=True)
+    stale = cache / sha[:2] / f"{sha}.tar.part.crashed"
+    stale.write_bytes(b"half a shard")
     remote_out, _ = stream(remote, tokenizer, 5, cache_dir=str(cache), cache_bytes=30_000)
     assert [as_bytes(x) for x in local] == [as_bytes(x) for x in remote_out]
+    assert not stale.exists() and remote_out[-1].report["io"]["downloaded_bytes"] > 0
     cached = sum(p.stat().st_size for p in cache.rglob("*.tar"))
     assert 0 < cached <= 30_000 + max(local_fs.size(p) for p in local_fs.glob(f"{corpus}/*/*.tar"))
 
