@@ -170,6 +170,38 @@ def test_rayjobs_chain_into_the_layout_the_mixtures_read():
     assert token_out in named, f"{token_out} is not a catalog any manifests/mixtures/*.yaml reads"
 
 
+def documented_commands(text: str, prefix: str) -> list[list[str]]:
+    """Every command line in `text` that starts with `prefix` (backslash continuations joined, '#' stripped)."""
+    lines = [ln.strip().lstrip("#").strip() for ln in text.splitlines()]
+    joined, cmds = "", []
+    for ln in lines:
+        joined = f"{joined} {ln}".strip() if joined else ln
+        if joined.endswith("\\"):
+            joined = joined[:-1]
+            continue
+        # A command: the prefix at the start of the line, after environment assignments only.
+        if prefix in joined and re.fullmatch(r"(\w+=\S+\s+)*", joined[:joined.index(prefix)]):
+            cmds.append(shlex.split(joined[joined.index(prefix):].split(" #")[0]))
+        joined = ""
+    return cmds
+
+
+def test_documented_submit_and_launch_commands_are_valid():
+    docs = (INFRA / "README.md").read_text() + "\n".join(
+        (INFRA / "launch" / s).read_text() for s in ("submit_ingest.sh", "submit_tokenize.sh", "train_multinode.sh"))
+    checked = 0
+    for stage in ("ingest", "tokenize"):
+        for argv in documented_commands(docs, f"infra/launch/submit_{stage}.sh "):
+            if any(a.isupper() or "|" in a or a.startswith("[") for a in argv[1:]):
+                continue  # a usage line (MANIFEST, URL, und|gen), not an example
+            check_cli_args(["synergen", stage, *argv[1:]])
+            checked += 1
+    for argv in documented_commands(docs, "infra/launch/train_multinode.sh infra/train/"):
+        assert (REPO / argv[1]).is_file(), f"documented train config {argv[1]} does not exist"
+        checked += 1
+    assert checked >= 4, checked
+
+
 def test_dockerfile_installs_the_project_like_a_local_install():
     from packaging.specifiers import SpecifierSet
     from packaging.requirements import Requirement

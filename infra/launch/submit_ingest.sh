@@ -3,7 +3,7 @@
 # (uploaded by Ray, .gitignore'd paths left out). Downloads run as Ray tasks on the CPU workers; raw shards are published under --out.
 #
 #   infra/launch/submit_ingest.sh MANIFEST --out URL [--shard-size N] [--allow-private-network]
-#   infra/launch/submit_ingest.sh manifests/sources/laion_en.yaml --out s3://BUCKET/synergen/raw/laion_en
+#   infra/launch/submit_ingest.sh s3://BUCKET/manifests/sources/laion_aesthetics.yaml --out s3://BUCKET/raw/laion_aesthetics
 #
 # Environment:
 #   RAY_ADDRESS   the head's dashboard / job API; default http://127.0.0.1:8265 (after

@@ -4,8 +4,8 @@
 # actors; token shards and _catalog.parquet go under --out.
 #
 #   infra/launch/submit_tokenize.sh --raw URL --out URL --task und|gen --vq VQ --tokenizer PATH [...]
-#   infra/launch/submit_tokenize.sh --raw s3://BUCKET/synergen/raw/laion_en --out s3://BUCKET/synergen/tokens/laion_en \
-#       --task gen --vq /models/emu3-vq --tokenizer /models/internlm2-1_8b --gpus-per-actor 1
+#   infra/launch/submit_tokenize.sh --raw s3://BUCKET/raw/laion_aesthetics --out s3://BUCKET/tokens/gen/laion_aesthetics \
+#       --task gen --vq /models/emu3-vq --tokenizer /models/internlm2-1_8b --gpus-per-actor 1 --concurrency 16
 #
 # Environment:
 #   RAY_ADDRESS   the head's dashboard / job API; default http://127.0.0.1:8265 (after
