@@ -168,6 +168,11 @@ def test_rayjobs_chain_into_the_layout_the_mixtures_read():
             for spec in task.sources.values():
                 named |= {f"{m.data_root.rstrip('/')}/{c}" for c in spec.catalogs}
     assert token_out in named, f"{token_out} is not a catalog any manifests/mixtures/*.yaml reads"
+    # The VQ actors fit in the GPU group at its largest (else the job waits forever for GPUs).
+    gpu_group = next(g for g in cluster_spec(KUBERAY["rayjob-tokenize.yaml"])["workerGroupSpecs"] if g["groupName"] == "gpu-workers")
+    gpus_per_pod = int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    wanted = int(option(tokenize, "--concurrency")) * float(option(tokenize, "--gpus-per-actor"))
+    assert 0 < wanted <= gpu_group["maxReplicas"] * gpus_per_pod
 
 
 def documented_commands(text: str, prefix: str) -> list[list[str]]:
