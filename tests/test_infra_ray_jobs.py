@@ -49,7 +49,9 @@ class RayHead:
         self.token = token.read_text()
         self.dashboard = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+        # Our own address and token only (an in-process ray.init() of this session sets RAY_AUTH_MODE and may
+        # have a RAY_AUTH_TOKEN of its own).
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
         self.env = {
             **env,
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # job entrypoints run `synergen` from this venv
