@@ -38,6 +38,7 @@ from pipeline import filters as F
 from pipeline import netguard
 from pipeline.sources import SourceManifest, load_source_manifest, read_url_list
 from synergen.errors import SynergenError
+from synergen.local_ray import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -383,8 +384,8 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
     log.info("ingest %s -> %s: %d input rows, %d to process in %d shards", m.name, netguard.redact_url(out),
              len(rows), total_rows, len(plan))
 
-    if plan and not ray.is_initialized():
-        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
+    if plan:
+        init_ray(ray_address, log_to_driver=False)
     fc = m.filters.model_dump()
     dedup = None
     if plan and (fc["dedup_exact"] or fc["dedup_near"]):

@@ -85,8 +85,10 @@ def ray_cluster(s3_server):
     """A local Ray cluster started once per test session (after moto, so workers inherit its env)."""
     import ray
 
+    from synergen.local_ray import init_ray
+
     os.environ["AWS_ENDPOINT_URL"] = s3_server
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+    init_ray(num_cpus=2, log_to_driver=False,
              runtime_env={"env_vars": {"AWS_ENDPOINT_URL": s3_server, "NO_ALBUMENTATIONS_UPDATE": "1"}})
     yield ray
     ray.shutdown()

@@ -60,11 +60,12 @@ class RayHead:
             "RAY_ADDRESS": self.address,
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain; stop at once
             "NO_ALBUMENTATIONS_UPDATE": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-machine head: every Ray service on 127.0.0.1
         }
         ports = ["--port", "--ray-client-server-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                  "--metrics-export-port", "--runtime-env-agent-port"]
         cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--include-dashboard=true",
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard), "--temp-dir", self.tmp,
+               "--dashboard-host", "127.0.0.1", "--node-ip-address", "127.0.0.1", "--dashboard-port", str(self.dashboard), "--temp-dir", self.tmp,
                "--disable-usage-stats"]
         for flag in ports:
             cmd += [flag, str(free_port())]

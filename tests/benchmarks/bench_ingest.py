@@ -27,6 +27,8 @@ def main() -> None:
 
     import pyarrow.parquet as pq
     import ray
+
+    from synergen.local_ray import init_ray
     from img2dataset import download
 
     from pipeline.democorpus import write_demo_corpus, write_url_list
@@ -49,7 +51,7 @@ def main() -> None:
     base = time.time() - t
     base_ok = sum(pq.read_table(p).column("status").to_pylist().count("success") for p in (work / "i2d").glob("*.parquet"))
 
-    ray.init(num_cpus=args.processes, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=args.processes, log_to_driver=False)
     m = SourceManifest(name="bench", task="gen", url_lists=[urls], filters={"dedup_exact": False, "dedup_near": False})
     t = time.time()
     s = run_ingest(m, str(work / "ours"), shard_size=args.shard_size, allow_networks=("127.0.0.0/8",), thread_count=32)
