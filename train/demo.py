@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,6 +116,10 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = lambda s: None) -> P
     """Run every step into `cfg.out`; return the report's path. Each step logs what it did."""
     _set_threads(cfg.threads)
     out = Path(cfg.out).resolve()
+    # A demo run starts clean: the web server's port (part of every URL) changes between runs, so an old
+    # ledger would see a new corpus. Resumability is what the stages' own tests prove.
+    for old in ("urls", "raw", "tokens", "cache", "train", "report"):
+        shutil.rmtree(out / old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     stats: dict[str, Any] = {"config": asdict(cfg), "timings_s": {}}
     t_all = time.time()

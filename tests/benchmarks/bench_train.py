@@ -105,8 +105,9 @@ def main() -> None:
     cfg = DemoConfig(out=args.out, n_images=args.images, n_eval=0)
     out = Path(args.out).resolve()
     t0 = time.time()
-    prepare_data(cfg, out, {})
-    print(f"data prepared in {time.time() - t0:.0f} s (demo corpus -> ingest -> tokenize)")
+    if not (out / "tokens" / "und" / "demo" / "_catalog.parquet").exists():
+        prepare_data(cfg, out, {})
+        print(f"data prepared in {time.time() - t0:.0f} s (demo corpus -> ingest -> tokenize)")
     overrides = model_overrides(cfg)
 
     def config(name: str):
