@@ -142,7 +142,8 @@ def classify_image(image: Image.Image) -> tuple[str | None, str | None]:
     # Keep the largest connected blob along columns/rows roughly: use the bounding box of the mask's
     # densest half when two objects share a colour, by splitting at the widest empty gap.
     ys, xs = np.nonzero(mask)
-    for axis_vals in (xs, ys):
+    for axis in ("x", "y"):
+        axis_vals = xs if axis == "x" else ys  # re-read: the x split may have dropped points
         u = np.unique(axis_vals)
         gaps = np.diff(u)
         if gaps.size and gaps.max() > 3:
