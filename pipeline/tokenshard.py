@@ -9,6 +9,8 @@ Layout (one tar member per sample, so the tar overhead is paid once):
 One-line decoder with plain webdataset:
     wds.WebDataset(url).map(lambda s: decode_token_sample(s.get("sgt") or s["sgt.zst"]))
 `codes` are already in fold order (`model.folding.fold_codes`): rows are fold groups in raster order.
+The layout (one member per sample, zstd on by default in `synergen tokenize`) was chosen with the figures of
+tests/benchmarks/bench_shard_layout.py, recorded in README "Token shard layout".
 
 Catalog: `<out>/_catalog.parquet`, one row per published shard (CATALOG_SCHEMA). Shards are written
 whole to a temporary name and renamed on publish, so a reader never sees a partial shard.

@@ -38,7 +38,7 @@ class VQTrainConfig:
     codebook_size: int = 512
     n_images: int = 2400
     holdout: int = 200
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 32
     lr: float = 2e-3
     beta: float = 0.25

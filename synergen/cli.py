@@ -95,7 +95,7 @@ def tokenize_cmd(
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="GPUs per VQ actor (0: encode on CPU)"),
     concurrency: int = typer.Option(1, "--concurrency", help="VQ encoder actors"),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per VQ forward"),
-    compress: bool = typer.Option(False, "--zstd", help="zstd-compress each sample member (see README: layout)"),
+    compress: bool = typer.Option(True, "--zstd/--no-zstd", help="zstd-compress each sample member (README: token shard layout)"),
     min_distinct_codes: int = typer.Option(32, "--min-distinct-codes", help="Quality gate: distinct codes per shard"),
     min_entropy_bits: float = typer.Option(4.0, "--min-entropy-bits", help="Quality gate: code histogram entropy per shard"),
     min_psnr_db: float = typer.Option(14.0, "--min-psnr-db", help="Quality gate: reconstruction PSNR on a small sample"),
