@@ -14,7 +14,7 @@ import webdataset as wds
 from model.folding import Fold, fold_codes, unfold_codes
 from model.vq import VQTokenizer, tiny_emu3_config
 from pipeline.text_tokenizer import load_text_tokenizer
-from pipeline.tokenize import QualityGateError, QualityThresholds, TokenizeConfig, run_tokenize
+from pipeline.tokenize import QualityThresholds, TokenizeConfig, run_tokenize
 from pipeline.tokenshard import decode_token_sample, read_catalog
 from tokenize_helpers import REPO_TOKENIZER, REPO_VQ, write_raw_shards
 
@@ -128,8 +128,16 @@ def test_mismatched_vq_trips_the_quality_gate(ray_cluster, tmp_path):
     VQTokenizer(Emu3VQVAE(tiny_emu3_config())).save_pretrained(str(wrong))
     raw, out = str(tmp_path / "raw"), str(tmp_path / "tok")
     write_raw_shards(raw, 1, 6, seed=4)
-    with pytest.raises(QualityGateError, match="quality gate"):
-        run_tokenize(cfg(raw, out, task="gen", vq=str(wrong)))
+    # Through the CLI: `synergen tokenize` exits non-zero (3) when too many shards are flagged.
+    from typer.testing import CliRunner
+
+    from synergen.cli import app
+
+    res = CliRunner().invoke(app, ["tokenize", "--raw", raw, "--out", out, "--task", "gen", "--vq", str(wrong),
+                                   "--tokenizer", REPO_TOKENIZER, "--fold", "2x4", "--image-size", "64",
+                                   "--min-psnr-db", "14", "--max-flagged-share", "0"], env={"COLUMNS": "200"})
+    assert res.exit_code == 3, res.output
+    assert "quality gate" in res.output
     row = read_catalog(out)[0]
     assert row["flagged"] and row["psnr"] < 14
     summary = json.loads((tmp_path / "tok" / "_summary.json").read_text())
