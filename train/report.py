@@ -75,6 +75,8 @@ def write_report(out: Path, stats: dict[str, Any]) -> Path:
             ("generated images: dominant shape and colour match", f"{ev['image_match']:.0%} (chance {ev['chance']:.0%})"),
             ("generated images: colour / shape alone", f"{ev['image_colour']:.0%} / {ev['image_shape']:.0%} "
                                                          f"(chance {ev['chance_colour']:.0%} / {ev['chance_shape']:.0%})"),
+            ("ceiling: the target itself after a VQ round trip, classified", f"{ev['vq_ceiling']:.0%} "
+                                                                              f"(colour alone {ev['vq_ceiling_colour']:.0%})"),
             ("generated captions: name the right shape and colour", f"{ev['caption_match']:.0%} (chance {ev['chance']:.0%})"),
             ("generated captions: colour / shape alone", f"{ev['caption_colour']:.0%} / {ev['caption_shape']:.0%}"),
         ]),
