@@ -285,7 +285,7 @@ def code_stats(codes: np.ndarray, codebook_size: int) -> tuple[int, float]:
         return 0, 0.0
     hist = np.bincount(codes.ravel().astype(np.int64), minlength=codebook_size)
     p = hist[hist > 0] / codes.size
-    return int((hist > 0).sum()), float(-(p * np.log2(p)).sum())
+    return int((hist > 0).sum()), max(0.0, float(-(p * np.log2(p)).sum()))
 
 
 def flag_reasons(stats: dict, q: QualityThresholds) -> list[str]:
@@ -316,16 +316,20 @@ class ShardAssembler:
         shard = int(row["shard"])
         p = self.pending[shard]
         p["expected"] = int(row["shard_samples"])
-        s = p["samples"].setdefault(str(row["key"]), {"meta": json.loads(str(row["meta"])), "n": int(row["n_images"]),
-                                                       "reason": str(row["reason"]), "images": {}, "psnr": []})
-        if s["n"] > 0 and int(row["idx"]) not in s["images"]:
+        key = str(row["key"])
+        if key not in p["samples"]:
+            p["samples"][key] = {"meta": json.loads(str(row["meta"])), "n": int(row["n_images"]),
+                                 "reason": str(row["reason"]), "images": {}, "psnr": []}
+            p["done"] = p.get("done", 0) + (int(row["n_images"]) == 0)  # a filtered sample is complete as it is
+        s = p["samples"][key]
+        if s["n"] > 0 and int(row["idx"]) not in s["images"]:  # a retried batch repeats nothing
             s["images"][int(row["idx"])] = np.asarray(row["groups"])
             self.encode_s += float(row["encode_s"])
             if not math.isnan(float(row["psnr"])):
                 s["psnr"].append(float(row["psnr"]))
             p["vq_model"], p["codebook_size"] = str(row["vq_model"]), int(row["codebook_size"])
-        done = sum(len(v["images"]) == v["n"] for v in p["samples"].values())
-        if done == p["expected"]:
+            p["done"] = p.get("done", 0) + (len(s["images"]) == s["n"])
+        if p.get("done") == p["expected"]:
             return self.publish(shard, self.pending.pop(shard))
         return None
 
