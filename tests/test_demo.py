@@ -4,7 +4,6 @@ trained VQ -> DeepSpeed stage 1 then all parameters -> generation both ways -> l
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from train.demo import DemoConfig, named_object, run_demo
 from train.metrics import read_metrics
