@@ -24,7 +24,6 @@ BACKGROUND = (245, 245, 245)
 # Object centres as fractions of the side; a pair uses the two positions of one axis.
 POSITIONS = {"center": (0.5, 0.5), "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73)}
 PAIRS = (("left", "right"), ("top", "bottom"))
-NUMBER_WORDS = {1: "a", 2: "two"}
 
 
 @dataclass(frozen=True)
