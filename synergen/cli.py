@@ -22,60 +22,54 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 # ---- stage commands: each block below is owned by its stage; add new commands in their own block ----
 
-# ---- train (train/trainer.py): DeepSpeed pretraining from token shards ----
+# ---- ingest (pipeline/ingest.py): URL lists -> filtered raw WebDataset shards on Ray ----
 
 
-@app.command("train")
-def train_cmd(
-    config: str = typer.Argument(..., help="train config YAML (see infra/train/*.yaml)"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the latest good checkpoint in the output dir"),
-    steps: int = typer.Option(None, "--steps", help="override the config's steps"),
-    output_dir: str = typer.Option(None, "--output-dir", help="override the config's output_dir"),
+@app.command()
+def ingest(
+    manifest: str = typer.Argument(..., help="Source manifest, e.g. manifests/sources/laion_aesthetics.yaml"),
+    out: str = typer.Option(..., "--out", help="Output folder: local path or s3://bucket/prefix"),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Input rows per shard"),
+    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)"),
+    allow_private_network: bool = typer.Option(False, "--allow-private-network",
+                                               help="Allow loopback and private addresses (local mirrors); link-local stays refused"),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per socket operation of a download"),
+    max_attempts: int = typer.Option(3, "--max-attempts", help="Downloads per URL across re-runs for retryable failures"),
 ) -> None:
-    """Train SynerGen-VL on the mixture's token shards: single process, or under the launcher with
-    `deepspeed --no_local_rank [--hostfile H] --num_gpus N $(which synergen) train CONFIG` (ranks from the env)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    """Download a corpus into raw shards; re-run the same command to resume or retry."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
 
+    from pipeline.ingest import run_ingest
     from synergen.errors import SynergenError
-    from train.config import TrainConfig
-    from train.trainer import train
 
-    overrides = {k: v for k, v in {"steps": steps, "output_dir": output_dir}.items() if v is not None}
+    console = Console()
     try:
-        cfg = TrainConfig.load(config, overrides)
+        with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
+            job = bar.add_task("rows", total=None)
+            summary = run_ingest(manifest, out, shard_size=shard_size, allow_private_network=allow_private_network,
+                                 ray_address=ray_address, timeout=timeout, max_attempts=max_attempts,
+                                 progress=lambda done, total: bar.update(job, completed=done, total=total))
     except SynergenError as e:
-        typer.echo(f"error: {e}", err=True)
+        console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    show = int(os.environ.get("RANK", "0")) == 0
-    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
-                  TimeRemainingColumn(), disable=not show) as bar:
-        task = bar.add_task("train", total=cfg.steps, info="")
-
-        def on_step(rec: dict) -> None:
-            info = f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f} wait {100 * rec['data_wait_fraction']:.1f}%"
-            bar.update(task, completed=rec["step"], info=info)
-
-        result = train(cfg, resume=resume, on_step=on_step)
-    if show:
-        typer.echo(f"trained steps {result.first_step}..{result.last_step}; metrics in {result.output_dir / 'metrics.jsonl'}"
-                   + (f"; model in {result.export_dir}" if result.export_dir else ""))
-
-
-# ---- demo (train/demo.py): the whole system end to end on the embedded corpus ----
-
-
-@app.command("demo")
-def demo_cmd(
-    out: str = typer.Option("demo_out", "--out", help="output folder (corpus, shards, checkpoints, report)"),
-    steps: int = typer.Option(None, "--steps", help="training steps (default: the demo's)"),
-) -> None:
-    """Generate the demo corpus, serve it locally, ingest, tokenize, train, generate, and write the report."""
-    from train.demo import DemoConfig, run_demo
-
-    cfg = DemoConfig(out=out) if steps is None else DemoConfig(out=out, steps=steps)
-    report = run_demo(cfg, echo=typer.echo)
-    typer.echo(f"report: {report}")
-
+    table = Table(title=f"ingest -> {out}")
+    table.add_column("count")
+    table.add_column("rows", justify="right")
+    for label, n in (("rows in", summary["rows_in"]), ("ok", summary["ok"]), ("failed", summary["failed"]),
+                     ("filtered", summary["filtered"])):
+        table.add_row(label, f"{n:,}")
+    for reason, n in sorted(summary["failed_by_reason"].items()):
+        table.add_row(f"  failed: {reason}", f"{n:,}")
+    for reason, n in sorted(summary["filtered_by_reason"].items()):
+        table.add_row(f"  filtered: {reason}", f"{n:,}")
+    table.add_row("shards (total / this run)", f"{summary['shards_total']} / {summary['shards_this_run']}")
+    table.add_row("image bytes this run", f"{summary['bytes_this_run']:,}")
+    table.add_row("samples/s this run", f"{summary['samples_per_s']:,.1f}")
+    console.print(table)
+    if summary["shards_failed"]:
+        console.print(f"[yellow]{len(summary['shards_failed'])} shard(s) failed all retries; re-run the same command to retry them[/yellow]")
 
 # ---- tokenize, vq-train, inspect (pipeline/tokenize.py, pipeline/vq_train.py, pipeline/inspect.py) ----
 
@@ -195,54 +189,81 @@ def inspect_cmd(
         raise typer.Exit(2) from None
 
 
-# ---- ingest (pipeline/ingest.py): URL lists -> filtered raw WebDataset shards on Ray ----
+# ---- mix (train/mixture.py): the plan of a mixture before any GPU hour is spent ----
 
 
-@app.command()
-def ingest(
-    manifest: str = typer.Argument(..., help="Source manifest, e.g. manifests/sources/laion_aesthetics.yaml"),
-    out: str = typer.Option(..., "--out", help="Output folder: local path or s3://bucket/prefix"),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Input rows per shard"),
-    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)"),
-    allow_private_network: bool = typer.Option(False, "--allow-private-network",
-                                               help="Allow loopback and private addresses (local mirrors); link-local stays refused"),
-    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per socket operation of a download"),
-    max_attempts: int = typer.Option(3, "--max-attempts", help="Downloads per URL across re-runs for retryable failures"),
+@app.command("mix")
+def mix(
+    mixture: str = typer.Argument(..., help="Mixture manifest (manifests/mixtures/NAME.yaml, local or s3://)."),
+    steps: int = typer.Option(..., "--steps", min=1, help="Training steps to plan for."),
+    data_root: str = typer.Option(None, "--data-root", help="Resolve relative catalogs against this instead of the manifest's data_root."),
+    max_epochs: float = typer.Option(4.0, "--max-epochs", help="Warn about sources that would repeat more than this many epochs."),
 ) -> None:
-    """Download a corpus into raw shards; re-run the same command to resume or retry."""
+    """Print samples and tokens drawn per source, epochs per source, and warnings (empty, missing, repeating)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from pipeline.ingest import run_ingest
     from synergen.errors import SynergenError
+    from train.mixture import MixtureManifest, plan_mixture, plan_warnings
 
     console = Console()
     try:
-        with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
-            job = bar.add_task("rows", total=None)
-            summary = run_ingest(manifest, out, shard_size=shard_size, allow_private_network=allow_private_network,
-                                 ray_address=ray_address, timeout=timeout, max_attempts=max_attempts,
-                                 progress=lambda done, total: bar.update(job, completed=done, total=total))
+        manifest = MixtureManifest.load(mixture, data_root=data_root)
+        plans, warnings = plan_mixture(manifest, steps)
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    table = Table(title=f"ingest -> {out}")
-    table.add_column("count")
-    table.add_column("rows", justify="right")
-    for label, n in (("rows in", summary["rows_in"]), ("ok", summary["ok"]), ("failed", summary["failed"]),
-                     ("filtered", summary["filtered"])):
-        table.add_row(label, f"{n:,}")
-    for reason, n in sorted(summary["failed_by_reason"].items()):
-        table.add_row(f"  failed: {reason}", f"{n:,}")
-    for reason, n in sorted(summary["filtered_by_reason"].items()):
-        table.add_row(f"  filtered: {reason}", f"{n:,}")
-    table.add_row("shards (total / this run)", f"{summary['shards_total']} / {summary['shards_this_run']}")
-    table.add_row("image bytes this run", f"{summary['bytes_this_run']:,}")
-    table.add_row("samples/s this run", f"{summary['samples_per_s']:,.1f}")
+    table = Table(title=f"{manifest.name} (stage {manifest.stage}): {steps:,} steps, seq {manifest.seq_len}, "
+                        f"max tiles {manifest.max_tiles}{' + thumbnail' if manifest.thumbnail else ''}")
+    for col in ("task", "source", "size (samples)", "size (tokens)", "samples drawn", "tokens drawn (est.)", "epochs"):
+        table.add_column(col, justify="left" if col in ("task", "source") else "right")
+    for p in plans:
+        epochs = "-" if p.missing or not p.size.samples else f"{p.epochs:.2f}"
+        table.add_row(p.task, p.source, f"{p.size.samples:,}", f"{p.size.tokens:,}", f"{p.samples:,.0f}", f"{p.tokens:,.0f}", epochs)
     console.print(table)
-    if summary["shards_failed"]:
-        console.print(f"[yellow]{len(summary['shards_failed'])} shard(s) failed all retries; re-run the same command to retry them[/yellow]")
+    for task, spec in manifest.tasks.items():
+        console.print(f"{task}: {spec.global_batch:,} samples per global batch, weights in {spec.unit} ({spec.weighting})")
+    for w in warnings + plan_warnings(plans, max_epochs):
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+# ---- train (train/trainer.py): DeepSpeed pretraining from token shards ----
+
+
+@app.command("train")
+def train_cmd(
+    config: str = typer.Argument(..., help="train config YAML (see infra/train/*.yaml)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest good checkpoint in the output dir"),
+    steps: int = typer.Option(None, "--steps", help="override the config's steps"),
+    output_dir: str = typer.Option(None, "--output-dir", help="override the config's output_dir"),
+) -> None:
+    """Train SynerGen-VL on the mixture's token shards: single process, or under the launcher with
+    `deepspeed --no_local_rank [--hostfile H] --num_gpus N $(which synergen) train CONFIG` (ranks from the env)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from synergen.errors import SynergenError
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    overrides = {k: v for k, v in {"steps": steps, "output_dir": output_dir}.items() if v is not None}
+    try:
+        cfg = TrainConfig.load(config, overrides)
+    except SynergenError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    show = int(os.environ.get("RANK", "0")) == 0
+    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
+                  TimeRemainingColumn(), disable=not show) as bar:
+        task = bar.add_task("train", total=cfg.steps, info="")
+
+        def on_step(rec: dict) -> None:
+            info = f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f} wait {100 * rec['data_wait_fraction']:.1f}%"
+            bar.update(task, completed=rec["step"], info=info)
+
+        result = train(cfg, resume=resume, on_step=on_step)
+    if show:
+        typer.echo(f"trained steps {result.first_step}..{result.last_step}; metrics in {result.output_dir / 'metrics.jsonl'}"
+                   + (f"; model in {result.export_dir}" if result.export_dir else ""))
+
 
 # ---- generate (model/generation.py): text-to-image and image-to-text with a trained SynerGen-VL ----
 
@@ -319,42 +340,21 @@ def generate(
         raise typer.Exit(2) from None
 
 
-# ---- mix (train/mixture.py): the plan of a mixture before any GPU hour is spent ----
+# ---- demo (train/demo.py): the whole system end to end on the embedded corpus ----
 
 
-@app.command("mix")
-def mix(
-    mixture: str = typer.Argument(..., help="Mixture manifest (manifests/mixtures/NAME.yaml, local or s3://)."),
-    steps: int = typer.Option(..., "--steps", min=1, help="Training steps to plan for."),
-    data_root: str = typer.Option(None, "--data-root", help="Resolve relative catalogs against this instead of the manifest's data_root."),
-    max_epochs: float = typer.Option(4.0, "--max-epochs", help="Warn about sources that would repeat more than this many epochs."),
+@app.command("demo")
+def demo_cmd(
+    out: str = typer.Option("demo_out", "--out", help="output folder (corpus, shards, checkpoints, report)"),
+    steps: int = typer.Option(None, "--steps", help="training steps (default: the demo's)"),
 ) -> None:
-    """Print samples and tokens drawn per source, epochs per source, and warnings (empty, missing, repeating)."""
-    from rich.console import Console
-    from rich.table import Table
+    """Generate the demo corpus, serve it locally, ingest, tokenize, train, generate, and write the report."""
+    from train.demo import DemoConfig, run_demo
 
-    from synergen.errors import SynergenError
-    from train.mixture import MixtureManifest, plan_mixture, plan_warnings
+    cfg = DemoConfig(out=out) if steps is None else DemoConfig(out=out, steps=steps)
+    report = run_demo(cfg, echo=typer.echo)
+    typer.echo(f"report: {report}")
 
-    console = Console()
-    try:
-        manifest = MixtureManifest.load(mixture, data_root=data_root)
-        plans, warnings = plan_mixture(manifest, steps)
-    except SynergenError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    table = Table(title=f"{manifest.name} (stage {manifest.stage}): {steps:,} steps, seq {manifest.seq_len}, "
-                        f"max tiles {manifest.max_tiles}{' + thumbnail' if manifest.thumbnail else ''}")
-    for col in ("task", "source", "size (samples)", "size (tokens)", "samples drawn", "tokens drawn (est.)", "epochs"):
-        table.add_column(col, justify="left" if col in ("task", "source") else "right")
-    for p in plans:
-        epochs = "-" if p.missing or not p.size.samples else f"{p.epochs:.2f}"
-        table.add_row(p.task, p.source, f"{p.size.samples:,}", f"{p.size.tokens:,}", f"{p.samples:,.0f}", f"{p.tokens:,.0f}", epochs)
-    console.print(table)
-    for task, spec in manifest.tasks.items():
-        console.print(f"{task}: {spec.global_batch:,} samples per global batch, weights in {spec.unit} ({spec.weighting})")
-    for w in warnings + plan_warnings(plans, max_epochs):
-        console.print(f"[yellow]warning:[/yellow] {w}")
 
 if __name__ == "__main__":
     app()
