@@ -314,7 +314,8 @@ def generate(
         gen = torch.Generator(device=device).manual_seed(seed)
         encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         if caption:
-            prompts = [generation_prompt(cfg, encode(f"{PROMPT_GEN} {c}")) for c in caption]
+            # As the loader builds training sequences: the prompt and the caption tokenized apart, then joined.
+            prompts = [generation_prompt(cfg, encode(PROMPT_GEN) + encode(c)) for c in caption]
             _, pixels = model.generate_images(prompts, uncond_prompt=generation_prompt(cfg, encode(PROMPT_UNCOND)), cfg_scale=cfg_scale,
                                               temperature=temperature, top_k=top_k, generator=gen, vq=vq)
             Path(out).mkdir(parents=True, exist_ok=True)
