@@ -73,6 +73,15 @@ def packed_attention_mask(q_docs: torch.Tensor, k_docs: torch.Tensor, impl: str,
     return allowed
 
 
+def packed_attention_for(device: "torch.device | str") -> str:
+    """The attention implementation for packed training on `device`.
+
+    flex_attention takes a BlockMask (no dense [T, T] mask per row) and has a backward on CUDA; on CPU
+    torch 2.13's flex_attention has no backward, so training falls back to sdpa with a dense block mask.
+    """
+    return "flex_attention" if torch.device(device).type == "cuda" else "sdpa"
+
+
 def image_block_index(image_mask: torch.Tensor) -> torch.Tensor:
     """Block index of every image position within its image: `[B, T]` bool -> `[N_img]` (row-major over (b, t)).
 

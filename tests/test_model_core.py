@@ -168,3 +168,10 @@ def test_mismatched_image_codes_is_a_clear_error(llm_and_model):
     batch.image_codes = batch.image_codes[:-1]
     with pytest.raises(SynergenError, match="one fold group per image position"):
         model(batch)
+
+
+def test_packed_training_attention_avoids_a_dense_mask_where_it_can_train():
+    from model.modeling import packed_attention_for
+
+    assert packed_attention_for("cuda") == "flex_attention"  # BlockMask, backward on CUDA
+    assert packed_attention_for("cpu") == "sdpa"  # flex_attention has no backward on CPU (torch 2.13)

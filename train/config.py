@@ -55,6 +55,8 @@ class TrainConfig(BaseModel):
     # --- engine
     deepspeed: str = Field("infra/deepspeed/zero0_cpu.json", description="DeepSpeed JSON (ZeRO stage, precision)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where the hardware has it")
+    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="packed attention; auto: flex_attention (no dense mask) on CUDA, sdpa on CPU")
 
     # --- optimizer and schedule (None: the stage's Table-8 default)
     lr: float | None = Field(None, gt=0)

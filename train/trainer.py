@@ -259,6 +259,11 @@ def train(cfg: TrainConfig, resume: bool = False, *, model=None, data: StepData 
     if model is None:
         model = build_model(cfg)
     model.set_stage(cfg.stage)
+    from model.modeling import packed_attention_for
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.config._attn_implementation = cfg.attention if cfg.attention != "auto" else packed_attention_for(device)
+    log.info("packed attention: %s", model.config._attn_implementation)
     n_train = sum(p.numel() for p in model.trainable_parameters())
     n_all = sum(p.numel() for p in model.parameters())
     log.info("stage %s: %d of %d parameters trainable (%.1f%%)", cfg.stage, n_train, n_all, 100 * n_train / n_all)
