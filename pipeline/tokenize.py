@@ -93,7 +93,6 @@ class TokenizeConfig:
     psnr_images: int = 4
     quality: QualityThresholds = field(default_factory=QualityThresholds)
     ray_address: str | None = None
-    kill_actor_once_marker: str | None = None  # fault injection for tests: first actor dies once mid-batch
 
     def __post_init__(self) -> None:
         if self.task not in ("und", "gen"):
@@ -229,7 +228,7 @@ class EncodeImages:
     job's encoder busy fraction. PSNR is measured on rows marked `psnr_sample` (decoded by the same VQ).
     """
 
-    def __init__(self, vq_url: str, fold: str, use_gpu: bool, kill_once_marker: str | None = None):
+    def __init__(self, vq_url: str, fold: str, use_gpu: bool):
         import torch
 
         from model.vq import VQTokenizer
@@ -237,17 +236,7 @@ class EncodeImages:
         self.torch = torch
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.vq = VQTokenizer.from_pretrained(vq_url, device=self.device)
-        self.kill_once_marker = kill_once_marker
         self.fold = Fold.parse(fold)
-
-    def _maybe_die(self) -> None:
-        """Fault injection (tests only): the first call to see no marker creates it and kills this process."""
-        import os
-
-        if self.kill_once_marker and not os.path.exists(self.kill_once_marker):
-            open(self.kill_once_marker, "w").close()
-            log.warning("fault injection: killing encoder actor pid %d mid-batch", os.getpid())
-            os._exit(1)
 
     def __call__(self, batch: dict) -> dict:
         from pipeline.tiling import psnr
@@ -266,7 +255,6 @@ class EncodeImages:
                 torch.cuda.synchronize()
             codes[keep] = enc.cpu().numpy()
         elapsed = time.perf_counter() - t0
-        self._maybe_die()
         sample = keep & batch["psnr_sample"]
         if sample.any():
             idx = np.nonzero(sample[keep])[0]
@@ -421,8 +409,7 @@ def run_tokenize(cfg: TokenizeConfig, progress: Callable[[int, int, dict], None]
             .flat_map(ReadRawShard())
             .map_batches(prepare, batch_size=8, batch_format="numpy", num_cpus=cfg.cpus_per_prepare)
             .map_batches(EncodeImages, fn_constructor_kwargs={"vq_url": cfg.vq, "fold": cfg.fold,
-                                                              "use_gpu": cfg.gpus_per_actor > 0,
-                                                              "kill_once_marker": cfg.kill_actor_once_marker},
+                                                              "use_gpu": cfg.gpus_per_actor > 0},
                          compute=ray.data.ActorPoolStrategy(size=cfg.concurrency), batch_size=cfg.batch_size,
                          batch_format="numpy", num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor)
         )

@@ -3,10 +3,15 @@
 import io
 import json
 import os
+import signal
 import tarfile
+import threading
+import time
+from pathlib import Path
 
 import fsspec
 import numpy as np
+import psutil
 import pytest
 import torch
 import webdataset as wds
@@ -109,15 +114,55 @@ def test_generation_end_to_end_s3_compressed_and_rerun_does_nothing(ray_cluster,
     assert {r["path"]: r["sha256"] for r in read_catalog(out)} == before
 
 
+def _encoder_pid() -> int | None:
+    """Pid of this test's Ray worker hosting the EncodeImages actor (its process title names the class)."""
+    for p in psutil.Process().children(recursive=True):  # the local Ray instance runs under this process
+        try:
+            if any("EncodeImages" in part for part in p.cmdline()):
+                return p.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def _kill_encoder_after_first_shard(out: Path, stop: threading.Event) -> dict:
+    """From outside the job: once the first token shard's stats file appears (so the encoder has encoded at
+    least one batch), SIGKILL the encoder actor's worker, then watch for the worker Ray restarts in its place."""
+    seen: dict = {"killed": None, "stats_at_kill": None, "restarted": None}
+    while not stop.is_set():
+        if seen["killed"] is None and list(out.glob("*_stats.json")):
+            pid = _encoder_pid()
+            if pid is not None:
+                seen["stats_at_kill"] = len(list(out.glob("*_stats.json")))
+                os.kill(pid, signal.SIGKILL)
+                seen["killed"] = pid
+        elif seen["killed"] is not None:
+            pid = _encoder_pid()
+            if pid is not None and pid != seen["killed"]:
+                seen["restarted"] = pid
+                return seen
+        time.sleep(0.02)
+    return seen
+
+
 def test_killed_actor_loses_and_duplicates_nothing(ray_cluster, tmp_path):
-    raw, out = str(tmp_path / "raw"), str(tmp_path / "tok")
-    info = write_raw_shards(raw, 2, 8, seed=3, broken={1: ["decode_error"]})
-    marker = tmp_path / "killed"
-    s = run_tokenize(cfg(raw, out, task="gen", kill_actor_once_marker=str(marker), batch_size=4))
-    assert marker.exists()  # the encoder actor really died once mid-run
-    assert s["tokenized"] == info["successes"] - 1 and s["filtered"] == {"decode_error": 1}
-    keys = [x.key for x in read_all(out)]
-    assert len(keys) == len(set(keys)) == s["tokenized"]
+    raw, out = str(tmp_path / "raw"), tmp_path / "tok"
+    n_shards = 6
+    info = write_raw_shards(raw, n_shards, 10, seed=3, broken={1: ["decode_error"]})
+    stop = threading.Event()
+    seen: dict = {}
+    killer = threading.Thread(target=lambda: seen.update(_kill_encoder_after_first_shard(out, stop)), daemon=True)
+    killer.start()
+    # batch_size=1: many encoder calls, so the kill lands while most shards still have batches to encode.
+    s = run_tokenize(cfg(raw, str(out), task="gen", batch_size=1))
+    stop.set()
+    killer.join(timeout=10)
+    assert seen["killed"] is not None and not psutil.pid_exists(seen["killed"]), seen  # the encoder really died
+    assert seen["stats_at_kill"] < n_shards and seen["restarted"] is not None, seen  # mid-run; Ray restarted it
+    assert s["shards"] == n_shards and s["tokenized"] == info["successes"] - 1 and s["filtered"] == {"decode_error": 1}
+    keys = [x.key for x in read_all(str(out))]
+    expected = {k for k, c in info["captions"].items() if c != "a broken image"}
+    assert len(keys) == len(set(keys)) == s["tokenized"] and set(keys) == expected
 
 
 def test_mismatched_vq_trips_the_quality_gate(ray_cluster, tmp_path):
