@@ -139,7 +139,12 @@ def tokenize_cmd(
 def vq_train_cmd(
     out: str = typer.Option("model/assets/demo_vq", "--out", help="Output folder for the trained VQ"),
     tokenizer_out: str = typer.Option("model/assets/demo_tokenizer", "--tokenizer-out", help="Also write the demo BPE here ('' to skip)"),
-    steps: int = typer.Option(800, "--steps", help="Optimizer steps (batch 32)"),
+    steps: int = typer.Option(1000, "--steps", help="Optimizer steps (batch 16)"),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per step"),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (one-cycle)"),
+    l1_weight: float = typer.Option(1.0, "--l1-weight", help="Weight of the pixel L1 term"),
+    edge_weight: float = typer.Option(1.0, "--edge-weight", help="Weight of the edge (pixel-difference L1) term"),
+    init: str = typer.Option(None, "--init", help="Fine-tune this trained VQ folder instead of starting from random weights"),
     image_size: int = typer.Option(64, "--image-size", help="Training image size in pixels"),
     codebook_size: int = typer.Option(512, "--codebook-size", help="VQ codebook entries"),
     seed: int = typer.Option(0, "--seed"),
@@ -148,7 +153,8 @@ def vq_train_cmd(
     from pipeline.text_tokenizer import write_demo_tokenizer
     from pipeline.vq_train import VQTrainConfig, train_demo_vq
 
-    report = train_demo_vq(VQTrainConfig(out=out, steps=steps, image_size=image_size, codebook_size=codebook_size, seed=seed))
+    report = train_demo_vq(VQTrainConfig(out=out, steps=steps, image_size=image_size, codebook_size=codebook_size, seed=seed,
+                                       batch_size=batch_size, lr=lr, l1_weight=l1_weight, edge_weight=edge_weight, init=init))
     typer.echo(f"VQ {report['model_id']} -> {out}: held-out PSNR {report['heldout_psnr_db']} dB, "
                f"{report['heldout_distinct_codes']} distinct codes, {report['train_seconds']} s")
     if tokenizer_out:
