@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import statistics
 import tarfile
 import tempfile
@@ -128,8 +129,17 @@ def _state_of(status: str, error: str | None) -> tuple[str, str | None]:
 def download_shard(spec: dict, dedup) -> dict:
     """Download, filter and stage one shard; returns the staged folder, per-row records and counts.
 
-    Raises when img2dataset reports a failed shard, so Ray's retries act (img2dataset swallows errors).
+    Raises when img2dataset reports a failed shard, so Ray's retries act (img2dataset swallows errors);
+    the attempt's local working folder is removed however it ends.
     """
+    tmp = Path(tempfile.mkdtemp(prefix=f"synergen-{shard_name(spec['shard'])}-"))
+    try:
+        return _download_shard(spec, dedup, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     import ray
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
@@ -142,7 +152,6 @@ def download_shard(spec: dict, dedup) -> dict:
                      opts.connect_audit)
     sid, rows = spec["shard"], spec["rows"]
     t0 = time.time()
-    tmp = Path(tempfile.mkdtemp(prefix=f"synergen-{shard_name(sid)}-"))
     todo = [i for i, r in enumerate(rows) if not r["_prefilter"]]
     staged_meta: dict[int, dict] = {}
     staged_img: dict[int, bytes] = {}
@@ -243,9 +252,6 @@ def download_shard(spec: dict, dedup) -> dict:
     fs.makedirs(path, exist_ok=True)
     for f in sorted(final.iterdir()):
         fs.put_file(str(f), f"{path}/{f.name}")
-    for f in sorted(tmp.rglob("*"), reverse=True):
-        f.unlink() if f.is_file() else f.rmdir()
-    tmp.rmdir()
     return {"shard": sid, "attempt": spec["attempt"], "staged": staged, "records": records, "counts": counts,
             "image_bytes": n_bytes, "duration": stats["duration"], "downloaded": len(todo)}
 

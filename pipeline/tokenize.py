@@ -44,7 +44,9 @@ from pipeline.tokenshard import (
     vocab_hash,
     write_catalog,
 )
+from pipeline.netguard import redact_url
 from synergen.errors import SynergenError
+from synergen.local_ray import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +177,8 @@ class PrepareImages:
             info = json.loads(ingest or "{}")
         except json.JSONDecodeError:
             info = {}
-        meta = {"key": key, "source": self.source, "task": self.task, "caption": caption, "url": info.get("url"),
+        meta = {"key": key, "source": self.source, "task": self.task, "caption": caption,
+                "url": redact_url(info["url"]) if info.get("url") else None,  # no credentials or signed queries in shards
                 "sha256": hashlib.sha256(image_bytes).hexdigest() if image_bytes else None}
         if not image_bytes:
             return [], meta, "missing_image"
@@ -395,8 +398,7 @@ def run_tokenize(cfg: TokenizeConfig, progress: Callable[[int, int, dict], None]
 
     busy = float("nan")
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray_address, ignore_reinit_error=True)
+        init_ray(cfg.ray_address)
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
@@ -423,6 +425,13 @@ def run_tokenize(cfg: TokenizeConfig, progress: Callable[[int, int, dict], None]
                         progress(len(assembler.published), len(todo), stats)
         wall = time.time() - t_job
         busy = assembler.encode_s / (wall * cfg.concurrency) if wall > 0 else float("nan")
+        # A raw shard whose every row was filtered at ingest yields no rows here: publish it empty, so the
+        # catalog lists it and a re-run does not take it up again.
+        done = {int(st["path"].split(".")[0]) for st in assembler.published} | set(assembler.pending)
+        for shard, _ in todo:
+            if int(shard) not in done:
+                assembler.publish(int(shard), {"samples": {}, "expected": 0, "vq_model": vq.model_id,
+                                               "codebook_size": vq.codebook_size})
         if assembler.pending:
             raise SynergenError(f"tokenize: shards {sorted(assembler.pending)} did not complete; re-run to finish them")
 

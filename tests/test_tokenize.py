@@ -201,3 +201,18 @@ def test_bad_inputs_fail_clearly(tmp_path):
         run_tokenize(cfg(str(tmp_path / "raw"), str(tmp_path / "tok"), fold="3x4"))
     with pytest.raises(SynergenError, match="task"):
         cfg("a", "b", task="both")
+
+
+def test_raw_shard_emptied_by_ingest_filters_is_published_empty_once(ray_cluster, tmp_path, vq):
+    import tarfile
+
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "tok")
+    write_raw_shards(raw, 1, 4, seed=3, failed_rows=0)
+    tarfile.open(tmp_path / "raw" / "00001.tar", "w").close()  # ingest kept no row of this shard
+    s = run_tokenize(cfg(raw, out))
+    rows = {r["path"]: r for r in read_catalog(out)}
+    assert set(rows) == {"00000.tar", "00001.tar"} and rows["00001.tar"]["samples"] == 0
+    assert rows["00001.tar"]["codebook_size"] == 512 and rows["00001.tar"]["flagged"] is False
+    assert s["tokenized"] == 4 and s["shards_written_now"] == 2
+    again = run_tokenize(cfg(raw, out))
+    assert again["shards_written_now"] == 0 and again["shards_skipped"] == 2
