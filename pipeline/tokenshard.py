@@ -102,14 +102,6 @@ def decode_token_sample(data: bytes, key: str = "") -> TokenSample:
     return TokenSample(key=key, codes=codes, text_ids=text, meta=header["meta"])
 
 
-def sha256_file(url: str, storage_options: dict | None = None) -> str:
-    h = hashlib.sha256()
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class TokenShardWriter:
     """Writes one token shard in memory and publishes it atomically (temp name, then rename).
 
