@@ -31,6 +31,7 @@ import http.client
 import io
 import ipaddress
 import logging
+import math
 import re
 import socket
 import ssl
@@ -406,6 +407,15 @@ def fetch(url: str, policy: AddressPolicy, timeout: float = 10.0, opt_out_direct
         _current.deadline = None
     check_pixels(data, policy)
     return data
+
+
+def shard_download_deadline(n_downloads: int, threads: int, download_deadline_s: float,
+                            override_s: float | None = None) -> float:
+    """Seconds a shard's download phase may take: `override_s`, else room for every download to use its whole
+    deadline twice over (so only a host that stalls DNS or a bug, never a slow-but-working web, hits it)."""
+    if override_s is not None:
+        return override_s
+    return download_deadline_s * 2 * (1 + math.ceil(n_downloads / max(threads, 1)))
 
 
 # img2dataset passes errors through as strings: "reason|r|message" (r = retryable flag 0/1).

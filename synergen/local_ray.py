@@ -66,7 +66,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     saved = os.environ.get("HOME")
     os.environ["HOME"] = str(ray_home())  # inherited by the Ray processes ray.init spawns, and only by them
     try:
-        ray.init(num_cpus=num_cpus, ignore_reinit_error=True, runtime_env=runtime_env, **kwargs)
+        # "local": a new cluster of our own, never one that some `ray start` on this machine left running
+        ray.init(address="local", num_cpus=num_cpus, ignore_reinit_error=True, runtime_env=runtime_env, **kwargs)
     finally:
         if saved is None:
             os.environ.pop("HOME", None)
