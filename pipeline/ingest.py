@@ -327,6 +327,9 @@ def _prefilter(rows: list[dict], m: SourceManifest, filters: list) -> None:
     first_of: dict[str, str] = {}
     for r in rows:
         r["_prefilter"], r["_dup_of"] = None, None
+        if r.get("bad_row"):  # a row of the URL list that could not be read (pipeline.sources.BAD_ROW)
+            r["_prefilter"] = r["bad_row"]
+            continue
         if not r["url"]:
             r["_prefilter"] = "url_missing"
             continue
