@@ -28,8 +28,8 @@ chromium:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	  else \
-	    echo "Chromium is missing: install it (Debian/Ubuntu: sudo apt-get install -y --no-install-recommends chromium), then re-run" >&2; \
-	    exit 1; \
+	    echo "warning: Chromium is missing and this is not root with apt-get; the demo does not need it, the inspection-page" \
+	      "test does: sudo apt-get install -y --no-install-recommends chromium" >&2; \
 	  fi; }
 
 demo: $(STAMP)

@@ -130,3 +130,27 @@ def test_images_are_stored_upright_8bit_with_input_sizes_kept_and_decoded_bytes_
     assert (meta["width"], meta["height"]) == ([642], [480])  # the input's columns, not the download's size
     table = pq.read_table(glob.glob(f"{out}/00000.parquet")[0]).to_pylist()
     assert [r["width"] for r in table] == [[640], [641], [642], [643], [644]]
+
+
+def test_cli_reports_an_unreadable_url_list_without_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from synergen.cli import app
+
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not a parquet file at all")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: m\ntask: gen\nurl_lists: [{tmp_path / 'bad.parquet'}]\n")
+    res = CliRunner().invoke(app, ["ingest", str(manifest), "--out", str(tmp_path / "out")])
+    text = " ".join(res.output.split())  # rich wraps long lines
+    assert res.exit_code == 2 and "bad.parquet" in text and "re-export" in text
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit)  # a clean exit, nothing raised
+
+
+def test_bad_url_list_rows_are_counted_and_the_rest_ingests(ray_cluster, web, tmp_path):
+    Image.new("RGB", (96, 96), "green").save(web.root / "c.jpg")
+    lst = tmp_path / "l.jsonl"
+    lst.write_text(f'{{"url": "{web.url("files/c.jpg")}", "caption": "fine"}}\n{{"url": "http://x/", "capt\n'
+                   '{"url": "http://x/\\ud800", "caption": "lone surrogate"}\n')
+    s = run_ingest(_manifest(lst), str(tmp_path / "out"), shard_size=10, allow_networks=LOOPBACK)
+    assert (s["rows_in"], s["ok"], s["filtered_by_reason"]) == (3, 1, {"url_list_bad_row": 2})
+    assert s["rows_in"] == s["ok"] + s["failed"] + s["filtered"]
