@@ -154,3 +154,32 @@ def test_bad_url_list_rows_are_counted_and_the_rest_ingests(ray_cluster, web, tm
     s = run_ingest(_manifest(lst), str(tmp_path / "out"), shard_size=10, allow_networks=LOOPBACK)
     assert (s["rows_in"], s["ok"], s["filtered_by_reason"]) == (3, 1, {"url_list_bad_row": 2})
     assert s["rows_in"] == s["ok"] + s["failed"] + s["filtered"]
+
+
+def test_rerun_of_a_job_killed_while_hung_on_a_trickling_host_finishes(ray_cluster, web, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    Image.new("RGB", (96, 96), "red").save(web.root / "a.jpg")
+    lst = _list(tmp_path, [web.url("trickle/body/a.jpg"), web.url("files/a.jpg")])
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: k\ntask: und\nurl_lists: [{lst}]\nfilters: {{dedup_near: false}}\n")
+    out = str(tmp_path / "out")
+    # a driver whose download deadline is far away: it hangs on the trickling host until killed
+    code = (f"from pipeline.ingest import run_ingest; run_ingest({str(manifest)!r}, {out!r}, shard_size=10, "
+            f"allow_networks=('127.0.0.0/8',), download_deadline_s=3600, ray_address={ray_cluster.get_runtime_context().gcs_address!r})")
+    driver = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        deadline = time.monotonic() + 120
+        while web.hits["/trickle/body/a.jpg"] == 0 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert web.hits["/trickle/body/a.jpg"] == 1 and driver.poll() is None  # hung mid-download
+    finally:
+        driver.kill()
+        driver.wait()
+    assert _ledger(out)[web.url("trickle/body/a.jpg")]["state"] == "pending"
+    t0 = time.monotonic()
+    s = run_ingest(str(manifest), out, shard_size=10, allow_networks=LOOPBACK, download_deadline_s=2)
+    assert time.monotonic() - t0 < 40 and (s["ok"], s["failed_by_reason"]) == (1, {"timeout": 1})
+    assert Path(out, "_summary.json").exists()
