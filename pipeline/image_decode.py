@@ -5,7 +5,9 @@ contract). img2dataset's resizer decodes with OpenCV's IMREAD_UNCHANGED, which s
 white (its JPEG encoder saturates uint16), ignores EXIF orientation (photos stored sideways, sizes
 unrotated), and mattes alpha in float64 (8 bytes per channel: 5.4 GiB RSS for one 8192x8192 16-bit RGBA
 PNG). Here Pillow decodes, after the header alone has been checked against a cap on DECODED bytes
-(width x height x bytes per pixel, source bit depth included), then:
+(width x height x bytes per pixel, source bit depth included). Plain images (8-bit RGB or grey, opaque,
+upright: most of the web) are decoded and encoded by OpenCV exactly as img2dataset does, which is faster;
+the others by Pillow:
 - EXIF orientation is applied (`original_width/height` are the upright size);
 - 16-bit samples are scaled to 8 bits (65535 -> 255), never clipped;
 - transparency is composited on white (as img2dataset does), palette and CMYK images become RGB.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -31,14 +34,22 @@ _BITS_16 = (";16", "I;16")
 ORIENTATION = 0x0112  # the EXIF tag
 
 
+def _sixteen_bit(im: Image.Image) -> bool:
+    rawmode = next((str(t.args) for t in getattr(im, "tile", []) if isinstance(t.args, str)), "")
+    return any(b in rawmode or b in im.mode for b in _BITS_16)
+
+
 def decoded_bytes(im: Image.Image) -> int:
     """Bytes the decoded image needs: pixels x max(Pillow's storage, the source's bytes per pixel)."""
     w, h = im.size
-    storage = _STORAGE.get(im.mode, 4)
-    bands = len(im.getbands())
-    rawmode = next((str(t.args) for t in getattr(im, "tile", []) if isinstance(t.args, str)), "")
-    source = bands * (2 if any(b in rawmode for b in _BITS_16) else 1)
-    return w * h * max(storage, source)
+    source = len(im.getbands()) * (2 if _sixteen_bit(im) else 1)
+    return w * h * max(_STORAGE.get(im.mode, 4), source)
+
+
+def _plain(im: Image.Image) -> bool:
+    """8-bit RGB or grey, opaque, upright: what OpenCV decodes right (and faster than Pillow)."""
+    return (im.mode in ("RGB", "L") and not _sixteen_bit(im) and "transparency" not in im.info
+            and im.getexif().get(ORIENTATION, 1) == 1)
 
 
 def to_rgb8(im: Image.Image) -> Image.Image:
@@ -50,11 +61,12 @@ def to_rgb8(im: Image.Image) -> Image.Image:
         return Image.fromarray((arr.astype(np.uint32) >> 8).astype(np.uint8), "L")
     if im.mode == "F":
         return Image.fromarray(np.asarray(im).clip(0, 255).astype(np.uint8), "L")
-    if im.mode in ("1", "L", "RGB"):
+    keyed = "transparency" in im.info  # a colour key (PNG tRNS) or a transparent palette entry
+    if im.mode in ("1", "L", "RGB") and not keyed:
         return im if im.mode != "1" else im.convert("L")
-    if im.mode == "P" and "transparency" not in im.info:
+    if im.mode == "P" and not keyed:
         return im.convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La"):
+    if keyed or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         background.alpha_composite(rgba)
@@ -73,6 +85,7 @@ class Normaliser:
     def __init__(self, encode_quality: int = 95, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES):
         self.encode_quality = encode_quality
         self.max_decoded_bytes = max_decoded_bytes
+        cv2.setNumThreads(1)  # a shard task holds one CPU (img2dataset's resizer does the same)
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         try:
@@ -83,6 +96,13 @@ class Normaliser:
                 raise netguard.FetchError(
                     "decoded_cap", f"{im.size[0]}x{im.size[1]} {im.mode} decodes to {need} bytes, over the cap of "
                     f"{self.max_decoded_bytes}", retryable=False)
+            if _plain(im):  # the common case: OpenCV, as img2dataset does, ~20% faster than Pillow on JPEG
+                img_stream.seek(0)
+                arr = cv2.imdecode(np.frombuffer(img_stream.read(), np.uint8), cv2.IMREAD_UNCHANGED)
+                if arr is not None and arr.dtype == np.uint8 and (arr.ndim == 2 or arr.shape[2] == 3):
+                    h, w = arr.shape[:2]
+                    jpeg = cv2.imencode(".jpg", arr, [cv2.IMWRITE_JPEG_QUALITY, self.encode_quality])[1].tobytes()
+                    return jpeg, w, h, w, h, None
             im.load()
             if im.getexif().get(ORIENTATION, 1) != 1:  # transposing copies: only when there is something to turn
                 im = ImageOps.exif_transpose(im)
@@ -94,6 +114,9 @@ class Normaliser:
             return buf.getvalue(), w, h, w, h, None
         except netguard.FetchError as err:
             return None, None, None, None, None, netguard.error_text(err)
+        except Image.UnidentifiedImageError:
+            return None, None, None, None, None, netguard.error_text(
+                netguard.FetchError("undecodable", "not an image format Pillow can read", retryable=False))
         except Exception as err:  # noqa: BLE001 - any decode failure is this image's, counted with its reason
             return None, None, None, None, None, netguard.error_text(
                 netguard.FetchError("undecodable", f"cannot decode: {type(err).__name__}: {err}", retryable=False))

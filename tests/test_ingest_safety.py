@@ -183,3 +183,20 @@ def test_rerun_of_a_job_killed_while_hung_on_a_trickling_host_finishes(ray_clust
     s = run_ingest(str(manifest), out, shard_size=10, allow_networks=LOOPBACK, download_deadline_s=2)
     assert time.monotonic() - t0 < 40 and (s["ok"], s["failed_by_reason"]) == (1, {"timeout": 1})
     assert Path(out, "_summary.json").exists()
+
+
+def test_normaliser_makes_every_mode_8bit_rgb_or_grey_with_transparency_on_white():
+    from pipeline.image_decode import Normaliser
+
+    def run(im, fmt="PNG", **save):
+        b = io.BytesIO()
+        im.save(b, fmt, **save)
+        data, w, h, ow, oh, err = Normaliser()(io.BytesIO(b.getvalue()))
+        assert err is None and (w, h) == (ow, oh) == im.size
+        return Image.open(io.BytesIO(data))
+
+    assert np.asarray(run(Image.new("RGB", (8, 8)), transparency=(0, 0, 0))).min() == 255  # colour key -> white
+    assert np.asarray(run(Image.new("RGBA", (8, 8), (0, 0, 0, 0)))).min() == 255
+    assert run(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG").mode == "RGB"
+    assert run(Image.new("P", (8, 8))).mode == "RGB" and run(Image.new("1", (8, 8))).mode == "L"
+    assert netguard.parse_error_text(Normaliser()(io.BytesIO(b"<html>"))[-1])[0] == "undecodable"
