@@ -4,10 +4,10 @@
 contract). img2dataset's resizer decodes with OpenCV's IMREAD_UNCHANGED, which stores 16-bit PNGs pure
 white (its JPEG encoder saturates uint16), ignores EXIF orientation (photos stored sideways, sizes
 unrotated), and mattes alpha in float64 (8 bytes per channel: 5.4 GiB RSS for one 8192x8192 16-bit RGBA
-PNG). Here Pillow decodes, after the header alone has been checked against a cap on DECODED bytes
-(width x height x bytes per pixel, source bit depth included). Plain images (8-bit RGB or grey, opaque,
-upright: most of the web) are decoded and encoded by OpenCV exactly as img2dataset does, which is faster;
-the others by Pillow:
+PNG). Here Pillow reads the header first and checks it against a cap on DECODED bytes (width x height
+x bytes per pixel, source bit depth included). Plain images (8-bit RGB or grey, opaque, upright: most of
+the web) are then decoded and encoded by OpenCV exactly as img2dataset does (faster than Pillow); all
+others by Pillow:
 - EXIF orientation is applied (`original_width/height` are the upright size);
 - 16-bit samples are scaled to 8 bits (65535 -> 255), never clipped;
 - transparency is composited on white (as img2dataset does), palette and CMYK images become RGB.
