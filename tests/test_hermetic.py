@@ -71,3 +71,20 @@ def test_full_run_sends_nothing_to_metadata_or_other_addresses(tmp_path):
     hits = json.loads(proc.stdout.rsplit("HITS ", 1)[1])
     assert hits == ["169.254.169.254:80", "198.51.100.7:80"]  # the two canaries, nothing else
     assert (tmp_path / "demo" / "train" / "all" / "model" / "config.json").exists()  # the run went all the way
+
+
+def test_local_ray_services_find_the_bootstrap_config_and_workers_keep_the_real_home(ray_cluster):
+    """How the probe is stopped, checked on the session's Ray (no namespace needed): Ray's dashboard runs with
+    the HOME that holds ray_bootstrap_config.yaml, job workers with the user's HOME."""
+    import psutil
+
+    from synergen.local_ray import BOOTSTRAP_CONFIG, ray_home
+
+    session = ray_cluster._private.worker._global_node.get_session_dir_path()
+    dashboards = [p for p in psutil.process_iter(["cmdline"])
+                  if any("dashboard/dashboard.py" in c for c in p.info["cmdline"] or [])
+                  and f"--session-dir={session}" in (p.info["cmdline"] or [])]
+    assert len(dashboards) == 1
+    home = Path(dashboards[0].environ()["HOME"])
+    assert home == ray_home() and (home / BOOTSTRAP_CONFIG).is_file()
+    assert ray_cluster.get(ray_cluster.remote(lambda: os.environ["HOME"]).remote()) == str(Path.home())
