@@ -12,7 +12,7 @@ cluster-launcher config, which `ray up` places on every head it launches. So Ray
 raylet, dashboard) start with HOME set to `ray_home()`, a folder of ours holding that file (and a link
 to the real `~/.ray`, where Ray keeps its auth token); the driver's HOME is restored as soon as
 `ray.init` returns and job workers get the real HOME back through the runtime env. A cluster operator
-does the same on a head node: see infra/README.md, "Cloud metadata".
+does the same on a head node: see infra/README.md, "Safety: cloud metadata, egress, secrets".
 """
 
 from __future__ import annotations
