@@ -17,6 +17,7 @@ does the same on a head node: see infra/README.md, "Safety: cloud metadata, egre
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -30,6 +31,8 @@ def ray_home() -> Path:
     `.ray` -> the real `~/.ray` (Ray's auth token and config stay where Ray and the user expect them)."""
     home = Path(tempfile.gettempdir()) / f"synergen-ray-home-{os.getuid()}"
     home.mkdir(mode=0o700, exist_ok=True)
+    if home.is_symlink() or home.stat().st_uid != os.getuid():  # not ours (a shared /tmp): a private one instead
+        home = Path(tempfile.mkdtemp(prefix="synergen-ray-home-"))
     cfg = home / BOOTSTRAP_CONFIG
     if not cfg.exists():
         cfg.write_text("# Written by synergen.local_ray: its presence stops Ray probing cloud metadata services.\n{}\n")
@@ -37,7 +40,10 @@ def ray_home() -> Path:
     real_ray.mkdir(exist_ok=True)
     link = home / ".ray"
     if not link.is_symlink():
-        link.symlink_to(real_ray)
+        try:
+            link.symlink_to(real_ray)
+        except FileExistsError:
+            pass  # another process of ours made it at the same moment
     return home
 
 
@@ -46,6 +52,21 @@ def ray_service_env(env: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if env is None else env)
     env["HOME"] = str(ray_home())
     return env
+
+
+@contextlib.contextmanager
+def ray_services_home():
+    """While inside, HOME is `ray_home()`: Ray processes started here (`ray.init`, `ray.cluster_utils.Cluster`
+    nodes) inherit it and skip the metadata probe. Give job workers the real HOME through their runtime env."""
+    saved = os.environ.get("HOME")
+    os.environ["HOME"] = str(ray_home())
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = saved
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
@@ -63,13 +84,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     real_home = str(Path.home())
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env["env_vars"] = {"HOME": real_home, **(runtime_env.get("env_vars") or {})}
-    saved = os.environ.get("HOME")
-    os.environ["HOME"] = str(ray_home())  # inherited by the Ray processes ray.init spawns, and only by them
-    try:
+    with ray_services_home():
         # "local": a new cluster of our own, never one that some `ray start` on this machine left running
         ray.init(address="local", num_cpus=num_cpus, ignore_reinit_error=True, runtime_env=runtime_env, **kwargs)
-    finally:
-        if saved is None:
-            os.environ.pop("HOME", None)
-        else:
-            os.environ["HOME"] = saved
