@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import filters as F
-from pipeline import netguard
+from pipeline import image_decode, netguard
 from pipeline.sources import SourceManifest, load_source_manifest, read_url_list
 from synergen.errors import SynergenError
 from synergen.local_ray import init_ray
@@ -72,13 +72,16 @@ class IngestOptions:
     shard_size: int = 1000
     allow_private_network: bool = False
     allow_networks: tuple[str, ...] = ()  # CIDRs allowed although private, e.g. ("127.0.0.0/8",); link-local never
-    timeout: float = 10.0
+    timeout: float = 10.0  # seconds per socket operation
+    download_deadline_s: float = netguard.DEFAULT_TOTAL_TIMEOUT  # one download, all of it (trickling hosts: `timeout`)
+    shard_download_deadline_s: float | None = None  # a shard's whole download phase; None: from the two above
     thread_count: int = 32
     max_attempts: int = 3  # downloads per URL across re-runs before a retryable failure is final
     task_retries: int = 3  # Ray retries of one shard task (worker died, or img2dataset returned ok=False)
     shard_deadline_s: float | None = None  # None: 3x the median shard time so far (at least 60 s)
     max_bytes: int = netguard.DEFAULT_MAX_BYTES
     max_pixels: int = netguard.DEFAULT_MAX_PIXELS
+    max_decoded_bytes: int = image_decode.DEFAULT_MAX_DECODED_BYTES  # width x height x bytes per pixel
     encode_quality: int = 95
     connect_audit: str | None = None  # file where workers record every connect address (tests prove the guard)
 
@@ -142,17 +145,17 @@ def download_shard(spec: dict, dedup) -> dict:
 def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     import ray
     from img2dataset.downloader import Downloader
-    from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
     import webdataset as wds
 
     opts = IngestOptions(**spec["options"])
-    netguard.install(netguard.AddressPolicy(opts.allow_private_network, tuple(opts.allow_networks),
-                                           opts.max_bytes, opts.max_pixels),
-                     opts.connect_audit)
     sid, rows = spec["shard"], spec["rows"]
     t0 = time.time()
     todo = [i for i, r in enumerate(rows) if not r["_prefilter"]]
+    netguard.install(netguard.AddressPolicy(opts.allow_private_network, tuple(opts.allow_networks), opts.max_bytes,
+                                           opts.max_pixels, total_timeout=opts.download_deadline_s),
+                     opts.connect_audit, deadline_s=netguard.shard_download_deadline(
+                         len(todo), opts.thread_count, opts.download_deadline_s, opts.shard_download_deadline_s))
     staged_meta: dict[int, dict] = {}
     staged_img: dict[int, bytes] = {}
     if todo:
@@ -160,9 +163,7 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
         table = pa.table({"url": [rows[i]["url"] for i in todo], "caption": [rows[i]["caption"] for i in todo]})
         with pa.OSFile(str(ipc), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
-        resizer = Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, encode_quality=opts.encode_quality,
-                          encode_format="jpg", skip_reencode=False, disable_all_reencoding=False, min_image_size=0,
-                          max_image_area=float("inf"), max_aspect_ratio=float("inf"), blurrer=None)
+        resizer = image_decode.Normaliser(opts.encode_quality, opts.max_decoded_bytes)
         dl_dir = tmp / "dl"
         dl_dir.mkdir()
         downloader = Downloader(
@@ -190,7 +191,7 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     for i, r in enumerate(rows):
         key = f"{sid * 10**oom_rows + i:0{oom_rows + SHARD_DIGITS}d}"
         meta = staged_meta.get(i, {})
-        rec = {"row_id": r["row_id"], "url": r["url"], "shard": sid, "key": key, "sha256": meta.get("sha256"),
+        rec = {"row_id": r["row_id"], "url": netguard.redact_url(r["url"]), "shard": sid, "key": key, "sha256": meta.get("sha256"),
                "phash": None, "dup_of": r.get("_dup_of"), "width": meta.get("width"), "height": meta.get("height"),
                "original_width": meta.get("original_width"), "original_height": meta.get("original_height"),
                "error_message": meta.get("error_message"), "downloaded": not r["_prefilter"]}
@@ -226,16 +227,17 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
         for i, (r, rec) in enumerate(zip(rows, records)):
             if rec["state"] != "ok":
                 continue
-            meta = {k: r[k] for k in ["url", "caption", *spec["extra_columns"]]}
-            meta.update({k: rec[k] for k in ("key", "status", "width", "height", "original_width", "original_height", "sha256")})
+            meta = {k: rec[k] for k in ("key", "status", "width", "height", "original_width", "original_height", "sha256")}
+            meta |= {k: r[k] for k in ["caption", *spec["extra_columns"]]} | {"url": rec["url"]}  # input columns win
             meta["error_message"] = None
             tw.write({"__key__": rec["key"], "jpg": staged_img[i], "txt": r["caption"] or "", "json": json.dumps(meta)})
             n_bytes += len(staged_img[i])
-    cols = {"url": pa.array([r["url"] for r in rows], pa.string()),
+    cols = {"url": pa.array([rec["url"] for rec in records], pa.string()),
             "caption": pa.array([r["caption"] for r in rows], pa.string())}
     cols |= {c: pa.array([r.get(c) for r in rows]) for c in spec["extra_columns"]}
     for c, typ in SHARD_COLUMNS:
-        cols[c] = pa.array([rec[c] for rec in records], typ)
+        if c not in ("width", "height") or c not in cols:  # an input's own width/height (COYO) is kept
+            cols[c] = pa.array([rec[c] for rec in records], typ)
     pq.write_table(pa.table(cols), final / f"{name}.parquet")
     counts = shard_counts(records)
     stats = {"count": len(rows), "successes": counts["ok"],
@@ -325,6 +327,9 @@ def _prefilter(rows: list[dict], m: SourceManifest, filters: list) -> None:
     first_of: dict[str, str] = {}
     for r in rows:
         r["_prefilter"], r["_dup_of"] = None, None
+        if r.get("bad_row"):  # a row of the URL list that could not be read (pipeline.sources.BAD_ROW)
+            r["_prefilter"] = r["bad_row"]
+            continue
         if not r["url"]:
             r["_prefilter"] = "url_missing"
             continue
@@ -381,7 +386,7 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
     for sid, srows in plan.items():
         for i, r in enumerate(srows):
             old = ledger.rows.get(r["row_id"], {})
-            ledger.rows[r["row_id"]] = {"row_id": r["row_id"], "url": r["url"], "shard": sid,
+            ledger.rows[r["row_id"]] = {"row_id": r["row_id"], "url": netguard.redact_url(r["url"]), "shard": sid,
                                         "key": f"{sid * 10**oom_rows + i:0{oom_rows + SHARD_DIGITS}d}",
                                         "state": "pending", "reason": None, "dup_of": None,
                                         "attempts": old.get("attempts") or 0, "sha256": None, "phash": None}
@@ -452,7 +457,7 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
             ledger.flush()
             last_flush = time.time()
     for sid, err in failed_shards.items():
-        ledger.apply([{"row_id": r["row_id"], "url": r["url"], "shard": sid, "key": ledger.rows[r["row_id"]]["key"],
+        ledger.apply([{"row_id": r["row_id"], "url": netguard.redact_url(r["url"]), "shard": sid, "key": ledger.rows[r["row_id"]]["key"],
                        "state": "failed_retryable", "reason": "shard_failed"} for r in plan[sid]], count_attempt=True)
     ledger.flush()
     if fs.exists(f"{root}/{STAGING}"):

@@ -9,12 +9,15 @@ Serves files from a folder and a few misbehaving endpoints, so downloads exercis
     /redirect?to=URL            302 to URL
     /as/CONTENT_TYPE/NAME       serves NAME with another content type (e.g. text/html)
     /robots/DIRECTIVE/NAME      serves NAME with `X-Robots-Tag: DIRECTIVE`
+    /trickle/PART/NAME          one byte every `trickle_interval` s, forever, in PART: status (the status line),
+                                headers (an endless header) or body (NAME's bytes, then padding); never completes
 Every request is counted by path (`server.hits`), so tests can prove what was (not) asked for again.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import mimetypes
 import socket
 import threading
@@ -85,7 +88,31 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_file(name, content_type=ctype)
         if kind == "robots":
             return self._send_file(parts[2], extra={"X-Robots-Tag": urllib.parse.unquote(parts[1])})
+        if kind == "trickle":
+            return self._trickle(parts[1], parts[2] if len(parts) > 2 else "")
         return self._status(404)
+
+    def _trickle(self, part: str, name: str):
+        self.close_connection = True
+        path = self.server.root / urllib.parse.unquote(name)
+        body = path.read_bytes() if path.is_file() else b""
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+        if part == "status":
+            sent, stream = b"", itertools.chain(b"HTTP/1.1 200 ", itertools.repeat(ord("O")))
+        elif part == "headers":
+            sent, stream = head, itertools.chain(b"X-Pad: ", itertools.repeat(ord("a")))
+        else:  # body: the announced length is never reached
+            sent = head + f"Content-Length: {len(body) + 1000}\r\n\r\n".encode()
+            stream = itertools.chain(body, itertools.repeat(0))
+        try:
+            self.wfile.write(sent)
+            for byte in stream:
+                if self.server.stopping.wait(self.server.trickle_interval):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        except OSError:
+            return  # the client gave up: what a trickling host sees when a deadline works
 
 
 class _Server(ThreadingHTTPServer):
@@ -97,6 +124,8 @@ class _Server(ThreadingHTTPServer):
         self.root = root.resolve()
         self.hits: collections.Counter[str] = collections.Counter()
         self.unslowed = False
+        self.trickle_interval = 0.2
+        self.stopping = threading.Event()
 
 
 class LocalWeb:
@@ -127,5 +156,6 @@ class LocalWeb:
         return self
 
     def stop(self) -> None:
+        self._server.stopping.set()  # ends trickling responses
         self._server.shutdown()
         self._server.server_close()

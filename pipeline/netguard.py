@@ -3,8 +3,19 @@
 `fetch(url, policy)` resolves the host, refuses private / loopback / link-local / multicast / reserved
 addresses BEFORE any socket connects, then connects to the vetted IP itself (so a second DNS answer
 cannot swap the address: no rebinding window). Every redirect hop passes through the same check.
-Only http and https are opened (no file:, ftp:, data:), bodies are capped in bytes, and image headers
-are checked against a decoded-pixel cap before anything decodes them (decompression bombs).
+Only http and https are opened (no file:, ftp:, data:), URLs with `user:password@` are refused (policy:
+credentials are never sent), bodies are capped in bytes, and image headers are checked against a
+decoded-pixel cap before anything decodes them (decompression bombs). Cloud metadata addresses
+(`METADATA_NETWORKS`, in every IPv4-in-IPv6 form) are refused always, whatever the policy allows.
+
+Every download has a TOTAL deadline (`AddressPolicy.total_timeout`: connect + status line + headers +
+body, redirects included) besides the per-socket-operation timeout: a server trickling one byte at a
+time is cut off when the deadline passes (a watchdog shuts its socket down) and the download fails as
+`timeout` (retryable). `install(..., deadline=...)` also bounds a whole shard's download phase: past that
+moment, running downloads are cut and queued ones fail at once as `shard_deadline` (retryable).
+
+What is stored about a URL is `redact_url(url)` (userinfo, fragment and secret-looking query values
+removed) plus `url_hash(url)` of the full URL for identity; nothing else of a URL reaches a file or a log.
 
 `install(policy)` puts this fetch into img2dataset's downloader inside the current process (a Ray
 worker): img2dataset looks `download_image` up as a module global on every call.
@@ -15,14 +26,18 @@ Errors carry a stable reason code (`FetchError.reason`) and whether a later retr
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import ipaddress
 import logging
+import math
+import re
 import socket
 import ssl
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +49,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 8k x 8k; a 20000x20000 PNG bomb (400M pixels) is refused
+DEFAULT_TOTAL_TIMEOUT = 60.0  # seconds for one download, all of it (a 32 MiB body needs ~4.5 Mbit/s)
+# Cloud metadata / instance services: refused always, whatever allow_private_network or allow_networks say.
+METADATA_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "169.254.0.0/16",      # link-local v4: AWS/GCP/Azure/OpenStack/DigitalOcean metadata, ECS task metadata
+    "fe80::/10",           # link-local v6
+    "fd00:ec2::254/128",   # AWS IMDS over IPv6
+    "100.100.100.200/32",  # Alibaba Cloud metadata
+    "168.63.129.16/32",    # Azure WireServer (a public address that answers only inside Azure)
+    "192.0.0.192/32",      # Oracle Cloud metadata (legacy address)
+))
 # The four directives img2dataset treats as opt-outs by default.
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 USER_AGENT = "Mozilla/5.0 (compatible; synergen-ingest; +https://github.com/rom1504/img2dataset)"
@@ -49,6 +74,7 @@ class AddressPolicy:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_redirects: int = 5
+    total_timeout: float = DEFAULT_TOTAL_TIMEOUT  # connect + headers + body of one download, redirects included
 
 
 class FetchError(Exception):
@@ -65,25 +91,66 @@ class BlockedAddress(FetchError):
         super().__init__("blocked_address", message, retryable=False)
 
 
+# Query parameters whose values are credentials: presigned S3/GCS/Azure/CloudFront URLs, OAuth, API keys.
+_SECRET_KEY = re.compile(r"sig|signature|token|secret|passw|pwd|credential|auth|key|session|sid|code|policy", re.I)
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9+/=_%.~-]{24,}")  # a long opaque value is treated as a secret whatever its name
+
+
 def redact_url(url: str) -> str:
-    """The URL without user:password and without its query and fragment (where tokens and signatures live)."""
+    """What is stored and logged of a URL: scheme, host, port, path, and the query with every value that may
+    be a credential replaced by `REDACTED` (a secret-looking parameter name, or a value of 24+ opaque
+    characters); user:password and the fragment are dropped. Deterministic, so equal URLs redact equally."""
     try:
         p = urllib.parse.urlsplit(url)
         host = p.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
         if p.port:
             host = f"{host}:{p.port}"
-        return urllib.parse.urlunsplit((p.scheme, host, p.path, "", "")) + ("?<redacted>" if p.query else "")
-    except ValueError:
+        query = "&".join(
+            f"{k}={'REDACTED' if _SECRET_KEY.search(k) or _TOKEN_LIKE.fullmatch(v) else v}" if sep else k
+            for k, sep, v in (part.partition("=") for part in p.query.split("&") if part))
+        return urllib.parse.urlunsplit((p.scheme, host, p.path, query, ""))
+    except (ValueError, TypeError):
         return "<unparseable url>"
 
 
+def url_hash(url: str) -> str:
+    """A stable identity of the full URL (secrets included, never revealed): 20 hex digits of its SHA-1."""
+    return hashlib.sha1(str(url).encode("utf-8", "surrogatepass")).hexdigest()[:20]
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64): each is checked too."""
+    out = []
+    if addr.ipv4_mapped:
+        out.append(addr.ipv4_mapped)
+    if addr.sixtofour:
+        out.append(addr.sixtofour)
+    if addr.teredo:
+        out.extend(addr.teredo)
+    packed = addr.packed
+    if packed[:12] == bytes(12) and packed[12:] != bytes(4):  # ::a.b.c.d (deprecated IPv4-compatible)
+        out.append(ipaddress.IPv4Address(packed[12:]))
+    if packed[:12] == bytes.fromhex("0064ff9b0000000000000000") or packed[:6] == bytes.fromhex("0064ff9b0001"):
+        out.append(ipaddress.IPv4Address(packed[12:]))  # NAT64 64:ff9b::/96 and 64:ff9b:1::/48
+    return out
+
+
 def check_ip(ip: str, policy: AddressPolicy) -> None:
-    """Raise BlockedAddress unless `ip` is a public unicast address (or private/loopback when allowed)."""
+    """Raise BlockedAddress unless `ip` is a public unicast address (or private/loopback when allowed).
+    Metadata addresses (`METADATA_NETWORKS`, also inside any IPv4-in-IPv6 form) are refused whatever the policy."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    candidates = [addr]
+    if isinstance(addr, ipaddress.IPv6Address):
+        candidates += _embedded_ipv4(addr)
+    for a in candidates:
+        if any(a in net for net in METADATA_NETWORKS if net.version == a.version):
+            raise BlockedAddress(f"{a} is a cloud metadata / link-local address; always refused")
+    for a in candidates[1:]:
+        check_ip(str(a), policy)  # an embedded IPv4 is checked as if it were the address
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if addr.is_link_local:
-        raise BlockedAddress(f"{addr} is link-local (cloud metadata services live here); always refused")
+        return
     if addr.is_multicast:
         raise BlockedAddress(f"{addr} is multicast")
     if addr.is_unspecified:
@@ -110,14 +177,61 @@ def resolve_checked(host: str, port: int, policy: AddressPolicy) -> list[tuple]:
     return infos
 
 
+class _Deadline:
+    """The moment one download must be over. At that moment a timer shuts down every socket the download
+    opened, so a blocked read returns at once however slowly the server trickles; `expired` then says why."""
+
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(seconds, 0.0), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            if not self.expired:
+                return
+        self._shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            socks = list(self._socks)
+        for sock in socks:
+            self._shutdown(sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+
+    def close(self) -> None:
+        self._timer.cancel()
+
+
+_current = threading.local()  # the _Deadline of the download this thread is running
+
+
 def _connect_vetted(host: str, port: int, timeout, policy: AddressPolicy) -> socket.socket:
     err: OSError | None = None
+    deadline: _Deadline | None = getattr(_current, "deadline", None)
     for family, type_, proto, _, sockaddr in resolve_checked(host, port, policy):
         sock = socket.socket(family, type_, proto)
         try:
             if timeout is not None and timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
-                sock.settimeout(timeout)
+                sock.settimeout(timeout if deadline is None else max(0.001, min(timeout, deadline.remaining())))
             sock.connect(sockaddr)
+            if deadline is not None:
+                deadline.watch(sock)
             return sock
         except OSError as e:
             sock.close()
@@ -167,9 +281,7 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
 
     def http_error_302(self, req, fp, code, msg, headers):
         target = headers.get("location") or headers.get("uri") or ""
-        scheme = urllib.parse.urlsplit(urllib.parse.urljoin(req.full_url, target)).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise FetchError("blocked_scheme", f"redirect to a {scheme}: URL refused", retryable=False)
+        _check_url(urllib.parse.urljoin(req.full_url, target), "redirect to ")
         return super().http_error_302(req, fp, code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
@@ -234,16 +346,37 @@ def _classify(err: BaseException) -> FetchError:
 _openers = threading.local()
 
 
-def fetch(url: str, policy: AddressPolicy, timeout: float = 10.0, opt_out_directives=OPT_OUT_DIRECTIVES,
-          user_agent: str = USER_AGENT) -> bytes:
-    """The image bytes at `url`, or FetchError with a reason. No socket opens to a refused address."""
-    scheme = urllib.parse.urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+def _check_url(url, what: str = "") -> None:
+    """Refuse what no policy allows: schemes other than http(s), and credentials in the URL."""
+    try:
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    except ValueError as err:
+        raise FetchError("bad_url", f"{what}unparseable URL: {err}", retryable=False) from err
+    scheme = parts.scheme.lower() if parts else ""
     if scheme not in ("http", "https"):
-        raise FetchError("blocked_scheme", f"only http and https are fetched, not {scheme or 'this'}: URLs", retryable=False)
+        raise FetchError("blocked_scheme", f"{what}a {scheme or 'non-http'}: URL refused; only http and https are fetched",
+                         retryable=False)
+    if "@" in parts.netloc:
+        raise FetchError("userinfo", f"{what}a URL with user:password@ refused: credentials are never sent to an image "
+                         "host; give a URL without them (a presigned URL works)", retryable=False)
+
+
+def fetch(url: str, policy: AddressPolicy, timeout: float = 10.0, opt_out_directives=OPT_OUT_DIRECTIVES,
+          user_agent: str = USER_AGENT, deadline_at: float | None = None) -> bytes:
+    """The image bytes at `url`, or FetchError with a reason. No socket opens to a refused address.
+
+    `timeout` bounds each socket operation; `policy.total_timeout` the whole download; `deadline_at`
+    (time.monotonic()) an outer bound, e.g. the end of the shard's download phase.
+    """
+    _check_url(url)
     cache = getattr(_openers, "by_policy", None)  # one opener per thread and policy (openers hold handler state)
     if cache is None:
         cache = _openers.by_policy = {}
     opener = cache.get(policy) or cache.setdefault(policy, build_opener(policy))
+    budget = policy.total_timeout if deadline_at is None else min(policy.total_timeout, deadline_at - time.monotonic())
+    if budget <= 0:
+        raise FetchError("shard_deadline", "the shard's download phase ended before this URL's turn", retryable=True)
+    deadline = _current.deadline = _Deadline(budget)
     try:
         req = urllib.request.Request(url, headers={"User-Agent": user_agent})
         with opener.open(req, timeout=timeout) as resp:
@@ -256,6 +389,8 @@ def fetch(url: str, policy: AddressPolicy, timeout: float = 10.0, opt_out_direct
             if length and length.isdigit() and int(length) > policy.max_bytes:
                 raise FetchError("byte_cap", f"{length} bytes announced, cap {policy.max_bytes}", retryable=False)
             data = resp.read(policy.max_bytes + 1)
+            if deadline.expired:
+                raise TimeoutError
             if len(data) > policy.max_bytes:
                 raise FetchError("byte_cap", f"body exceeds the cap of {policy.max_bytes} bytes", retryable=False)
             if length and length.isdigit() and len(data) < int(length):
@@ -263,9 +398,24 @@ def fetch(url: str, policy: AddressPolicy, timeout: float = 10.0, opt_out_direct
     except BaseException as err:  # noqa: BLE001 - every failure becomes a classified FetchError
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
+        if deadline.expired:  # whatever the cut-off socket raised, the cause is the deadline
+            raise FetchError("timeout", f"no complete response within {budget:.1f} s (total deadline)",
+                             retryable=True) from err
         raise _classify(err) from err
+    finally:
+        deadline.close()
+        _current.deadline = None
     check_pixels(data, policy)
     return data
+
+
+def shard_download_deadline(n_downloads: int, threads: int, download_deadline_s: float,
+                            override_s: float | None = None) -> float:
+    """Seconds a shard's download phase may take: `override_s`, else room for every download to use its whole
+    deadline twice over (so only a host that stalls DNS or a bug, never a slow-but-working web, hits it)."""
+    if override_s is not None:
+        return override_s
+    return download_deadline_s * 2 * (1 + math.ceil(n_downloads / max(threads, 1)))
 
 
 # img2dataset passes errors through as strings: "reason|r|message" (r = retryable flag 0/1).
@@ -290,7 +440,8 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives,
     """img2dataset's `download_image` contract: (key, BytesIO | None, error | None), guarded by `policy`."""
     key, url = row
     try:
-        data = fetch(url, policy or _installed_policy, timeout, tuple(disallowed_header_directives or ()))
+        data = fetch(url, policy or _installed_policy, timeout, tuple(disallowed_header_directives or ()),
+                     deadline_at=_installed_deadline)
         return key, io.BytesIO(data), None
     except FetchError as err:
         log.debug("download refused or failed: %s (%s)", redact_url(url), err.reason)
@@ -298,6 +449,7 @@ def download_image(row, timeout, user_agent_token, disallowed_header_directives,
 
 
 _installed_policy = AddressPolicy()
+_installed_deadline: float | None = None
 _audit_path: str | None = None
 _audit_installed = False
 
@@ -311,15 +463,17 @@ def _audit(event: str, args) -> None:
                 f.write(f"{addr[0]}\n")
 
 
-def install(policy: AddressPolicy, connect_audit: str | None = None) -> None:
+def install(policy: AddressPolicy, connect_audit: str | None = None, deadline_s: float | None = None) -> None:
     """Route img2dataset's downloads in this process through `fetch` under `policy` (and urllib's default opener).
 
     `connect_audit`: a file to which every socket connect of this process appends its address (proof for tests).
+    `deadline_s`: from now, how long downloads may go on (a shard's download phase); None: no outer bound.
     """
-    global _installed_policy, _audit_path, _audit_installed
+    global _installed_policy, _installed_deadline, _audit_path, _audit_installed
     import img2dataset.downloader as dl
 
     _installed_policy = policy
+    _installed_deadline = None if deadline_s is None else time.monotonic() + deadline_s
     dl.download_image = download_image
     urllib.request.install_opener(build_opener(policy))
     _audit_path = connect_audit

@@ -4,12 +4,21 @@
 ManifestError naming the file, the key and the fix. `read_url_list(manifest)` reads every URL-list file
 (parquet, csv or jsonl; a glob or a list; local or s3://) into one table with the columns `url`,
 `caption`, the manifest's extra columns and a stable `row_id`, and checks the columns first, so a
-list without its url or caption column fails before anything is downloaded.
+list without its url or caption column fails before anything is downloaded. A column may have other
+names in other releases of a corpus (`column_aliases`). Real-world lists are read robustly: CSV captions
+may hold quoted newlines; a row that cannot be read (a malformed JSON line, a lone surrogate, invalid
+UTF-8 in a URL or text column, a CSV line with the wrong number of fields) becomes a `bad_row` counted as
+`url_list_bad_row` while the rest of the file is read; a file that cannot be read at all is a
+UrlListError naming the file, the line or row group, and the fix.
 """
 
 from __future__ import annotations
 
-import hashlib
+import difflib
+import json
+import logging
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +27,10 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.netguard import url_hash
 from synergen.errors import ManifestError, SynergenError
+
+log = logging.getLogger(__name__)
 
 
 class UrlListError(SynergenError):
@@ -64,12 +76,18 @@ class SourceManifest(BaseModel):
     url_column: str = "url"
     caption_column: str = "caption"
     extra_columns: list[str] = Field(default_factory=list)
+    column_aliases: dict[str, list[str]] = Field(
+        default_factory=dict, description="column -> other names it has in other releases of the corpus; the first "
+        "one a file has is read under the column's name (e.g. aesthetic: [AESTHETIC_SCORE])")
     filters: FilterConfig = Field(default_factory=FilterConfig)
 
     @field_validator("url_lists", mode="before")
     @classmethod
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str) else v
+
+    def wanted_columns(self) -> list[str]:
+        return [self.url_column, self.caption_column, *self.extra_columns]
 
     @model_validator(mode="after")
     def _metadata_columns_are_carried(self):
@@ -132,37 +150,189 @@ def _format_of(path: str, fmt: str) -> str:
     raise UrlListError(f"{path}: cannot tell the format from the extension; set format: parquet|csv|jsonl in the manifest")
 
 
-def _read_one(path: str, fmt: str, m: SourceManifest) -> pa.Table:
-    import pyarrow.csv as pcsv
-    import pyarrow.json as pjson
+BAD_ROW = "url_list_bad_row"  # the reason a row that could not be read is counted under
+
+
+@dataclass
+class _Part:
+    """One file's rows as Python lists (text decoded here, so one bad value spoils one row, not the file)."""
+
+    path: str
+    columns: dict[str, list]  # manifest column name -> values
+    bad: list[str | None]  # per row: None, or why the row is unreadable (it is counted, never downloaded)
+    caption_utf8: list[bool]
+
+
+def _resolve(path: str, names: list[str], m: SourceManifest) -> dict[str, str]:
+    """Manifest column -> the file's column (itself or its first alias present); a clear error for what lacks."""
+    got, missing = {}, []
+    for col in m.wanted_columns():
+        found = next((c for c in (col, *m.column_aliases.get(col, [])) if c in names), None)
+        if found is None:
+            missing.append(col)
+        else:
+            got[col] = found
+    for role, col in (("url_column", m.url_column), ("caption_column", m.caption_column)):
+        if col in missing:
+            raise UrlListError(f"{path}: URL list has no column {col!r} (the manifest's {role}); its columns are "
+                               f"{names}; set {role} in the manifest to the right one{_alias_hint(col, names)}")
+    if missing:
+        used = {c for c in missing if c in m.filters.metadata or c == m.filters.language_column}
+        fixes = [f"{c!r}{_alias_hint(c, names)}" for c in missing]
+        hint = (" or, where a column has another name in this release, map it in the manifest with "
+                "column_aliases: {NAME: [NAME_IN_FILE]}")
+        if used:
+            raise UrlListError(f"{path}: URL list lacks {fixes}, which filters use; its columns are {names}; "
+                               f"remove the filters on {sorted(used)} and these names from extra_columns," + hint)
+        raise UrlListError(f"{path}: URL list lacks extra_columns {fixes}; its columns are {names}; drop them from "
+                           "extra_columns in the manifest," + hint)
+    return got
+
+
+def _alias_hint(col: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(col.lower(), [n.lower() for n in names], n=1, cutoff=0.5)
+    if not close:
+        close = [n for n in names if col.lower() in n.lower()][:1]
+    if not close:
+        return ""
+    actual = next(n for n in names if n.lower() == close[0].lower())
+    return f" (this file has {actual!r}: column_aliases: {{{col}: [{actual}]}} in the manifest reads it as {col!r})"
+
+
+def _decode(path: str, table: pa.Table, cols: dict[str, str], m: SourceManifest, where) -> _Part:
+    """Python values of the wanted columns; text is decoded per value: a bad URL or extra value makes a bad row,
+    a bad caption is kept as not-UTF-8 (the caption filter counts it)."""
+    n = table.num_rows
+    bad: list[str | None] = [None] * n
+    out: dict[str, list] = {}
+    utf8 = [True] * n
+    for col, src in cols.items():
+        arr = table.column(src)
+        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
+            raw = arr.cast(pa.binary() if not pa.types.is_large_string(arr.type) else pa.large_binary()).to_pylist()
+            vals = []
+            for i, v in enumerate(raw):
+                try:
+                    vals.append(None if v is None else v.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    vals.append(None)
+                    if col == m.caption_column:
+                        utf8[i] = False
+                    elif bad[i] is None:
+                        bad[i] = f"{where(i)}: column {src!r} is not UTF-8 ({err.reason} at byte {err.start})"
+            out[col] = vals
+        else:
+            out[col] = arr.to_pylist()
+    return _Part(path, out, bad, utf8)
+
+
+def _read_parquet(path: str, f, m: SourceManifest) -> _Part:
     import pyarrow.parquet as pq
 
-    wanted = [m.url_column, m.caption_column, *m.extra_columns]
-    with fsspec.open(path, "rb", compression="infer") as f:
-        if fmt == "parquet":
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            _check_columns(path, names, m)
-            return pf.read(columns=wanted)
-        if fmt == "csv":
-            # captions read as bytes, so a non-UTF-8 caption is counted by a filter instead of failing the file
-            head = pcsv.open_csv(f, convert_options=pcsv.ConvertOptions(column_types={m.caption_column: pa.binary()}))
-            _check_columns(path, head.schema.names, m)
-            return head.read_all().select(wanted)
-        table = pjson.read_json(f)
-        _check_columns(path, table.schema.names, m)
-        return table.select(wanted)
+    try:
+        pf = pq.ParquetFile(f)
+    except (pa.ArrowException, OSError) as err:
+        raise UrlListError(f"{path}: not a readable parquet file ({err}); re-download or re-export it, or remove it "
+                           "from url_lists") from None
+    cols = _resolve(path, pf.schema_arrow.names, m)
+    parts = []
+    for g in range(pf.num_row_groups):
+        try:
+            parts.append(pf.read_row_group(g, columns=sorted(set(cols.values()))))
+        except (pa.ArrowException, OSError) as err:
+            raise UrlListError(f"{path}: row group {g} of {pf.num_row_groups} cannot be read ({err}); re-download or "
+                               "re-export the file, or remove it from url_lists") from None
+    table = pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(sorted(set(cols.values())))
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + p.num_rows)
+
+    def where(i):
+        g = next(k for k in range(len(parts)) if offsets[k] <= i < offsets[k + 1])
+        return f"{path}: row group {g}, row {i - offsets[g]}"
+
+    return _decode(path, table, cols, m, where)
 
 
-def _check_columns(path: str, names: list[str], m: SourceManifest) -> None:
-    for role, col in (("url_column", m.url_column), ("caption_column", m.caption_column)):
-        if col not in names:
-            raise UrlListError(f"{path}: URL list has no column {col!r} (the manifest's {role}); its columns are "
-                               f"{names}; set {role} in the manifest to the right one")
-    missing = [c for c in m.extra_columns if c not in names]
-    if missing:
-        raise UrlListError(f"{path}: URL list lacks extra_columns {missing}; its columns are {names}; "
-                           f"drop them from extra_columns in the manifest")
+def _read_csv(path: str, f, m: SourceManifest) -> _Part:
+    import pyarrow.csv as pcsv
+
+    skipped: list[str] = []
+
+    def skip(row):  # a row with the wrong number of fields: counted, the rest of the file is read
+        skipped.append(f"{path}: line {row.number if row.number is not None else '?'}: {row.text[:80]!r} has "
+                       f"{row.actual_columns} fields, the header {row.expected_columns}")
+        return "skip"
+
+    try:
+        # quoted captions may hold newlines; text read as bytes and decoded per value (a bad one spoils one row)
+        reader = pcsv.open_csv(f, parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip),
+                               convert_options=pcsv.ConvertOptions(check_utf8=False, column_types={
+                                   c: pa.binary() for c in (m.url_column, m.caption_column)}))
+        cols = _resolve(path, reader.schema.names, m)
+        table = reader.read_all()
+    except pa.ArrowInvalid as err:
+        raise UrlListError(f"{path}: not a readable CSV file ({err}); fix the named line (quote fields that hold "
+                           "commas, quotes or newlines) or remove the file from url_lists") from None
+    part = _decode(path, table, cols, m, lambda i: f"{path}: data row {i + 1}")
+    return _with_bad_rows(part, skipped)
+
+
+def _read_jsonl(path: str, f, m: SourceManifest) -> _Part:
+    import pyarrow.json as pjson
+
+    data = f.read()
+    try:
+        table = pjson.read_json(pa.BufferReader(data))
+        return _decode(path, table, _resolve(path, table.schema.names, m), m, lambda i: f"{path}: line {i + 1}")
+    except pa.ArrowInvalid:
+        pass  # a malformed line somewhere: parse line by line, count the bad ones, keep the rest
+    rows, skipped = [], []
+    for n, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\\ud800) cannot be stored
+            rows.append(obj)
+        except (ValueError, UnicodeError) as err:
+            skipped.append(f"{path}: line {n}: {err}")
+    if not rows and skipped:
+        raise UrlListError(f"{skipped[0]}; no line of this file is a JSON object; give one JSON object per line "
+                           "(JSON Lines) or remove the file from url_lists")
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    cols = _resolve(path, names, m)
+    part = _Part(path, {c: [r.get(src) for r in rows] for c, src in cols.items()}, [None] * len(rows),
+                 [True] * len(rows))
+    return _with_bad_rows(part, skipped)
+
+
+def _with_bad_rows(part: _Part, skipped: list[str]) -> _Part:
+    """Append one placeholder row per unreadable line, so it is counted (`url_list_bad_row`) and reconciles."""
+    for why in skipped:
+        for vals in part.columns.values():
+            vals.append(None)
+        part.bad.append(why)
+        part.caption_utf8.append(True)
+    return part
+
+
+_READERS = {"parquet": _read_parquet, "csv": _read_csv, "jsonl": _read_jsonl}
+
+
+def _read_one(path: str, fmt: str, m: SourceManifest) -> _Part:
+    try:
+        with fsspec.open(path, "rb", compression="infer") as f:
+            part = _READERS[fmt](path, f, m)
+    except (OSError, EOFError, zlib.error, pa.ArrowException) as err:  # unreadable bytes, a broken .gz, a vanished object
+        raise UrlListError(f"{path}: cannot read the URL list ({type(err).__name__}: {err}); check the file or remove "
+                           "it from url_lists") from None
+    bad = [b for b in part.bad if b]
+    if bad:
+        log.warning("%s: %d unreadable rows counted as %s and skipped, e.g. %s", path, len(bad), BAD_ROW, bad[0])
+    return part
 
 
 def row_ids(urls: list[str]) -> list[str]:
@@ -172,34 +342,25 @@ def row_ids(urls: list[str]) -> list[str]:
     for u in urls:
         n = seen.get(u, 0)
         seen[u] = n + 1
-        out.append(f"{hashlib.sha1(str(u).encode('utf-8', 'surrogatepass')).hexdigest()[:20]}-{n}")
+        out.append(f"{url_hash(u)}-{n}")
     return out
 
 
 def read_url_list(m: SourceManifest) -> pa.Table:
-    """All rows of the manifest's URL lists: row_id, url, caption (str or None), caption_utf8 (bool), extras."""
-    parts = []
-    for path in expand_url_lists(m.url_lists):
-        t = _read_one(path, _format_of(path, m.format), m)
-        parts.append(t)
-    urls, captions, utf8 = [], [], []
+    """All rows of the manifest's URL lists: row_id, url, caption (str or None), caption_utf8 (bool), bad_row
+    (None, or `url_list_bad_row` for a row that could not be read: it is counted, never downloaded), extras."""
+    urls, captions, utf8, bad = [], [], [], []
     extras: dict[str, list] = {c: [] for c in m.extra_columns}
-    for t in parts:
-        urls.extend(t.column(m.url_column).to_pylist())
-        for cap in t.column(m.caption_column).to_pylist():
-            if isinstance(cap, bytes):
-                try:
-                    cap, ok = cap.decode("utf-8"), True
-                except UnicodeDecodeError:
-                    cap, ok = None, False
-            else:
-                ok = True
-            captions.append(None if cap is None else str(cap))
-            utf8.append(ok)
+    for path in expand_url_lists(m.url_lists):
+        part = _read_one(path, _format_of(path, m.format), m)
+        urls.extend(None if u is None else str(u) for u in part.columns[m.url_column])
+        captions.extend(None if c is None else str(c) for c in part.columns[m.caption_column])
+        utf8.extend(part.caption_utf8)
+        bad.extend(BAD_ROW if b else None for b in part.bad)
         for c in m.extra_columns:
-            extras[c].extend(t.column(c).to_pylist())
-    urls = [None if u is None else str(u) for u in urls]
-    cols = {"row_id": row_ids([u or "" for u in urls]), "url": urls, "caption": captions, "caption_utf8": utf8}
+            extras[c].extend(part.columns[c])
+    cols = {"row_id": row_ids([u or "" for u in urls]), "url": urls, "caption": captions, "caption_utf8": utf8,
+            "bad_row": pa.array(bad, pa.string())}
     for c, vals in extras.items():
         cols[c] = vals
     return pa.table(cols)

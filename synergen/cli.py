@@ -32,8 +32,11 @@ def ingest(
     shard_size: int = typer.Option(1000, "--shard-size", help="Input rows per shard"),
     ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)"),
     allow_private_network: bool = typer.Option(False, "--allow-private-network",
-                                               help="Allow loopback and private addresses (local mirrors); link-local stays refused"),
+                                               help="Allow loopback and private addresses (local mirrors); cloud metadata addresses stay refused"),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds per socket operation of a download"),
+    download_deadline: float = typer.Option(60.0, "--download-deadline",
+                                            help="Seconds one download may take in all (connect, headers, body); "
+                                                 "slower hosts fail as timeout and are retried by a re-run"),
     max_attempts: int = typer.Option(3, "--max-attempts", help="Downloads per URL across re-runs for retryable failures"),
 ) -> None:
     """Download a corpus into raw shards; re-run the same command to resume or retry."""
@@ -50,6 +53,7 @@ def ingest(
             job = bar.add_task("rows", total=None)
             summary = run_ingest(manifest, out, shard_size=shard_size, allow_private_network=allow_private_network,
                                  ray_address=ray_address, timeout=timeout, max_attempts=max_attempts,
+                                 download_deadline_s=download_deadline,
                                  progress=lambda done, total: bar.update(job, completed=done, total=total))
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")

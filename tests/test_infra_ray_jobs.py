@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from synergen.local_ray import ray_service_env
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEMO_VQ = REPO / "model" / "assets" / "demo_vq"
@@ -70,7 +72,8 @@ class RayHead:
         for flag in ports:
             cmd += [flag, str(free_port())]
         self.log = open(Path(self.tmp) / "head.log", "w")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Ray's services without their cloud-metadata probe (synergen.local_ray); clients keep self.env.
+        self.proc = subprocess.Popen(cmd, env=ray_service_env(self.env), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(timeout=90)
 
     def _wait_ready(self, timeout: float) -> None:

@@ -103,9 +103,46 @@ def test_decompression_bomb_is_refused_from_the_header():
     assert e.value.reason == "pixel_cap"
 
 
-def test_redact_url_strips_credentials_and_query():
-    r = netguard.redact_url("https://user:secret@host.example:8443/a/b.jpg?X-Amz-Signature=abc#f")
-    assert "secret" not in r and "Signature" not in r and r.startswith("https://host.example:8443/a/b.jpg")
+def test_redact_url_strips_credentials_and_secret_query_values():
+    url = ("https://user:hunter2@host.example:8443/a/b.jpg?w=800&X-Amz-Signature=abc123&X-Amz-Credential=AKIAXYZ"
+           "&X-Amz-Security-Token=tok&sig=s1g&opaque=" + "Q" * 30 + "#access_token=frag")
+    r = netguard.redact_url(url)
+    for secret in ("user", "hunter2", "abc123", "AKIAXYZ", "tok", "s1g", "Q" * 30, "frag"):
+        assert secret not in r.replace("X-Amz-Security-Token", ""), secret
+    assert r.startswith("https://host.example:8443/a/b.jpg?w=800&X-Amz-Signature=REDACTED")
+    assert netguard.redact_url(url) == r and netguard.url_hash(url) != netguard.url_hash(url.replace("abc", "abd"))
+
+
+def test_userinfo_url_is_refused_without_a_request(web):
+    name = _png(web.root)
+    e = _err(f"http://alice:hunter2@{web.base[7:]}/files/{name}", AddressPolicy(allow_private_network=True))
+    assert (e.reason, e.retryable) == ("userinfo", False) and "hunter2" not in str(e)
+    assert web.hits[f"/files/{name}"] == 0
+    e = _err(web.url(f"redirect?to=http://bob:pw@{web.base[7:]}/files/{name}"), AddressPolicy(allow_private_network=True))
+    assert e.reason == "userinfo" and web.hits[f"/files/{name}"] == 0
+
+
+EVERYTHING = AddressPolicy(allow_private_network=True, allow_networks=("0.0.0.0/0", "::/0"))
+
+
+@pytest.mark.parametrize("ip", ["[fd00:ec2::254]", "169.254.169.254", "169.254.170.2", "[fe80::a9fe:a9fe]",
+                                "[::ffff:169.254.169.254]", "[::ffff:a9fe:a9fe]", "[::169.254.169.254]",
+                                "[64:ff9b::169.254.169.254]", "[2002:a9fe:a9fe::1]", "2852039166", "0xa9fea9fe",
+                                "0251.0376.0251.0376", "169.254.43518", "100.100.100.200", "168.63.129.16",
+                                "192.0.0.192"])
+def test_metadata_addresses_refused_in_every_form_whatever_the_flags(ip):
+    e = _err(f"http://{ip}/latest/meta-data/", EVERYTHING)
+    assert e.reason == "blocked_address" and "metadata" in str(e)
+
+
+@pytest.mark.parametrize("part", ["status", "headers", "body"])
+def test_trickling_server_is_cut_at_the_total_deadline(web, part):
+    import time
+    name = _png(web.root)
+    policy = AddressPolicy(allow_private_network=True, total_timeout=1.5)
+    t0 = time.monotonic()
+    e = _err(web.url(f"trickle/{part}/{name}"), policy)  # per-operation timeout 2 s: never reached by 0.2 s bytes
+    assert (e.reason, e.retryable) == ("timeout", True) and 1.4 < time.monotonic() - t0 < 3.0
 
 
 def test_worker_hook_returns_img2dataset_contract(web):

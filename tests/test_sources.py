@@ -82,3 +82,60 @@ def test_url_list_on_s3(s3):
         pq.write_table(pa.table({"url": ["http://a/1"], "caption": ["x"]}), f)
     t = read_url_list(_manifest(Path("."), [f"{s3}/lists/*.parquet"]))
     assert t.column("url").to_pylist() == ["http://a/1"]
+
+
+def test_csv_over_1mb_with_newlines_in_quoted_captions_reads_every_row(tmp_path):
+    lines = ["url,caption"] + [f'http://a/{i},"line one\nline two, with a comma ""quoted"" {"x" * 200}"' for i in range(6000)]
+    (tmp_path / "l.csv").write_text("\n".join(lines) + "\n")
+    assert (tmp_path / "l.csv").stat().st_size > 1024 * 1024
+    t = read_url_list(_manifest(tmp_path, [str(tmp_path / "l.csv")]))
+    assert t.num_rows == 6000 and t.column("caption")[5999].as_py().startswith("line one\nline two")
+    assert t.column("bad_row").null_count == 6000
+
+
+def test_bad_lines_and_values_become_counted_bad_rows_and_the_rest_is_read(tmp_path, caplog):
+    (tmp_path / "l.jsonl").write_text('{"url": "http://c/1", "caption": "x"}\n{"url": "http://c/2", "capt\n'
+                                      '{"url": "http://c/\\ud800", "caption": "y"}\n{"url": "http://c/4", "caption": "z"}\n')
+    (tmp_path / "l.csv").write_bytes(b"url,caption\nhttp://b/1,ok\nhttp://b/2,too,many\nhttp://b/\xff,x\n")
+    pq.write_table(pa.table({"url": pa.array([b"http://p/1", b"http://p/\xc3\x28", b"http://p/3"], pa.binary()).view(pa.string()),
+                             "caption": pa.array([b"a", b"b", b"\xff"], pa.binary()).view(pa.string())}), tmp_path / "l.parquet")
+    for name, good, bad in (("l.jsonl", ["http://c/1", "http://c/4"], 2), ("l.csv", ["http://b/1"], 2),
+                            ("l.parquet", ["http://p/1", "http://p/3"], 1)):
+        t = read_url_list(_manifest(tmp_path, [str(tmp_path / name)]))
+        rows = t.to_pylist()
+        assert [r["url"] for r in rows if not r["bad_row"]] == good, name
+        assert sum(r["bad_row"] == "url_list_bad_row" for r in rows) == bad, name
+        assert name in caplog.text
+    assert [r["caption_utf8"] for r in rows] == [True, True, False]  # a bad caption is the caption filter's to count
+
+
+@pytest.mark.parametrize("name, data, where", [
+    ("l.parquet", b"PAR1 this is not parquet", "re-export"),
+    ("l.jsonl", b"<html>not json</html>\nneither\n", "line 1"),
+    ("l.csv.gz", b"\x1f\x8b\x08\x00broken gzip", "cannot read"),
+])
+def test_unreadable_url_list_is_a_clean_error_naming_file_place_and_fix(tmp_path, name, data, where):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UrlListError) as e:
+        read_url_list(_manifest(tmp_path, [str(tmp_path / name)]))
+    assert str(tmp_path / name) in str(e.value) and where in str(e.value) and "url_lists" in str(e.value)
+
+
+def test_laion_aesthetics_manifest_reads_both_released_schemas(tmp_path):
+    m = load_source_manifest(str(manifest_dir() / "laion_aesthetics.yaml"))
+    base = {"URL": ["http://a/1"], "TEXT": ["an image"], "WIDTH": [512], "HEIGHT": [512], "similarity": [0.3],
+            "punsafe": [0.1], "pwatermark": [0.2]}
+    for i, score in enumerate(("aesthetic", "AESTHETIC_SCORE")):
+        pq.write_table(pa.table({**base, score: [6.5]}), tmp_path / f"r{i}.parquet")
+        t = read_url_list(m.model_copy(update={"url_lists": [str(tmp_path / f"r{i}.parquet")]}))
+        assert t.column("aesthetic").to_pylist() == [6.5]
+
+
+def test_missing_filtered_column_error_suggests_a_fix_that_works(tmp_path):
+    pq.write_table(pa.table({"url": ["http://a/1"], "caption": ["x"], "AESTHETIC_SCORE": [6.0]}), tmp_path / "l.parquet")
+    kw = {"extra_columns": ["aesthetic"], "filters": {"metadata": {"aesthetic": {"min": 5}}}}
+    with pytest.raises(UrlListError) as e:
+        read_url_list(_manifest(tmp_path, [str(tmp_path / "l.parquet")], **kw))
+    assert "column_aliases: {aesthetic: [AESTHETIC_SCORE]}" in str(e.value)
+    t = read_url_list(_manifest(tmp_path, [str(tmp_path / "l.parquet")], column_aliases={"aesthetic": ["AESTHETIC_SCORE"]}, **kw))
+    assert t.column("aesthetic").to_pylist() == [6.0]

@@ -73,6 +73,7 @@ def prepare_data(cfg: DemoConfig, out: Path, stats: dict[str, Any], echo: Callab
 
     from pipeline.democorpus import write_demo_corpus, write_url_list
     from pipeline.ingest import run_ingest
+    from synergen.local_ray import init_ray
     from pipeline.localweb import LocalWeb
     from pipeline.tokenize import TokenizeConfig, run_tokenize
 
@@ -94,7 +95,7 @@ def prepare_data(cfg: DemoConfig, out: Path, stats: dict[str, Any], echo: Callab
         # 3. ingest on a local Ray cluster
         t0 = time.time()
         if own_ray:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            init_ray(num_cpus=2, log_to_driver=False)  # loopback only, no cloud metadata probe
         stats["ingest"] = run_ingest(cfg.source_manifest, str(out / "raw" / "demo"), shard_size=400,
                                      allow_private_network=True, url_lists=[urls])
         timed("ingest", t0)

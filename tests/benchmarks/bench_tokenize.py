@@ -62,7 +62,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from synergen.local_ray import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)  # loopback only, no cloud metadata probe
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         raw = f"{tmp}/raw"
