@@ -10,13 +10,14 @@ STAMP := $(VENV)/.installed
 HERMETIC := $(shell [ "$$(id -u)" = 0 ] && command -v unshare >/dev/null && command -v ip >/dev/null && \
 	unshare -n true 2>/dev/null && echo yes)
 
-.PHONY: demo test install chromium clean
+.PHONY: demo test install chromium lock clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first and pinned: it must be the CPU build on CPU machines (see pyproject.toml).
 	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
+	# requirements.lock: the exact set the tests passed with (`make lock` rewrites it from a tested venv).
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements.lock -e ".[test]"
 	$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
 
@@ -42,6 +43,12 @@ else
 	@echo "note: not root or no unshare/ip: tests run with this machine's network (they still talk only to loopback)" >&2
 	NO_ALBUMENTATIONS_UPDATE=1 $(BIN)/python -m pytest -q tests
 endif
+
+# Records the venv's exact package set (run after a green `make test`); torch without its +cpu tag so that
+# a GPU image resolves the CUDA build of the same version.
+lock: $(STAMP)
+	{ echo "# The exact package set the tests passed with (make lock writes it; make and the container image install with -c)."; \
+	  $(BIN)/pip freeze --exclude-editable --disable-pip-version-check | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > requirements.lock
 
 clean:
 	rm -rf $(VENV) demo_out
