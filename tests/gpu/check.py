@@ -43,7 +43,7 @@ from model.config import preset_config  # noqa: E402
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16, vendor figures
 
 GPU = dict(preset="qwen2-0.5b", overrides={}, seq=4096, parity_steps=3, warmup=2, steps=8, paper=True,
-           vq_size=512, vq_batch=8, vq_rounds=3, zero="infra/deepspeed/zero2_gpu_bf16.json")
+           vq_size=512, vq_batch=4, vq_rounds=3, zero="infra/deepspeed/zero2_gpu_bf16.json")
 CPU = dict(preset="tiny", overrides={}, seq=160, parity_steps=2, warmup=1, steps=1, paper=True,
            vq_size=32, vq_batch=2, vq_rounds=1, zero="infra/deepspeed/zero2_cpu.json")
 
@@ -271,7 +271,7 @@ def throughput(name: str, preset: str, overrides: dict, p: dict, device: str, cp
     where = f"{preset}, seq {p['seq']}, fold {'x'.join(map(str, cfg.fold))}, stage 1, {Path(p['zero']).stem}, {len(secs)} steps x (und + gen)"
     table.add(f"{name}: tokens/s", f"{tokens / wall:,.0f}", f"{where}; median step {statistics.median(secs):.3f} s")
     table.add(f"{name}: model TFLOP/s", f"{tflops:.3g}", "counted from the batches (module docstring)")
-    table.add(f"{name}: MFU", f"{tflops / peak:.1%}" if peak else "n/a", f"of {peak:g} TFLOP/s" if peak else "no peak known (--peak-tflops)")
+    table.add(f"{name}: MFU", f"{100 * tflops / peak:.3g}%" if peak else "n/a", f"of {peak:g} TFLOP/s" if peak else "no peak known (--peak-tflops)")
     if device == "cuda":
         table.add(f"{name}: peak memory", f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", "")
     del engine, model
