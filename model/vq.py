@@ -120,13 +120,17 @@ def emu3_encoder_states(model, pixels: torch.Tensor) -> torch.Tensor:
     reference's result with a quarter of the 2D work (tests/test_vq.py measures the float difference).
     """
     enc = model.encoder
-    h = enc.conv_in(pixels)
+    # Contiguous NCHW as in the reference (its repeat copies): a channels-last input (e.g. from an HWC
+    # array) would take other convolution kernels and round differently.
+    h = enc.conv_in(pixels.contiguous())
     h = enc.down_block(h)
     h = enc.middle_block(h)
     h = enc.norm_out(h)
     h = h * torch.sigmoid(h)
     h = enc.conv_out(h)  # [B, C, h, w]
-    h = h.unsqueeze(2).expand(-1, -1, model.config.temporal_downsample_factor, -1, -1)  # [B, C, T, h, w]
+    # [B, T, C, h, w] copies seen as [B, C, T, h, w]: the reference's memory layout, so that the temporal
+    # layers' kernels (layout-dependent in their float rounding) compute exactly what they compute there.
+    h = h.unsqueeze(1).repeat(1, model.config.temporal_downsample_factor, 1, 1, 1).permute(0, 2, 1, 3, 4)
     for conv in enc.time_conv:
         h = conv(h)
         h = h * torch.sigmoid(h)
@@ -259,13 +263,17 @@ class VQTokenizer:
         else:  # FULL_EMU3
             vq_config = Emu3VQVAEConfig.from_dict(config.get("vq_config") or {})
             state = _read_tensors(folder, url, _strip_full_prefix)
-        model = Emu3VQVAE(vq_config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            model = Emu3VQVAE(vq_config)
+        mismatch = "is config.json the one published with these weights?"
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as e:  # shapes that differ from the config's
+            raise SynergenError(f"VQ checkpoint {url} ({kind} layout) does not match its config: {' '.join(str(e).split())[:500]}; {mismatch}") from None
         if missing or unexpected:
             raise SynergenError(
                 f"VQ checkpoint {url} ({kind} layout) does not match its config: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]} ({len(missing)} and {len(unexpected)} in all); is config.json "
-                "the one published with these weights?"
+                f"unexpected {sorted(unexpected)[:5]} ({len(missing)} and {len(unexpected)} in all); {mismatch}"
             )
         model = model.to(device, dtype).eval()
         # The file's digest when the VQ is the whole file; else one over the VQ's own tensors as stored.

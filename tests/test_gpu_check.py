@@ -44,3 +44,41 @@ def test_gpu_check_runs_every_section_in_cpu_mode():
     assert float(rows["VQ encode 32 px: reference images/s"][0]) > 0
     assert float(rows["VQ encode 32 px: 2D-once images/s"][0]) > 0
     assert rows["VQ encode 32 px: codes equal"][0] == "True"
+
+
+def load_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tests/gpu/check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mfu_flops_are_the_matmuls_a_step_computes():
+    """The check's model FLOPs = torch's own count of the Linear matmuls of a forward + backward (frozen weights
+    get no weight gradient) + attention within documents; on a gen batch with no empty slot."""
+    from collections import Counter
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    check = load_check()
+    for stage in (1, "sft"):
+        model = check.build("tiny", {}, "cpu")
+        model.set_stage(stage)
+        model.config._attn_implementation = "sdpa"  # not counted by FlopCounterMode on CPU: matmuls only
+        batch = check.packed_batch(model.config, 135, "gen", seed=3)  # 5 documents of 27 tokens, no padding
+        assert batch.n_real_tokens == 135 and int(batch.image_targets.sum()) == 5 * 8
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(batch).loss.backward()
+        counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+        assert set(counts) == {"aten.mm", "aten.addmm"}
+        lengths = Counter(batch.document_ids[0].tolist()).values()
+        cfg = model.config
+        attention = cfg.num_hidden_layers * 3 * 4 * cfg.hidden_size * sum(n * (n + 1) // 2 for n in lengths)
+        assert check.step_flops(model, batch) == counts["aten.mm"] + counts["aten.addmm"] + attention
+        if stage == 1:
+            stage1 = check.step_flops(model, batch)
+    assert check.step_flops(model, batch) > stage1  # sft adds the frozen weights' gradients

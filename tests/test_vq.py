@@ -207,6 +207,9 @@ def test_release_layout_with_a_config_that_does_not_fit_its_weights_is_refused(t
     (folder / "config.json").write_text(json.dumps({**cfg, "attn_resolutions": []}))
     with pytest.raises(SynergenError, match=r"Emu3VisionVQ layout.*unexpected.*attn"):
         VQTokenizer.from_pretrained(str(folder))
+    (folder / "config.json").write_text(json.dumps({**cfg, "ch": 64}))
+    with pytest.raises(SynergenError, match=r"does not match its config.*size mismatch"):
+        VQTokenizer.from_pretrained(str(folder))
     (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "Emu3VisionVQv2"}))
     with pytest.raises(SynergenError, match="model_type 'Emu3VisionVQv2'"):
         VQTokenizer.from_pretrained(str(folder))
@@ -298,3 +301,14 @@ def test_2d_once_encode_gives_the_reference_codes_at_real_size(real_size_emu3):
     codes = vq.encode(pix)
     assert codes.shape == (2, 4, 5)
     assert torch.equal(codes, torch.stack(list(ref.image_tokens)))
+    # Pixels straight from HWC arrays are channels-last in memory: the same codes.
+    assert torch.equal(vq.encode(pix.contiguous(memory_format=torch.channels_last)), codes)
+
+
+def test_2d_once_encode_gives_the_demo_vqs_reference_codes(vq):
+    """The trained demo VQ (temporal factor 1) on 32 scenes as tokenize gives them (channels-last from HWC arrays)."""
+    pix = to_pixels(held_out_images(32, seed=7))
+    assert not pix.is_contiguous()
+    with torch.no_grad():
+        ref = torch.stack(list(vq.model.encode(pix, image_sizes=torch.tensor([[64, 64]] * 32)).image_tokens))
+    assert torch.equal(vq.encode(pix), ref)
