@@ -34,12 +34,12 @@ def test_gpu_check_runs_every_section_in_cpu_mode():
     assert abs(flex[0] - sdpa[0]) < 1e-4  # the same first-step loss, before any optimizer step
     assert float(rows["train parity (fp32, CPU): max |loss diff| flex vs sdpa"][0]) < 1e-4
 
-    for name in ("tiny", "paper (ZeRO-2)"):
-        assert float(rows[f"{name}: tokens/s"][0].replace(",", "")) > 0
-        assert "zero2" in rows[f"{name}: tokens/s"][1]
-        tflops = float(rows[f"{name}: model TFLOP/s"][0])
-        mfu = float(rows[f"{name}: MFU"][0].rstrip("%")) / 100
-        assert tflops > 0 and math.isclose(mfu, tflops / 0.05, rel_tol=0.02)
+    # Throughput: the tiny preset in CPU mode (the paper preset's rows run the same code, on a GPU only).
+    assert float(rows["tiny: tokens/s"][0].replace(",", "")) > 0
+    assert "zero2" in rows["tiny: tokens/s"][1]
+    tflops = float(rows["tiny: model TFLOP/s"][0])
+    mfu = float(rows["tiny: MFU"][0].rstrip("%")) / 100
+    assert tflops > 0 and math.isclose(mfu, tflops / 0.05, rel_tol=0.02)
 
     assert float(rows["VQ encode 32 px: reference images/s"][0]) > 0
     assert float(rows["VQ encode 32 px: 2D-once images/s"][0]) > 0
