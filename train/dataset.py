@@ -133,6 +133,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         self.store = ShardStore(c.cache_dir or os.path.join(tempfile.gettempdir(), "synergen-shards"), c.cache_bytes,
                                 c.on_bad_shard, dict(c.storage_options))
         self._tables = self._load_tables()
+        self.store.evict(keep=[self.sources[n] for n in self._tables])
         self.table_bytes = sum(int(t.rows.nbytes) for t in self._tables.values())
         if self.table_bytes > c.cache_bytes:
             log.warning("cache_bytes=%d is smaller than this mixture's source indices (%d bytes): they stay in the cache "

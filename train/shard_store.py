@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from train.sources import Shard, Source
 
 log = logging.getLogger(__name__)
 
+STALE_PART_S = 3600  # a partial file untouched this long belongs to a dead process
 TABLE_VERSION = 1  # bump when a table's layout changes: old tables in caches are then rebuilt, not misread
 
 
@@ -78,7 +80,7 @@ def index_problem(index: np.ndarray, shard: Shard) -> str | None:
 class SourceTable:
     """Index rows of every sample of a source, in catalog order (shard after shard), and where each shard starts."""
 
-    rows: np.ndarray  # memory-mapped; fields of pipeline.tokenshard's index
+    rows: np.ndarray  # memory-mapped; fields of pipeline.tokenshard's index (zeros for a shard this machine could not index)
     starts: np.ndarray  # [n_shards + 1] int64
     problems: dict[int, str]  # shard index -> why this machine could not index it (on_bad_shard='skip')
 
@@ -106,6 +108,13 @@ class ShardStore:
         self.rebuilt = 0  # indices this process rebuilt from a tar (missing or bad sidecar)
         self.decoded = 0  # samples this process read and decoded
         self.read_bytes = 0  # bytes of those samples (with their tar headers)
+
+    def __getstate__(self) -> dict:  # to DataLoader workers (spawn): counters and settings, not locks or open files
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._fds, self._lock = OrderedDict(), threading.Lock()
 
     @staticmethod
     def is_remote(url: str) -> bool:
@@ -136,6 +145,11 @@ class ShardStore:
 
     def _bad(self, shard: Shard, what: str) -> ShardError:
         return ShardError(f"token shard {shard.url}: {what}; re-tokenize it or set on_bad_shard='skip'")
+
+    @staticmethod
+    def _missing(shard: Shard) -> ShardError:
+        return ShardError(f"token shard {shard.url} is missing though its catalog lists it; restore it, re-tokenize, "
+                          "or set on_bad_shard='skip'")
 
     def _cat(self, url: str) -> bytes:
         data = fsspec.core.url_to_fs(url, **self.storage_options)[0].cat_file(url if self.is_remote(url) else self._local_path(url))
@@ -170,8 +184,7 @@ class ShardStore:
         try:
             data = self._cat(shard.url)
         except FileNotFoundError:
-            raise ShardError(f"token shard {shard.url} is missing though its catalog lists it; restore it, re-tokenize, "
-                             "or set on_bad_shard='skip'") from None
+            raise self._missing(shard) from None
         if len(data) != shard.bytes:
             raise self._bad(shard, f"{len(data)} bytes but its catalog says {shard.bytes} (truncated or replaced)")
         digest = hashlib.sha256(data).hexdigest()
@@ -201,8 +214,7 @@ class ShardStore:
                     listed[folder] = {}
             size = listed[folder].get(name)
             if size is None:
-                out[i] = (f"token shard {shard.url} is missing though its catalog lists it; restore it, re-tokenize, "
-                          "or set on_bad_shard='skip'")
+                out[i] = str(self._missing(shard))
             elif size != shard.bytes:
                 out[i] = str(self._bad(shard, f"{size} bytes but its catalog says {shard.bytes} (truncated or replaced)"))
         if out and self.on_bad_shard == "error":
@@ -261,26 +273,28 @@ class ShardStore:
                     rows[starts[i]:starts[i + 1]] = p.astype(dtype)
             self._write_atomic(path, index_bytes(rows))
             self._write_atomic(path[:-4] + ".json", json.dumps(problems).encode())
-            self._evict(keep=path)
             return cached()
 
-    def _evict(self, keep: str) -> None:
-        """Drop least recently used tables of other sources (or other shard lists) until the cache fits `cache_bytes`.
-
-        Runs once per table built (not per sample read), listing only the tables' folder."""
-        folder = os.path.dirname(keep)
+    def evict(self, keep: list[Source]) -> None:
+        """Drop least recently used tables of other sources (or other shard lists) until the cache fits `cache_bytes`;
+        the tables of `keep` (the run's) stay, even over the bound. One listing of the tables' folder per call: a loader
+        calls it once at start (samples are never cached, so reads add nothing to evict)."""
+        folder = os.path.join(self.cache_dir, "tables")
+        kept = {self._table_path(s) for s in keep}
         tables = []
-        with os.scandir(folder) as it:
+        with contextlib.suppress(FileNotFoundError), os.scandir(folder) as it:
             for e in it:
-                if e.name.endswith(".npy") and ".part." not in e.name:
-                    with contextlib.suppress(FileNotFoundError):
-                        st = e.stat()
+                with contextlib.suppress(FileNotFoundError):
+                    st = e.stat()
+                    if ".part." in e.name and time.time() - st.st_mtime > STALE_PART_S:  # a crashed writer's leftover
+                        os.remove(e.path)
+                    elif e.name.endswith(".npy") and ".part." not in e.name:
                         tables.append((st.st_mtime, st.st_size, e.path))
         total = sum(t[1] for t in tables)
         for _, size, p in sorted(tables):
             if total <= self.cache_bytes:
                 break
-            if p == keep:
+            if p in kept:
                 continue
             for victim in (p, p[:-4] + ".json"):
                 with contextlib.suppress(FileNotFoundError):
@@ -298,8 +312,7 @@ class ShardStore:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise ShardError(f"token shard {shard.url} is missing though its catalog lists it; restore it, re-tokenize, "
-                             "or set on_bad_shard='skip'") from None
+            raise self._missing(shard) from None
         size = os.fstat(fd).st_size
         if size != shard.bytes:
             os.close(fd)
@@ -310,33 +323,33 @@ class ShardStore:
         return fd
 
     def _fetch(self, items: list[tuple[Shard, np.void]]) -> list[bytes | ShardError]:
-        """Each item's tar header + member bytes: preads locally, one concurrent batch of range GETs remotely."""
+        """Each item's member bytes: preads locally, one concurrent batch of range GETs remotely."""
         out: list[bytes | ShardError] = [b""] * len(items)
-        remote = [i for i, (s, _) in enumerate(items) if self.is_remote(s.url)]
+        remote = []
         for i, (shard, r) in enumerate(items):
-            if i in remote:
+            if self.is_remote(shard.url):
+                remote.append(i)
                 continue
             try:
-                out[i] = os.pread(self._fd(shard), int(r["size"]) + 512, int(r["offset"]) - 512)
+                out[i] = os.pread(self._fd(shard), int(r["size"]), int(r["offset"]))
             except ShardError as e:
                 out[i] = e
         if remote:
             fs = fsspec.core.url_to_fs(items[remote[0]][0].url, **self.storage_options)[0]
-            paths = [items[i][0].url for i in remote]
-            starts = [int(items[i][1]["offset"]) - 512 for i in remote]
+            starts = [int(items[i][1]["offset"]) for i in remote]
             ends = [int(items[i][1]["offset"] + items[i][1]["size"]) for i in remote]
-            for i, got in zip(remote, fs.cat_ranges(paths, starts, ends, on_error="return")):
-                if isinstance(got, FileNotFoundError):
-                    got = ShardError(f"token shard {items[i][0].url} is missing though its catalog lists it; restore it, "
-                                     "re-tokenize, or set on_bad_shard='skip'")
-                elif isinstance(got, Exception):
-                    got = self._bad(items[i][0], f"reading bytes {starts[remote.index(i)]}-{ends[remote.index(i)]} failed ({got})")
-                out[i] = got
+            got = fs.cat_ranges([items[i][0].url for i in remote], starts, ends, on_error="return")
+            for i, lo, hi, data in zip(remote, starts, ends, got):
+                if isinstance(data, FileNotFoundError):
+                    data = self._missing(items[i][0])
+                elif isinstance(data, Exception):
+                    data = self._bad(items[i][0], f"reading bytes {lo}-{hi} failed ({data})")
+                out[i] = data
         return out
 
     def read(self, items: list[tuple[Shard, np.void]]) -> list[TokenSample | ShardError]:
-        """The samples of (shard, index row) pairs, each verified (tar header, xxh3, decode, facts) before it is
-        returned; a sample that fails is returned as the ShardError naming its shard, sample and the fix."""
+        """The samples of (shard, index row) pairs, each verified (length, xxh3, decode, facts against the row) before
+        it is returned; a sample that fails is returned as the ShardError naming its shard, sample and the fix."""
         out: list[TokenSample | ShardError] = []
         for (shard, r), buf in zip(items, self._fetch(items)):
             if isinstance(buf, ShardError):
@@ -345,21 +358,14 @@ class ShardStore:
             out.append(self._verify(shard, r, buf))
         return out
 
-    def _verify(self, shard: Shard, r: np.void, buf: bytes) -> TokenSample | ShardError:
+    def _verify(self, shard: Shard, r: np.void, data: bytes) -> TokenSample | ShardError:
         key, size = r["key"].decode(), int(r["size"])
-        name = buf[:100].split(b"\0", 1)[0].decode(errors="replace")
-        try:
-            member_size = int(buf[124:136].strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            member_size = -1
-        if len(buf) != size + 512 or member_size != size or not name.startswith(f"{key}."):
-            return self._bad(shard, f"sample {key} ({size} bytes at {int(r['offset'])}) is {name!r} ({member_size} bytes, "
-                                    f"{len(buf) - 512} read) there (truncated or replaced since its index was written)")
-        data = buf[512:]
+        if len(data) != size:
+            return self._bad(shard, f"sample {key}: {len(data)} of its {size} bytes at {int(r['offset'])} could be read (truncated)")
         got_sum = sample_checksum(data)
         if got_sum != int(r["xxh3"]):
-            return self._bad(shard, f"sample {key}: xxh3 {got_sum:016x} but its index says {int(r['xxh3']):016x} "
-                                    "(its bytes changed since tokenizing)")
+            return self._bad(shard, f"sample {key}: xxh3 {got_sum:016x} of its {size} bytes at {int(r['offset'])} but its index "
+                                    f"says {int(r['xxh3']):016x} (its bytes changed since tokenizing)")
         try:
             sample = decode_token_sample(data, key)
         except ShardError as e:
@@ -374,7 +380,7 @@ class ShardStore:
                               f"tiles, thumbnail) but its index row says {facts}; delete the index (the loader rebuilds it) "
                               "or re-tokenize")
         self.decoded += 1
-        self.read_bytes += len(buf)
+        self.read_bytes += size
         return sample
 
     def close(self) -> None:
