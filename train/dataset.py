@@ -71,8 +71,9 @@ class StepBatch:
 
     def __reduce__(self):
         # From a DataLoader worker, tensors would each go through a new shared-memory file (~30 ms a step for
-        # 7 tensors); as numpy arrays they travel in the pickle itself, int64 narrowed to int32 on the way
-        # (ids, positions and codes all fit), which halves what is copied; the receiver widens them back.
+        # 7 tensors); as numpy arrays they travel in the pickle itself, each int64 array narrowed on the way to
+        # the smallest of uint16 (codes, positions) or int32 (ids, labels with -100), which quarters or halves
+        # what is pickled, piped and unpickled; the receiver widens them back.
         arrays = {}
         for t, b in self.batches.items():
             arrays[t] = {}
@@ -81,14 +82,14 @@ class StepBatch:
                 if isinstance(v, torch.Tensor):
                     v = v.numpy()
                     if v.dtype == np.int64:
-                        v = v.astype(np.int32)
+                        v = v.astype(np.uint16 if v.size and 0 <= v.min() and v.max() < 65536 else np.int32)
                 arrays[t][f.name] = v
         return _step_batch, (self.step, arrays, self.report, self.state, self.samples)
 
 
 def _step_batch(step: int, arrays: dict, report: dict, state: dict, samples: dict) -> StepBatch:
     def tensor(v: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(v.astype(np.int64) if v.dtype == np.int32 else v)
+        return torch.from_numpy(v.astype(np.int64) if v.dtype in (np.int32, np.uint16) else v)
 
     batches = {t: PackedBatch(**{k: (tensor(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()}) for t, a in arrays.items()}
     return StepBatch(step, batches, report, state, samples)
@@ -205,7 +206,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                 items.append((self.sources[name].shards[int(p["shard"][j])], self._tables[name].rows[int(p["sample"][j])]))
         got = iter(store.read(items))  # one batch of reads for the whole step (concurrent range GETs remotely)
         batches, samples, unread = {}, {}, []
-        report = {"step": step, "mixture": self.manifest.mixture_id(step), "tasks": {}}
+        report = {"step": step, "mixture": planner.mixture_id(step), "tasks": {}}
         for task, p in plan.items():
             names = p["names"]
             docs, keys = [], []

@@ -104,6 +104,14 @@ class Planner:
         self.carried: dict[str, dict] = {}  # cursors of sources not in this manifest (kept for a switch back)
         self._blocks: dict[str, OrderedDict[tuple[int, int], BlockPlan]] = {n: OrderedDict() for n in sources}
         self._weights_cache: dict[tuple[str, int], dict[str, float]] = {}
+        self._mixture_ids: dict[int, str] = {}
+
+    def mixture_id(self, step: int) -> str:
+        """`manifest.mixture_id(step)`, computed once per schedule segment (it hashes the manifest)."""
+        seg = self.manifest.segment(step)
+        if seg not in self._mixture_ids:
+            self._mixture_ids[seg] = self.manifest.mixture_id(step)
+        return self._mixture_ids[seg]
 
     def weights(self, task: str, step: int) -> dict[str, float]:
         key = (task, self.manifest.segment(step))
@@ -216,7 +224,7 @@ class Planner:
         for n, c in self.cursors.items():
             sources[n] = {**c.as_dict(), "fingerprint": self.sources[n].fingerprint, "size": self.sources[n].size.samples}
         return {"version": STATE_VERSION, "step": step, "seed": self.seed, "order": ORDER,
-                "mixture": self.manifest.mixture_id(step), "sources": sources, "skip": sorted(self.skip)}
+                "mixture": self.mixture_id(step), "sources": sources, "skip": sorted(self.skip)}
 
     def load(self, state: dict, migrate_order: bool = False) -> None:
         """Continue from `state`: the same order (else ConfigMismatchError, or with `migrate_order` every source
