@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import struct
 import tarfile
 import uuid
@@ -91,7 +92,7 @@ def decode_token_sample(data: bytes, key: str = "") -> TokenSample:
         header = json.loads(data[8 : 8 + hlen])
         dt = np.dtype(header["codes"]["dtype"])
         shape = tuple(header["codes"]["shape"])
-        n_codes = int(np.prod(shape)) if shape else 0
+        n_codes = math.prod(shape) if shape else 0
         off = 8 + hlen
         codes = np.frombuffer(data, dtype=dt, count=n_codes, offset=off).reshape(shape)
         off += n_codes * dt.itemsize

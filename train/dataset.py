@@ -198,20 +198,27 @@ class StreamingMixture(torch.utils.data.IterableDataset):
 
     def _build(self, step: int, plan: dict[str, dict], planner: Planner, worker: int) -> StepBatch:
         c, store = self.config, self.store
-        mine, items = {}, []
+        mine, rows, items = {}, {}, []
         for task, p in plan.items():
-            mine[task] = np.flatnonzero(assign_ranks(p["length"], c.world_size) == c.rank)
-            for j in mine[task]:
-                name = p["names"][int(p["source"][j])]
-                items.append((self.sources[name].shards[int(p["shard"][j])], self._tables[name].rows[int(p["sample"][j])]))
+            m = mine[task] = np.flatnonzero(assign_ranks(p["length"], c.world_size) == c.rank)
+            src, shard, sample = p["source"][m], p["shard"][m].tolist(), p["sample"][m]
+            rows[task] = [None] * len(m)
+            for si in np.unique(src).tolist():  # the rank's index rows, one gather per source
+                sel = np.flatnonzero(src == si)
+                for k, r in zip(sel.tolist(), self._tables[p["names"][si]].row_tuples(sample[sel])):
+                    rows[task][k] = r
+            items += [(self.sources[p["names"][si]].shards[sh], r) for si, sh, r in zip(src.tolist(), shard, rows[task])]
         got = iter(store.read(items))  # one batch of reads for the whole step (concurrent range GETs remotely)
         batches, samples, unread = {}, {}, []
         report = {"step": step, "mixture": planner.mixture_id(step), "tasks": {}}
         for task, p in plan.items():
             names = p["names"]
             docs, keys = [], []
-            for j in mine[task]:
-                name = names[int(p["source"][j])]
+            m = mine[task]
+            cols = zip(p["source"][m].tolist(), p["epoch"][m].tolist(), p["view"][m].tolist(), p["length"][m].tolist(),
+                       p["uncond"][m].tolist(), rows[task])
+            for si, epoch, view, length, uncond, r in cols:
+                name = names[si]
                 sample = next(got)
                 if isinstance(sample, ShardError):
                     if c.on_bad_shard == "error":
@@ -219,11 +226,8 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                     log.warning("rank %d leaves a sample out of step %d (the plan stays the same on every rank): %s", c.rank, step, sample)
                     unread.append(str(sample))
                     continue
-                r = self._tables[name].rows[int(p["sample"][j])]
-                layout = layout_of(int(r["n_images"]), int(r["tiles"]), bool(r["thumbnail"]), task, int(p["view"][j]),
-                                   int(p["length"][j]), self.seq)
-                docs.append((sample, layout, bool(p["uncond"][j]), name))
-                keys.append((name, int(p["epoch"][j]), sample.key))
+                docs.append((sample, layout_of(r.n_images, r.tiles, r.thumbnail, task, view, length, self.seq), uncond, name))
+                keys.append((name, epoch, sample.key))
             batch = pack(docs, self.seq.seq_len, self.ids, task)
             batches[task] = batch
             samples[task] = keys

@@ -26,7 +26,7 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import fsspec
 import numpy as np
@@ -76,6 +76,21 @@ def index_problem(index: np.ndarray, shard: Shard) -> str | None:
     return None
 
 
+class IndexRow(NamedTuple):
+    """One sample's index row as plain Python values (what the read path uses: numpy field access is slow per sample)."""
+
+    key: bytes
+    offset: int
+    size: int
+    xxh3: int
+    n_images: int
+    groups: int
+    fold_size: int
+    text: int
+    tiles: int
+    thumbnail: bool
+
+
 @dataclass
 class SourceTable:
     """Index rows of every sample of a source, in catalog order (shard after shard), and where each shard starts."""
@@ -83,6 +98,9 @@ class SourceTable:
     rows: np.ndarray  # memory-mapped; fields of pipeline.tokenshard's index (zeros for a shard this machine could not index)
     starts: np.ndarray  # [n_shards + 1] int64
     problems: dict[int, str]  # shard index -> why this machine could not index it (on_bad_shard='skip')
+
+    def row_tuples(self, j: np.ndarray) -> list[IndexRow]:
+        return [IndexRow(*t) for t in self.rows[j].tolist()]
 
     def locate(self, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sample indices -> (shard index, row in that shard)."""
@@ -322,7 +340,7 @@ class ShardStore:
             os.close(self._fds.popitem(last=False)[1])
         return fd
 
-    def _fetch(self, items: list[tuple[Shard, np.void]]) -> list[bytes | ShardError]:
+    def _fetch(self, items: list[tuple[Shard, IndexRow]]) -> list[bytes | ShardError]:
         """Each item's member bytes: preads locally, one concurrent batch of range GETs remotely."""
         out: list[bytes | ShardError] = [b""] * len(items)
         remote = []
@@ -331,13 +349,13 @@ class ShardStore:
                 remote.append(i)
                 continue
             try:
-                out[i] = os.pread(self._fd(shard), int(r["size"]), int(r["offset"]))
+                out[i] = os.pread(self._fd(shard), r.size, r.offset)
             except ShardError as e:
                 out[i] = e
         if remote:
             fs = fsspec.core.url_to_fs(items[remote[0]][0].url, **self.storage_options)[0]
-            starts = [int(items[i][1]["offset"]) for i in remote]
-            ends = [int(items[i][1]["offset"] + items[i][1]["size"]) for i in remote]
+            starts = [items[i][1].offset for i in remote]
+            ends = [items[i][1].offset + items[i][1].size for i in remote]
             got = fs.cat_ranges([items[i][0].url for i in remote], starts, ends, on_error="return")
             for i, lo, hi, data in zip(remote, starts, ends, got):
                 if isinstance(data, FileNotFoundError):
@@ -347,7 +365,7 @@ class ShardStore:
                 out[i] = data
         return out
 
-    def read(self, items: list[tuple[Shard, np.void]]) -> list[TokenSample | ShardError]:
+    def read(self, items: list[tuple[Shard, IndexRow]]) -> list[TokenSample | ShardError]:
         """The samples of (shard, index row) pairs, each verified (length, xxh3, decode, facts against the row) before
         it is returned; a sample that fails is returned as the ShardError naming its shard, sample and the fix."""
         out: list[TokenSample | ShardError] = []
@@ -358,29 +376,29 @@ class ShardStore:
             out.append(self._verify(shard, r, buf))
         return out
 
-    def _verify(self, shard: Shard, r: np.void, data: bytes) -> TokenSample | ShardError:
-        key, size = r["key"].decode(), int(r["size"])
-        if len(data) != size:
-            return self._bad(shard, f"sample {key}: {len(data)} of its {size} bytes at {int(r['offset'])} could be read (truncated)")
+    def _verify(self, shard: Shard, r: IndexRow, data: bytes) -> TokenSample | ShardError:
+        key = r.key.decode()
+        if len(data) != r.size:
+            return self._bad(shard, f"sample {key}: {len(data)} of its {r.size} bytes at {r.offset} could be read (truncated)")
         got_sum = sample_checksum(data)
-        if got_sum != int(r["xxh3"]):
-            return self._bad(shard, f"sample {key}: xxh3 {got_sum:016x} of its {size} bytes at {int(r['offset'])} but its index "
-                                    f"says {int(r['xxh3']):016x} (its bytes changed since tokenizing)")
+        if got_sum != r.xxh3:
+            return self._bad(shard, f"sample {key}: xxh3 {got_sum:016x} of its {r.size} bytes at {r.offset} but its index "
+                                    f"says {r.xxh3:016x} (its bytes changed since tokenizing)")
         try:
             sample = decode_token_sample(data, key)
         except ShardError as e:
             return self._bad(shard, str(e))
         c = sample.codes
         rows, cols = sample.meta.get("tiles", [1, 1])
-        facts = [int(r[f]) for f in ("n_images", "groups", "fold_size", "text", "tiles")] + [bool(r["thumbnail"])]
-        got = [c.shape[0] if c.ndim else 0, c.shape[1] if c.ndim == 3 else 0, c.shape[2] if c.ndim == 3 else -1,
-               int(sample.text_ids.size), int(rows) * int(cols), bool(sample.meta.get("thumbnail", False))]
+        facts = (r.n_images, r.groups, r.fold_size, r.text, r.tiles, r.thumbnail)
+        got = (c.shape[0] if c.ndim else 0, c.shape[1] if c.ndim == 3 else 0, c.shape[2] if c.ndim == 3 else -1,
+               int(sample.text_ids.size), int(rows) * int(cols), bool(sample.meta.get("thumbnail", False)))
         if got != facts:
-            return ShardError(f"shard index {shard.url}{INDEX_SUFFIX}: sample {key} is {got} (images, groups, fold size, text, "
-                              f"tiles, thumbnail) but its index row says {facts}; delete the index (the loader rebuilds it) "
-                              "or re-tokenize")
+            return ShardError(f"shard index {shard.url}{INDEX_SUFFIX}: sample {key} is {list(got)} (images, groups, fold size, "
+                              f"text, tiles, thumbnail) but its index row says {list(facts)}; delete the index (the loader "
+                              "rebuilds it) or re-tokenize")
         self.decoded += 1
-        self.read_bytes += size
+        self.read_bytes += r.size
         return sample
 
     def close(self) -> None:
