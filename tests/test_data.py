@@ -303,3 +303,19 @@ def test_each_worker_decodes_only_its_own_samples(corpus, tokenizer, tmp_path):
     assert index_reads[0] == sum(fs.size(p) for p in fs.glob(f"{corpus}/*/*.idx.npy")) and index_reads[1] == 0
     assert read < sum(fs.size(p) for p in fs.glob(f"{corpus}/*/*.tar")) / 2
     assert len(used) > 4
+
+
+def test_worker_batches_travel_narrowed_and_arrive_exact(corpus, tokenizer):
+    """What a DataLoader worker pickles per step: codes and positions as uint16, ids as int32 (a quarter to a half
+    of int64), widened back to the same int64 tensors on arrival."""
+    import pickle
+
+    sb = stream(corpus, tokenizer, 1)[0][0]
+    blob = pickle.dumps(sb, protocol=pickle.HIGHEST_PROTOCOL)
+    arrays = sb.__reduce__()[1][1]  # the batches' part of the pickle (the rest is the report and the state)
+    wide = sum(t.numel() * t.element_size() for b in sb.batches.values() for t in vars(b).values() if isinstance(t, torch.Tensor))
+    assert sum(v.nbytes for a in arrays.values() for v in a.values() if isinstance(v, np.ndarray)) < 0.4 * wide
+    back = pickle.loads(blob)
+    assert as_bytes(back) == as_bytes(sb)
+    assert all(t.dtype == getattr(sb.batches[k], n).dtype for k, b in back.batches.items() for n, t in vars(b).items()
+               if isinstance(t, torch.Tensor))
