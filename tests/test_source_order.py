@@ -28,11 +28,9 @@ def test_order_is_a_pure_function_of_seed_source_epoch():
 def test_epoch_positions_do_not_follow_the_catalog_order():
     """Rank correlation of a sample's catalog position and its epoch position is ~0, and any 1,000 consecutive
     positions spread over the whole source (not slices of a few shards)."""
-    from scipy.stats import spearmanr
-
     n = 100_000
     got = SourceOrder("src", n, seed=0).samples(0, np.arange(n))
-    assert abs(spearmanr(np.arange(n), got)[0]) < 0.02
+    assert abs(np.corrcoef(np.arange(n), got)[0, 1]) < 0.02  # both are ranks already: Pearson of them is Spearman's rho
     window = got[40_000:41_000]
     shards = np.unique(window // 1000)  # 100 shards of 1,000 samples
     assert len(shards) > 95

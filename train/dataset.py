@@ -133,7 +133,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                 resolve_weights(manifest, task, step, {n: self.sources[n].size for n in manifest.tasks[task].sources})
         self.store = ShardStore(c.cache_dir or os.path.join(tempfile.gettempdir(), "synergen-shards"), c.cache_bytes,
                                 c.on_bad_shard, dict(c.storage_options))
-        self._tables = self._load_tables()
+        self._tables = self._load_tables(retry_bad=True)
         self.store.evict(keep=[self.sources[n] for n in self._tables])
         self.table_bytes = sum(int(t.rows.nbytes) for t in self._tables.values())
         if self.table_bytes > c.cache_bytes:
@@ -145,8 +145,8 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         self.prepared_io = {"index_bytes": self.store.index_bytes, "indices_rebuilt": self.store.rebuilt}
         self._state: dict | None = None
 
-    def _load_tables(self) -> dict[str, SourceTable]:
-        return {n: self.store.table(s) for n, s in self.sources.items() if s.size.samples > 0}
+    def _load_tables(self, retry_bad: bool = False) -> dict[str, SourceTable]:
+        return {n: self.store.table(s, retry_bad) for n, s in self.sources.items() if s.size.samples > 0}
 
     def __getstate__(self) -> dict:
         # DataLoader workers reopen the memory-mapped tables from the machine's cache rather than receive copies

@@ -244,8 +244,12 @@ class ShardStore:
     def _table_path(self, source: Source) -> str:
         return os.path.join(self.cache_dir, "tables", f"{source.name}-{source.fingerprint}-v{TABLE_VERSION}.npy")
 
-    def table(self, source: Source) -> SourceTable:
-        """The source's table: from this machine's cache, else built (by one process of the machine) from the sidecars."""
+    def table(self, source: Source, retry_bad: bool = False) -> SourceTable:
+        """The source's table: from this machine's cache, else built (by one process of the machine) from the sidecars.
+
+        With `retry_bad`, a cached table that lists shards this machine could not index is built again (their trouble
+        may have been passing); the loader asks for that once at start, its DataLoader workers never do, so they
+        plan from the very table their main process decided with."""
         path = self._table_path(source)
         starts = np.concatenate([[0], np.cumsum([s.samples for s in source.shards])]).astype(np.int64)
 
@@ -256,7 +260,7 @@ class ShardStore:
                 rows = np.load(path, mmap_mode="r", allow_pickle=False)
             except (FileNotFoundError, ValueError):
                 return None
-            if len(rows) != starts[-1]:
+            if len(rows) != starts[-1] or (retry_bad and problems):
                 return None
             os.utime(path)  # recently used: evicted last
             return SourceTable(rows, starts, problems)
@@ -291,7 +295,7 @@ class ShardStore:
                     rows[starts[i]:starts[i + 1]] = p.astype(dtype)
             self._write_atomic(path, index_bytes(rows))
             self._write_atomic(path[:-4] + ".json", json.dumps(problems).encode())
-            return cached()
+            return SourceTable(np.load(path, mmap_mode="r", allow_pickle=False), starts, problems)
 
     def evict(self, keep: list[Source]) -> None:
         """Drop least recently used tables of other sources (or other shard lists) until the cache fits `cache_bytes`;
