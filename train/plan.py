@@ -157,13 +157,14 @@ class Planner:
             b = pos // BLOCK
             lo, hi = b * BLOCK, min(size, (b + 1) * BLOCK)
             bp = self._block(name, epoch, b)
-            a = pos - lo
-            parts.append({"epoch": np.full(hi - pos, epoch, np.int64), "pos": np.arange(pos, hi, dtype=np.int64),
-                          "shard": bp.shard[a:], "row": bp.row[a:], "sample": bp.sample[a:], "length": bp.length[a:],
-                          "view": bp.view[a:], "bad": bp.bad[a:], "uncond": bp.uncond[a:]})
-            usable += int((bp.view[a:] != VIEW_DROPPED).sum())
-            passed += hi - pos
-            pos = hi
+            end = min(hi, pos + 2 * (need - usable) + 16)  # enough when few are dropped; the loop takes more if not
+            a, e = pos - lo, end - lo
+            parts.append({"epoch": np.full(end - pos, epoch, np.int64), "pos": np.arange(pos, end, dtype=np.int64),
+                          "shard": bp.shard[a:e], "row": bp.row[a:e], "sample": bp.sample[a:e], "length": bp.length[a:e],
+                          "view": bp.view[a:e], "bad": bp.bad[a:e], "uncond": bp.uncond[a:e]})
+            usable += int((bp.view[a:e] != VIEW_DROPPED).sum())
+            passed += end - pos
+            pos = end
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
 
     def plan_step(self, step: int) -> dict[str, dict[str, np.ndarray]]:

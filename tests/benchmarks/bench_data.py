@@ -196,8 +196,15 @@ def run_shuffle(root: str, global_batch: int) -> dict:
     n_shards, per_shard = len(src.shards), src.shards[0].samples
     rng = np.random.default_rng(0)
     uniform = np.mean([len(set((rng.choice(src.size.samples, global_batch, replace=False) // per_shard).tolist())) for _ in range(200)])
+    # the baseline: the loader before the whole-source shuffle (shards permuted, samples shuffled within groups of 4)
+    perm = rng.permutation(n_shards)
+    before = np.concatenate([rng.permutation(np.concatenate([np.arange(s * per_shard, (s + 1) * per_shard) for s in perm[g:g + 4]]))
+                             for g in range(0, n_shards, 4)])[:len(order)]
+    before_shards = np.mean([len(set((before[i:i + global_batch] // per_shard).tolist()))
+                             for i in range(0, len(before) - global_batch + 1, global_batch)])
     return {"spearman": float(spearmanr(np.arange(len(order)), order)[0]), "shards_per_batch": float(np.mean(shards_per_batch)),
-            "uniform_shards_per_batch": float(uniform), "shards": n_shards}
+            "uniform_shards_per_batch": float(uniform), "shards": n_shards,
+            "before_spearman": float(spearmanr(np.arange(len(before)), before)[0]), "before_shards_per_batch": float(before_shards)}
 
 
 def run_synergen(root: str, workers: int, steps: int, global_batch: int, resume_at: list[int], world: int = 1) -> dict:
@@ -315,7 +322,8 @@ def main() -> None:
         sh = run_shuffle(root, args.global_batch)
         print(f"shuffle, one epoch of src_a ({sh['shards']} shards): rank correlation of catalog position vs epoch position "
               f"{sh['spearman']:+.4f} (goal ~0); shards per global batch of {args.global_batch}: {sh['shards_per_batch']:.1f} "
-              f"(a uniform random sample: {sh['uniform_shards_per_batch']:.1f})")
+              f"(a uniform random sample: {sh['uniform_shards_per_batch']:.1f}); before (groups of 4 shards): "
+              f"{sh['before_spearman']:+.4f}, {sh['before_shards_per_batch']:.1f} shards per batch")
         b = run_s3_bytes(root, args.global_batch)
         print(f"bytes read from S3 per node in one epoch of src_a ({b['dataset'] / 2**20:.1f} MiB of shards, "
               f"{b['indices'] / 2**10:.1f} KiB of indices); goal: dataset/nodes + indices")
