@@ -37,13 +37,13 @@ def test_rank_split_balances_tokens_and_counts():
 
 
 def test_ranks_get_equal_token_loads(corpus, tokenizer):
-    """Global batches of 16 generation samples (lengths ~20 to ~40 tokens) over 2 ranks: each step the ranks' token loads
+    """Global batches of 16 generation samples (lengths ~20 to ~40 tokens) over 2 ranks x 2 workers: each step the ranks' token loads
     differ by less than the spread of the batch's lengths (a split by position differs by up to 27 tokens here)."""
     mf = manifest(corpus, tasks={"gen": {"global_batch": 16, "unit": "tokens", "sources": {
         "gen_a": {"catalogs": ["gen_a"], "weight": 1}, "gen_b": {"catalogs": ["gen_b"], "weight": 1}}}})
     per_rank = []
     for rank in (0, 1):
-        out, _ = stream(corpus, tokenizer, 10, rank=rank, world=2, mf=mf)
+        out, _ = stream(corpus, tokenizer, 10, workers=2, rank=rank, world=2, mf=mf)
         per_rank.append([sum(v["tokens"] for v in sb.report["tasks"]["gen"]["rank"].values()) for sb in out])
         assert all(sum(v["samples"] for v in sb.report["tasks"]["gen"]["rank"].values()) == 8 for sb in out)
     diffs = [abs(a - b) for a, b in zip(*per_rank)]

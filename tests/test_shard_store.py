@@ -167,7 +167,8 @@ def test_cache_smaller_than_the_indices_warns_and_reads_never_walk_it(corpus, to
     assert len(tables) == 4  # in use: kept although over the bound
     # another run's tables (another shard list) come in: the least recently used ones go, the new ones stay
     write_source(str(tmp_path / "other"), "cap_a", "und", [3], tokenizer, seed=11, tiles=True)
-    StreamingMixture(manifest(str(tmp_path / "other"), tasks={"und": {"global_batch": 2, "sources": {"cap_a": {"catalogs": ["cap_a"], "weight": 1}}}}),
-                     model_spec(tokenizer), tokenizer, LoaderConfig(cache_dir=str(tmp_path / "cache"), cache_bytes=1000))
+    other = {"und": {"global_batch": 2, "sources": {"cap_a": {"catalogs": ["cap_a"], "weight": 1}}}}
+    StreamingMixture(manifest(str(tmp_path / "other"), tasks=other), model_spec(tokenizer), tokenizer,
+                     LoaderConfig(cache_dir=str(tmp_path / "cache"), cache_bytes=1000))
     left = sorted(p.name for p in (tmp_path / "cache" / "tables").iterdir() if p.suffix == ".npy")
     assert len(left) == 1 and left[0] not in tables

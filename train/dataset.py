@@ -140,7 +140,8 @@ class StreamingMixture(torch.utils.data.IterableDataset):
             log.warning("cache_bytes=%d is smaller than this mixture's source indices (%d bytes): they stay in the cache "
                         "while in use, and other runs' indices are evicted; raise data_options.cache_bytes", c.cache_bytes,
                         self.table_bytes)
-        found = {self.sources[n].shards[i].sha256 for n, t in self._tables.items() for i in [*t.problems, *self.store.absent(self.sources[n])]}
+        found = {self.sources[n].shards[i].sha256 for n, t in self._tables.items()
+                 for i in [*t.problems, *self.store.absent(self.sources[n])]}
         self.skip = _agree(found, c.world_size)
         self.prepared_io = {"index_bytes": self.store.index_bytes, "indices_rebuilt": self.store.rebuilt}
         self._state: dict | None = None
