@@ -142,7 +142,8 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                         self.table_bytes)
         found = {self.sources[n].shards[i].sha256 for n, t in self._tables.items()
                  for i in [*t.problems, *self.store.absent(self.sources[n])]}
-        self.skip = _agree(found, c.world_size)
+        # a collective only in skip mode: with on_bad_shard='error' a bad shard already stopped the rank that saw it
+        self.skip = _agree(found, c.world_size) if c.on_bad_shard == "skip" else set()
         self.prepared_io = {"index_bytes": self.store.index_bytes, "indices_rebuilt": self.store.rebuilt}
         self._state: dict | None = None
 
