@@ -1,7 +1,7 @@
 """Token shards and their catalog: the writer and the reader of the format, side by side, with one spec.
 
 Layout (one tar member per sample, so the tar overhead is paid once):
-    KEY.sgt       or  KEY.sgt.zst   (whole member zstd-compressed)
+    KEY.sgt       or  KEY.sgt.zst   (whole member zstd-compressed, the frame with its content checksum)
     bytes = b"SGT1" | uint32le header_len | header (JSON, utf-8) | codes (raw, C order) | text ids (raw int32 LE)
     header = {"meta": {...the sample's json fields...},
               "codes": {"dtype": "uint16", "shape": [n_images, n_groups, fh*fw]},
@@ -12,8 +12,10 @@ One-line decoder with plain webdataset:
 The layout (one member per sample, zstd on by default in `synergen tokenize`) was chosen with the figures of
 tests/benchmarks/bench_shard_layout.py, recorded in README "Token shard layout".
 
-Catalog: `<out>/_catalog.parquet`, one row per published shard (CATALOG_SCHEMA). Shards are written
-whole to a temporary name and renamed on publish, so a reader never sees a partial shard.
+Catalog: `<out>/_catalog.parquet`, one row per published shard (CATALOG_SCHEMA): with the sha256 of the whole
+shard (audits) and of its per-sample index sidecar (below; each row holds the xxh3 of its sample's bytes, which
+readers check on every read). Shards are written whole to a temporary name and renamed on publish, so a reader
+never sees a partial shard.
 """
 
 from __future__ import annotations
