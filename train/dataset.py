@@ -189,16 +189,17 @@ class StreamingMixture(torch.utils.data.IterableDataset):
             planner.load(self._state)
             start = self._state["step"]
         step = start
+        skipped = sorted(s.url for src in self.sources.values() for s in src.shards if s.sha256 in planner.skip)
         try:
             while self.config.max_steps is None or step < self.config.max_steps:
                 plan = planner.plan_step(step)  # every worker plans every step (from the tables: cheap), builds only its own
                 if (step - start) % n_workers == worker:
-                    yield self._build(step, plan, planner, worker)
+                    yield self._build(step, plan, planner, worker, skipped)
                 step += 1
         finally:
             self.store.close()
 
-    def _build(self, step: int, plan: dict[str, dict], planner: Planner, worker: int) -> StepBatch:
+    def _build(self, step: int, plan: dict[str, dict], planner: Planner, worker: int, skipped: list[str]) -> StepBatch:
         c, store = self.config, self.store
         mine, rows, items = {}, {}, []
         for task, p in plan.items():
@@ -243,7 +244,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         state = planner.state(step + 1)
         report["sources"] = {n: {k: s[k] for k in ("epoch", "pos", "dropped", "skipped")} for n, s in state["sources"].items()
                              if n in self.sources}
-        report["skipped_shards"] = sorted(s.url for src in self.sources.values() for s in src.shards if s.sha256 in planner.skip)
+        report["skipped_shards"] = skipped
         report["unread_samples"] = unread
         # this process's own I/O and CPU time, cumulative: decodes equal the samples it yields, whatever ranks x workers
         report["io"] = {"rank": c.rank, "worker": worker, "decoded": store.decoded, "read_bytes": store.read_bytes,
