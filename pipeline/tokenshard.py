@@ -1,7 +1,7 @@
 """Token shards and their catalog: the writer and the reader of the format, side by side, with one spec.
 
 Layout (one tar member per sample, so the tar overhead is paid once):
-    KEY.sgt       or  KEY.sgt.zst   (whole member zstd-compressed)
+    KEY.sgt       or  KEY.sgt.zst   (whole member zstd-compressed, the frame with its content checksum)
     bytes = b"SGT1" | uint32le header_len | header (JSON, utf-8) | codes (raw, C order) | text ids (raw int32 LE)
     header = {"meta": {...the sample's json fields...},
               "codes": {"dtype": "uint16", "shape": [n_images, n_groups, fh*fw]},
@@ -12,8 +12,10 @@ One-line decoder with plain webdataset:
 The layout (one member per sample, zstd on by default in `synergen tokenize`) was chosen with the figures of
 tests/benchmarks/bench_shard_layout.py, recorded in README "Token shard layout".
 
-Catalog: `<out>/_catalog.parquet`, one row per published shard (CATALOG_SCHEMA). Shards are written
-whole to a temporary name and renamed on publish, so a reader never sees a partial shard.
+Catalog: `<out>/_catalog.parquet`, one row per published shard (CATALOG_SCHEMA): with the sha256 of the whole
+shard (audits) and of its per-sample index sidecar (below; each row holds the xxh3 of its sample's bytes, which
+readers check on every read). Shards are written whole to a temporary name and renamed on publish, so a reader
+never sees a partial shard.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import struct
 import tarfile
 import uuid
@@ -31,6 +34,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 import zstandard
 
 from synergen.errors import ShardError
@@ -71,8 +75,8 @@ def encode_token_sample(sample: TokenSample, compress: bool = False, level: int 
         ensure_ascii=False,
     ).encode()
     raw = b"".join([MAGIC, struct.pack("<I", len(header)), header, codes.tobytes(), text.tobytes()])
-    if compress:
-        return MEMBER_ZST, zstandard.ZstdCompressor(level=level).compress(raw)
+    if compress:  # the frame carries its own checksum, so a bad decode cannot pass as a sample
+        return MEMBER_ZST, zstandard.ZstdCompressor(level=level, write_checksum=True).compress(raw)
     return MEMBER, raw
 
 
@@ -90,7 +94,7 @@ def decode_token_sample(data: bytes, key: str = "") -> TokenSample:
         header = json.loads(data[8 : 8 + hlen])
         dt = np.dtype(header["codes"]["dtype"])
         shape = tuple(header["codes"]["shape"])
-        n_codes = int(np.prod(shape)) if shape else 0
+        n_codes = math.prod(shape) if shape else 0
         off = 8 + hlen
         codes = np.frombuffer(data, dtype=dt, count=n_codes, offset=off).reshape(shape)
         off += n_codes * dt.itemsize
@@ -133,7 +137,8 @@ class TokenShardWriter:
         self.n_text_tokens += int(sample.text_ids.size)
 
     def publish(self) -> dict:
-        """Close the tar, write it under a temporary name, rename into place; return size and sha256."""
+        """Close the tar, write it under a temporary name, rename into place; return size and sha256 (the whole
+        shard's, for audits) and the sha256 of its per-sample index (which the loader checks the sidecar against)."""
         self._tar.close()
         data = self._buf.getvalue()
         fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
@@ -141,11 +146,11 @@ class TokenShardWriter:
         fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/_tmp.{uuid.uuid4().hex}.{path.rsplit('/', 1)[-1]}"
         # the per-sample index goes first, so a published tar always has one (read_shard_index)
-        write_shard_index(self.url, build_shard_index(data, self.url), self.storage_options)
+        index_sha256 = write_shard_index(self.url, build_shard_index(data, self.url), self.storage_options)
         with fs.open(tmp, "wb") as f:
             f.write(data)
         fs.mv(tmp, path)
-        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "index_sha256": index_sha256}
 
     def __enter__(self) -> "TokenShardWriter":
         return self
@@ -184,6 +189,7 @@ CATALOG_SCHEMA = pa.schema(
         ("text_tokens", pa.int64()),
         ("bytes", pa.int64()),
         ("sha256", pa.string()),
+        ("index_sha256", pa.string()),  # of the `.idx.npy` sidecar (null in catalogs written before it existed)
         ("vq_model", pa.string()),
         ("codebook_size", pa.int64()),
         ("fold", pa.string()),  # "2x8"
@@ -248,13 +254,15 @@ def iter_token_shard_fast(url: str, data: bytes) -> Iterator[TokenSample]:
 
 # ---- per-sample index: where each sample lies in the tar and what its sequence needs -------------------
 # `NNNNN.tar.idx.npy` beside each shard (written by TokenShardWriter.publish before the tar is renamed into
-# place, so a published tar always has its index): one row per sample, in tar order. A loader plans whole
-# global batches from these rows without reading any shard, then reads only its own samples by byte range.
+# place, so a published tar always has its index; its sha256 goes in the catalog): one row per sample, in tar
+# order, with the xxh3 of the sample's bytes. A loader plans whole global batches from these rows without
+# reading any shard, then reads only its own samples by byte range and checks each against its row's xxh3.
 
 INDEX_SUFFIX = ".idx.npy"
 INDEX_FIELDS = {  # name -> dtype (the key's width varies with the shard's longest key)
     "offset": "<i8",  # byte offset of the member's data in the tar (its 512-byte tar header precedes it)
     "size": "<i8",  # member data bytes
+    "xxh3": "<u8",  # xxh3_64 of the member's data bytes: a reader checks every sample it reads against it
     "n_images": "<i4",  # codes.shape[0]
     "groups": "<i4",  # fold groups per image (LLM positions), codes.shape[1]
     "fold_size": "<i4",  # codes.shape[2] (fh*fw), -1 when codes are not 3-d
@@ -266,6 +274,23 @@ INDEX_FIELDS = {  # name -> dtype (the key's width varies with the shard's longe
 
 def _index_dtype(key_width: int) -> np.dtype:
     return np.dtype([("key", f"S{max(1, key_width)}"), *INDEX_FIELDS.items()])
+
+
+def sample_checksum(member: bytes | memoryview) -> int:
+    """The per-sample checksum of the index (xxh3_64 of a member's data bytes, as stored in the tar)."""
+    return xxhash.xxh3_64_intdigest(member)
+
+
+def index_rows(rows: list[tuple]) -> np.ndarray:
+    """Index rows (key, offset, size, xxh3, n_images, groups, fold_size, text, tiles, thumbnail) -> an index array."""
+    return np.array(rows, dtype=_index_dtype(max((len(r[0]) for r in rows), default=1)))
+
+
+def facts_row(key: str, offset: int, size: int, checksum: int, shape: list[int], n_text: int, meta: dict) -> tuple:
+    """One index row from a sample's header facts (codes shape, caption tokens, meta)."""
+    rows_cols = meta.get("tiles", [1, 1])
+    return (key.encode(), offset, size, checksum, shape[0] if shape else 0, shape[1] if len(shape) == 3 else 0,
+            shape[2] if len(shape) == 3 else -1, int(n_text), int(rows_cols[0]) * int(rows_cols[1]), bool(meta.get("thumbnail", False)))
 
 
 def _sample_header(member: memoryview, key: str) -> dict:
@@ -328,26 +353,30 @@ def build_shard_index(data: bytes, url: str = "") -> np.ndarray:
         key, _, ext = name.partition(".")
         if ext not in (MEMBER, MEMBER_ZST):
             continue
-        h = _sample_header(view[off:off + size], key)
-        shape = list(h.get("codes", {}).get("shape", []))
-        meta = h.get("meta", {})
-        rows_cols = meta.get("tiles", [1, 1])
-        rows.append((key.encode(), off, size, shape[0] if shape else 0, shape[1] if len(shape) == 3 else 0,
-                     shape[2] if len(shape) == 3 else -1, int(h.get("text", {}).get("n", 0)),
-                     int(rows_cols[0]) * int(rows_cols[1]), bool(meta.get("thumbnail", False))))
-    return np.array(rows, dtype=_index_dtype(max((len(r[0]) for r in rows), default=1)))
+        member = view[off:off + size]
+        h = _sample_header(member, key)
+        rows.append(facts_row(key, off, size, sample_checksum(member), list(h.get("codes", {}).get("shape", [])),
+                              int(h.get("text", {}).get("n", 0)), h.get("meta", {})))
+    return index_rows(rows)
 
 
-def write_shard_index(url: str, index: np.ndarray, storage_options: dict | None = None) -> None:
-    """Write `url + INDEX_SUFFIX` atomically (temp name, then rename)."""
+def index_bytes(index: np.ndarray) -> bytes:
+    """An index as the bytes of its `.npy` file."""
+    buf = io.BytesIO()
+    np.save(buf, index, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shard_index(url: str, index: np.ndarray, storage_options: dict | None = None) -> str:
+    """Write `url + INDEX_SUFFIX` atomically (temp name, then rename); return the file's sha256."""
     fs, path = fsspec.core.url_to_fs(url + INDEX_SUFFIX, **(storage_options or {}))
     parent = path.rsplit("/", 1)[0]
     tmp = f"{parent}/_tmp.{uuid.uuid4().hex}.{path.rsplit('/', 1)[-1]}"
-    buf = io.BytesIO()
-    np.save(buf, index, allow_pickle=False)
+    blob = index_bytes(index)
     with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
+        f.write(blob)
     fs.mv(tmp, path)
+    return hashlib.sha256(blob).hexdigest()
 
 
 def parse_shard_index(blob: bytes, name: str) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The streaming dataset over real token shards (written with TokenShardWriter, synthetic codes)."""
+"""The streaming dataset end to end over real token shards (written with TokenShardWriter, synthetic codes):
+layouts, packing, resume, ranks and workers, mixtures, bad shards, S3."""
 
 from __future__ import annotations
 
@@ -6,113 +7,27 @@ import json
 from collections import Counter
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
+from loader_corpus import CODEBOOK, FOLD, as_bytes, make_corpus, make_tokenizer, manifest, model_spec, stream, write_source
 from model.folding import Fold
-from model.special_tokens import ALL_SPECIAL_TOKENS, PROMPT_UND
-from pipeline.tokenshard import TokenSample, TokenShardWriter, vocab_hash, write_catalog
+from pipeline.tokenshard import TokenSample, TokenShardWriter, vocab_hash
 from synergen.errors import ConfigMismatchError, ShardError
-from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
+from train.data import ModelDataSpec, StreamingMixture
 from train.mixture import MixtureManifest
 from train.sequence import IGNORE, LayoutIds, SequenceSpec, build_sequence, plan_layout
-
-FOLD = Fold(2, 2)
-CODEBOOK = 64
-WORDS = "a red blue green yellow circle square triangle on the left right top bottom and two in center".split()
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    rng = np.random.default_rng(0)
-    corpus = [" ".join(rng.choice(WORDS, 8)) for _ in range(200)] + [PROMPT_UND, "Generate an image of: Here is a random image"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-    fast.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-                             "additional_special_tokens": [t for t in ALL_SPECIAL_TOKENS if t not in ("<s>", "</s>", "<pad>")]})
-    return fast
-
-
-def model_spec(tokenizer) -> ModelDataSpec:
-    return ModelDataSpec(FOLD, CODEBOOK, vocab_hash(tokenizer))
-
-
-def write_source(root: str, source: str, task: str, shard_sizes: list[int], tokenizer, seed: int = 0, tiles: bool = False,
-                 groups: int = 4) -> list[dict]:
-    """Shards of synthetic samples + catalog under root/source; keys name source, shard and index."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for si, n in enumerate(shard_sizes):
-        path = f"{source}-{si:05d}.tar"
-        with TokenShardWriter(f"{root}/{source}/{path}") as w:
-            for i in range(n):
-                grid = [[1, 1], [1, 2], [2, 2]][rng.integers(0, 3)] if tiles else [1, 1]
-                n_tiles = grid[0] * grid[1]
-                n_img = n_tiles + (n_tiles > 1)
-                cap = " ".join(rng.choice(WORDS, int(rng.integers(2, 9))))
-                w.write(TokenSample(
-                    key=f"{source}-{si:03d}-{i:04d}",
-                    codes=rng.integers(0, CODEBOOK, (n_img, groups, FOLD.size)).astype(np.uint16),
-                    text_ids=np.array(tokenizer.encode(cap, add_special_tokens=False), np.int32),
-                    meta={"source": source, "task": task, "caption": cap, "tiles": grid, "thumbnail": n_tiles > 1,
-                          "grid": [4, 4], "fold": [2, 2]},
-                ))
-            pub = w.publish()
-            rows.append({"path": path, "source": source, "task": task, "samples": w.n_samples, "image_tokens": w.n_image_tokens,
-                         "codes": w.n_codes, "text_tokens": w.n_text_tokens, **pub, "vq_model": "tiny-emu3",
-                         "codebook_size": CODEBOOK, "fold": "2x2", "text_tokenizer": "tiny-bpe", "vocab_hash": vocab_hash(tokenizer),
-                         "pipeline_version": "test"})
-    write_catalog(f"{root}/{source}", rows)
-    return rows
-
-
-def manifest(root: str, **over) -> MixtureManifest:
-    raw = {
-        "name": "t", "data_root": root, "seq_len": 64, "max_tiles": 4, "thumbnail": True,
-        "tasks": {
-            "und": {"global_batch": 6, "sources": {"cap_a": {"catalogs": ["cap_a"], "weight": 2}, "cap_b": {"catalogs": ["cap_b"], "weight": 1}}},
-            "gen": {"global_batch": 4, "unit": "tokens", "sources": {"gen_a": {"catalogs": ["gen_a"], "weight": 1},
-                                                                      "gen_b": {"catalogs": ["gen_b"], "weight": 1}}},
-        },
-    }
-    for k, v in over.items():
-        raw[k] = v
-    return MixtureManifest.model_validate(raw)
+    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tokenizer):
-    root = str(tmp_path_factory.mktemp("tokens"))
-    write_source(root, "cap_a", "und", [7, 5, 9, 6], tokenizer, seed=1, tiles=True)
-    write_source(root, "cap_b", "und", [4, 6, 3], tokenizer, seed=2, tiles=True)
-    write_source(root, "gen_a", "gen", [8, 8, 8], tokenizer, seed=3, groups=4)
-    write_source(root, "gen_b", "gen", [10, 10], tokenizer, seed=4, groups=12)  # 3x the image tokens of gen_a
-    return root
-
-
-def stream(root, tokenizer, steps, state=None, workers=0, rank=0, world=1, mf=None, **cfg) -> tuple[list, StreamingLoader]:
-    ds = StreamingMixture(mf or manifest(root), model_spec(tokenizer), tokenizer,
-                          LoaderConfig(rank=rank, world_size=world, seed=7, max_steps=steps, **cfg))
-    loader = StreamingLoader(ds, num_workers=workers)
-    if state is not None:
-        loader.load_state_dict(state)
-    return list(loader), loader
-
-
-def as_bytes(sb) -> bytes:
-    parts = [json.dumps(sb.samples, sort_keys=True).encode()]
-    for task in sorted(sb.batches):
-        b = sb.batches[task]
-        for name in ("input_ids", "position_ids", "document_ids", "labels", "image_mask", "image_codes", "image_targets"):
-            parts.append(getattr(b, name).numpy().tobytes())
-    return b"".join(parts)
+    return make_corpus(str(tmp_path_factory.mktemp("tokens")), tokenizer)
 
 
 def test_sequence_layout_and_loss_masks(tokenizer):
@@ -258,25 +173,21 @@ def test_bad_shards_error_or_recorded_skip(tmp_path, tokenizer, request, where):
     assert rep["sources"]["gen_a"]["skipped"] >= 12
 
 
-def test_s3_reads_like_local_with_a_bounded_cache(corpus, tokenizer, s3, tmp_path):
+def test_s3_reads_like_local_by_byte_ranges(corpus, tokenizer, s3, tmp_path):
+    """The same shards on S3 give the same batches as on local disk, read by range (no whole shard fetched)."""
     import fsspec
 
-    local_fs = fsspec.filesystem("file")
     s3_fs, _ = fsspec.core.url_to_fs(s3)
-    remote = f"{s3}/corpus"
+    remote = f"{s3}/corpus-{tmp_path.name}"
     s3_fs.put(corpus, remote, recursive=True)
-    local, _ = stream(corpus, tokenizer, 5)
-    cache = tmp_path / "cache"
-    # a download that crashed half-way left a partial file: the next run is not blocked by it, and removes it
-    sha = pq.read_table(f"{corpus}/cap_a/_catalog.parquet").to_pylist()[0]["sha256"]
-    (cache / sha[:2]).mkdir(parents=True)
-    stale = cache / sha[:2] / f"{sha}.tar.part.crashed"
-    stale.write_bytes(b"half a shard")
-    remote_out, _ = stream(remote, tokenizer, 5, cache_dir=str(cache), cache_bytes=30_000)
+    local, _ = stream(corpus, tokenizer, 5, cache_dir=str(tmp_path / "c0"))
+    remote_out, _ = stream(remote, tokenizer, 5, cache_dir=str(tmp_path / "c1"))
     assert [as_bytes(x) for x in local] == [as_bytes(x) for x in remote_out]
-    assert not stale.exists() and remote_out[-1].report["io"]["downloaded_bytes"] > 0
-    cached = sum(p.stat().st_size for p in cache.rglob("*.tar"))
-    assert 0 < cached <= 30_000 + max(local_fs.size(p) for p in local_fs.glob(f"{corpus}/*/*.tar"))
+    io = remote_out[-1].report["io"]
+    tars = sum(s3_fs.size(p) for p in s3_fs.glob(f"{remote}/*/*.tar"))
+    sidecars = sum(s3_fs.size(p) for p in s3_fs.glob(f"{remote}/*/*.idx.npy"))
+    assert io["index_bytes"] == sidecars and io["indices_rebuilt"] == 0
+    assert 0 < io["read_bytes"] < tars / 2  # 5 steps of 10 samples, each read alone with its 512-byte tar header
 
 
 def test_manifest_errors_name_the_key(tmp_path):
@@ -342,33 +253,37 @@ def test_missing_or_wrong_index_is_rebuilt_and_named(corpus, tokenizer, tmp_path
     short = read_shard_index(f"{root}/cap_b/cap_b-00000.tar")[:-1]  # one row short of the catalog
     np.save(root / "cap_b" / f"cap_b-00000.tar{INDEX_SUFFIX}", short)
     want, _ = stream(corpus, tokenizer, 4, cache_dir=str(tmp_path / "c0"))
-    with caplog.at_level("INFO", logger="train.data"):
+    with caplog.at_level("INFO", logger="train.shard_store"):
         got, _ = stream(str(root), tokenizer, 4, cache_dir=str(tmp_path / "c1"))
     assert [as_bytes(x) for x in got] == [as_bytes(x) for x in want]
     text = caplog.text
     assert f"cap_a-00000.tar has no index {root}/cap_a/cap_a-00000.tar{INDEX_SUFFIX}" in text
-    assert f"cap_a-00001.tar{INDEX_SUFFIX}: not a .npy index" in text
-    assert f"cap_b-00000.tar{INDEX_SUFFIX} does not match its shard (3 rows but the catalog lists 4 samples)" in text
-    assert got[-1].report["io"]["indices_scanned"] == 3
-    # built once per machine: a second run finds them in the cache and scans nothing
+    for name in ("cap_a/cap_a-00001", "cap_b/cap_b-00000"):  # the catalog has each sidecar's sha256
+        assert f"{root}/{name}.tar{INDEX_SUFFIX} does not match its shard (sha256 " in text
+    assert got[-1].report["io"]["indices_rebuilt"] == 3
+    # built once per machine: a second run finds the tables in the cache and reads no index
     again, _ = stream(str(root), tokenizer, 4, cache_dir=str(tmp_path / "c1"))
-    assert again[-1].report["io"]["indices_scanned"] == 0 and again[-1].report["io"]["hashed_bytes"] == 0
-    # a wrong index that looks right (a row's caption length) is caught when its sample is read, naming it
+    assert again[-1].report["io"]["indices_rebuilt"] == 0 and again[-1].report["io"]["index_bytes"] == 0
+    # a wrong index that looks right (every row's caption length) disagrees with its catalog row: rebuilt, named
     idx = read_shard_index(f"{root}/gen_a/gen_a-00000.tar")
     idx["text"] += 1
     with open(root / "gen_a" / f"gen_a-00000.tar{INDEX_SUFFIX}", "wb") as f:
         np.save(f, idx)
-    with pytest.raises(ShardError, match=rf"shard index .*gen_a-00000\.tar{INDEX_SUFFIX}: sample gen_a-000-\d+ .* index row says"):
-        stream(str(root), tokenizer, 4, cache_dir=str(tmp_path / "c2"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="train.shard_store"):
+        fixed, _ = stream(str(root), tokenizer, 4, cache_dir=str(tmp_path / "c2"))
+    assert [as_bytes(x) for x in fixed] == [as_bytes(x) for x in want]
+    assert f"gen_a-00000.tar{INDEX_SUFFIX} does not match its shard" in caplog.text
 
 
 def test_each_worker_decodes_only_its_own_samples(corpus, tokenizer, tmp_path):
-    """2 ranks x 2 workers sharing one machine cache: every process decodes exactly the samples it yields, and
-    each shard is hashed once for the machine, not once per process."""
+    """2 ranks x 2 workers sharing one machine cache: every process decodes exactly the samples it yields, the
+    indices are read once for the machine, and what is read of the shards is the samples' own bytes."""
     import fsspec
 
     cache = str(tmp_path / "cache")
-    decoded, yielded, hashed, used = Counter(), Counter(), 0, set()
+    decoded, yielded, read, used = Counter(), Counter(), 0, set()
+    index_reads = []
     for rank in (0, 1):
         out, _ = stream(corpus, tokenizer, 6, workers=2, rank=rank, world=2, cache_dir=cache)
         last = {}
@@ -379,10 +294,28 @@ def test_each_worker_decodes_only_its_own_samples(corpus, tokenizer, tmp_path):
             last[io["worker"]] = io
         for w, io in last.items():
             decoded[(rank, w)] = io["decoded"]
-            hashed += io["hashed_bytes"]
+            read += io["read_bytes"]
+        index_reads.append(last[0]["index_bytes"])
         used |= {(s, k.rsplit("-", 1)[0]) for sb in out for v in sb.samples.values() for s, _, k in v}
     assert set(yielded) == {(0, 0), (0, 1), (1, 0), (1, 1)}
     assert decoded == yielded and sum(yielded.values()) == 6 * (6 + 4)  # every sample of every global batch, once
     fs = fsspec.filesystem("file")
-    assert hashed <= sum(fs.size(p) for p in fs.glob(f"{corpus}/*/*.tar"))  # no shard hashed twice on the machine
+    assert index_reads[0] == sum(fs.size(p) for p in fs.glob(f"{corpus}/*/*.idx.npy")) and index_reads[1] == 0
+    assert read < sum(fs.size(p) for p in fs.glob(f"{corpus}/*/*.tar")) / 2
     assert len(used) > 4
+
+
+def test_worker_batches_travel_narrowed_and_arrive_exact(corpus, tokenizer):
+    """What a DataLoader worker pickles per step: codes and positions as uint16, ids as int32 (a quarter to a half
+    of int64), widened back to the same int64 tensors on arrival."""
+    import pickle
+
+    sb = stream(corpus, tokenizer, 1)[0][0]
+    blob = pickle.dumps(sb, protocol=pickle.HIGHEST_PROTOCOL)
+    arrays = sb.__reduce__()[1][1]  # the batches' part of the pickle (the rest is the report and the state)
+    wide = sum(t.numel() * t.element_size() for b in sb.batches.values() for t in vars(b).values() if isinstance(t, torch.Tensor))
+    assert sum(v.nbytes for a in arrays.values() for v in a.values() if isinstance(v, np.ndarray)) < 0.4 * wide
+    back = pickle.loads(blob)
+    assert as_bytes(back) == as_bytes(sb)
+    assert all(t.dtype == getattr(sb.batches[k], n).dtype for k, b in back.batches.items() for n, t in vars(b).items()
+               if isinstance(t, torch.Tensor))

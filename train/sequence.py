@@ -112,14 +112,9 @@ VIEW_DROPPED, VIEW_FIRST, VIEW_THUMBNAIL = 0, 1, 2
 
 def sample_facts(sample: TokenSample) -> np.ndarray:
     """A decoded sample as a one-row index (the fields `plan_lengths` reads)."""
-    from pipeline.tokenshard import _index_dtype
+    from pipeline.tokenshard import facts_row, index_rows
 
-    c = sample.codes
-    rows, cols = sample.meta.get("tiles", [1, 1])
-    row = (sample.key.encode(), 0, 0, c.shape[0] if c.ndim else 0, c.shape[1] if c.ndim == 3 else 0,
-           c.shape[2] if c.ndim == 3 else -1, int(sample.text_ids.size), int(rows) * int(cols),
-           bool(sample.meta.get("thumbnail", False)))
-    return np.array([row], dtype=_index_dtype(len(row[0])))
+    return index_rows([facts_row(sample.key, 0, 0, 0, list(sample.codes.shape), int(sample.text_ids.size), sample.meta)])
 
 
 def plan_lengths(facts: np.ndarray, task: str, uncond: np.ndarray, spec: SequenceSpec, ids: LayoutIds) -> tuple[np.ndarray, np.ndarray]:

@@ -1,18 +1,25 @@
 """Benchmark: the streaming mixture loader against a plain `webdataset.WebDataset` read of the same tars.
 
-Run:  .venv/bin/python tests/benchmarks/bench_data.py [--shards 32 --per-shard 256 --repeat 3]
+Run (S3 is moto's server on loopback, so run it in a network namespace):
+    unshare -n sh -c 'ip link set lo up && .venv/bin/python tests/benchmarks/bench_data.py --shards 32 --repeat 3'
 
 Writes token shards (Emu3-size samples: one 512px image = 4,096 codes folded 2x8 into 256 positions,
 ~20 caption tokens) to a temp folder, then measures in a fresh process each:
   - webdataset: WebDataset(tars).map(decode_token_sample), one pass (the baseline: reading only);
-  - synergen, 0 workers and 2 workers: every feature on (size + sha256 checks, shard + sample shuffle,
-    token-weighted mixture of two sources, CFG drop, sequence building, packing into 4,096 slots);
+  - synergen, 0 workers and 2 workers: every feature on (per-sample xxh3 check, whole-source shuffle,
+    token-weighted mixture of two sources, CFG drop, sequence building, token-balanced rank split,
+    packing into 4,096 slots);
   - synergen, 2 ranks x 2 workers (the ranks simulated one after the other in one process).
 Per worker: samples/s (wall, steady state after the first item), samples per CPU-second of that worker
 (its cost, what the machine's other load cannot inflate much), and decodes per sample it yields (1.00:
 a worker reads only its own samples, whatever the number of ranks and workers). Each configuration runs
 `--repeat` times, interleaved, and the best run is kept (the CPUs are shared with other work). Also peak
 RSS, time to first batch, and resume time (load state + first batch) at several positions.
+Then, with the shards on S3 (moto): bytes each simulated node reads in one epoch of one source, for 1, 2
+and 4 nodes (each node its own cache, one rank each), against the goal of 1/nodes of the dataset plus the
+indices; and shuffle quality: the rank correlation of a sample's position in the catalog (the URL-list
+order the shards were ingested in) with its position in the epoch, and the shards one global batch draws
+from against a uniform random sample.
 """
 
 from __future__ import annotations
@@ -101,7 +108,8 @@ def run_webdataset(root: str) -> dict:
             "workers": 1, "rss_mib": peak_rss_mib()}
 
 
-def loader(root: str, workers: int, max_steps: int, global_batch: int, tok, rank: int = 0, world: int = 1):
+def loader(root: str, workers: int, max_steps: int, global_batch: int, tok, rank: int = 0, world: int = 1,
+           sources: tuple[str, ...] = ("src_a", "src_b"), cache_dir: str = ""):
     from model.folding import Fold
     from pipeline.tokenshard import vocab_hash
     from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
@@ -109,11 +117,94 @@ def loader(root: str, workers: int, max_steps: int, global_batch: int, tok, rank
 
     m = MixtureManifest.model_validate({"name": "bench", "data_root": root, "seq_len": 4096, "tasks": {"gen": {
         "global_batch": global_batch, "unit": "tokens",
-        "sources": {"src_a": {"catalogs": ["src_a"], "weight": 2}, "src_b": {"catalogs": ["src_b"], "weight": 1}}}}})
+        "sources": {s: {"catalogs": [s], "weight": 2 if s == "src_a" else 1} for s in sources}}}})
     ds = StreamingMixture(m, ModelDataSpec(Fold(2, 8), 32768, vocab_hash(tok)), tok,
                           LoaderConfig(seed=1, max_steps=max_steps, rank=rank, world_size=world,
-                                       cache_dir=os.path.join(root, "_cache")))
+                                       cache_dir=cache_dir or os.path.join(root, "_cache")))
     return StreamingLoader(ds, num_workers=workers, prefetch_factor=4 if workers else None)
+
+
+def start_moto() -> tuple[object, str]:
+    """moto's S3 server on a free loopback port, with a bucket; (process, endpoint)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc, endpoint
+
+
+def run_s3_bytes(root: str, global_batch: int) -> dict:
+    """Bytes each simulated node reads from S3 in one epoch of src_a (1 rank per node, its own cache), for 1, 2, 4 nodes."""
+    import fsspec
+
+    proc, _ = start_moto()
+    try:
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("bench")
+        fs.put(f"{root}/src_a", "bench/src_a", recursive=True)
+        tars = sum(fs.size(p) for p in fs.glob("bench/src_a/*.tar"))
+        indices = sum(fs.size(p) for p in fs.glob("bench/src_a/*.idx.npy"))
+        tok = tokenizer()
+        out = {"dataset": tars, "indices": indices, "nodes": {}}
+        with tempfile.TemporaryDirectory() as caches:
+            for nodes in (1, 2, 4):
+                per_node = []
+                for node in range(nodes):
+                    ld = loader("s3://bench", 0, None, global_batch, tok, node, nodes, ("src_a",), f"{caches}/{nodes}-{node}")
+                    size = ld.dataset.sources["src_a"].size.samples
+                    ld.dataset.config.max_steps = size // global_batch  # one epoch
+                    last = None
+                    for sb in ld:
+                        last = sb.report["io"]
+                    per_node.append(last["index_bytes"] + last["read_bytes"])
+                out["nodes"][nodes] = per_node
+        return out
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def run_shuffle(root: str, global_batch: int) -> dict:
+    """Rank correlation of catalog position vs epoch position over one epoch of src_a, and shards per global batch."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    ld = loader(root, 0, None, global_batch, tokenizer(), sources=("src_a",))
+    ds = ld.dataset
+    planner = ds._planner()
+    src = ds.sources["src_a"]
+    order, shards_per_batch = [], []
+    step = 0
+    while len(order) < src.size.samples // global_batch * global_batch:
+        p = planner.plan_step(step)["gen"]
+        order.extend(p["sample"].tolist())
+        shards_per_batch.append(len(set(p["shard"].tolist())))
+        step += 1
+    n_shards, per_shard = len(src.shards), src.shards[0].samples
+    rng = np.random.default_rng(0)
+    uniform = np.mean([len(set((rng.choice(src.size.samples, global_batch, replace=False) // per_shard).tolist())) for _ in range(200)])
+    # the baseline: the loader before the whole-source shuffle (shards permuted, samples shuffled within groups of 4)
+    perm = rng.permutation(n_shards)
+    before = np.concatenate([rng.permutation(np.concatenate([np.arange(s * per_shard, (s + 1) * per_shard) for s in perm[g:g + 4]]))
+                             for g in range(0, n_shards, 4)])[:len(order)]
+    before_shards = np.mean([len(set((before[i:i + global_batch] // per_shard).tolist()))
+                             for i in range(0, len(before) - global_batch + 1, global_batch)])
+    return {"spearman": float(spearmanr(np.arange(len(order)), order)[0]), "shards_per_batch": float(np.mean(shards_per_batch)),
+            "uniform_shards_per_batch": float(uniform), "shards": n_shards,
+            "before_spearman": float(spearmanr(np.arange(len(before)), before)[0]), "before_shards_per_batch": float(before_shards)}
 
 
 def run_synergen(root: str, workers: int, steps: int, global_batch: int, resume_at: list[int], world: int = 1) -> dict:
@@ -224,6 +315,22 @@ def main() -> None:
             r = best[name]
             print(f"{name}: packing efficiency {r['packing_efficiency']:.3f}; resume (load state + first batch) at step: "
                   + ", ".join(f"{k}: {v:.3f}s" for k, v in sorted(r["resume_s"].items(), key=lambda kv: int(kv[0]))))
+        w0, w2 = cpu_rate(best["synergen w=0"]), cpu_rate(best["synergen w=2"])
+        print(f"in-process vs webdataset per CPU-second: {w0 / base_cpu:.2f} (goal >= 0.9); "
+              f"2 workers vs in-process per CPU-second: {w2 / w0:.2f} (goal >= 0.8)")
+
+        sh = run_shuffle(root, args.global_batch)
+        print(f"shuffle, one epoch of src_a ({sh['shards']} shards): rank correlation of catalog position vs epoch position "
+              f"{sh['spearman']:+.4f} (goal ~0); shards per global batch of {args.global_batch}: {sh['shards_per_batch']:.1f} "
+              f"(a uniform random sample: {sh['uniform_shards_per_batch']:.1f}); before (groups of 4 shards): "
+              f"{sh['before_spearman']:+.4f}, {sh['before_shards_per_batch']:.1f} shards per batch")
+        b = run_s3_bytes(root, args.global_batch)
+        print(f"bytes read from S3 per node in one epoch of src_a ({b['dataset'] / 2**20:.1f} MiB of shards, "
+              f"{b['indices'] / 2**10:.1f} KiB of indices); goal: dataset/nodes + indices")
+        print(f"{'nodes':>6}{'max MiB/node':>14}{'goal MiB':>10}{'vs goal':>9}{'all nodes / dataset':>21}")
+        for nodes, per in b["nodes"].items():
+            goal = b["dataset"] / nodes + b["indices"]
+            print(f"{nodes:>6}{max(per) / 2**20:>14.2f}{goal / 2**20:>10.2f}{max(per) / goal:>9.3f}{sum(per) / b['dataset']:>21.3f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,290 @@
+"""The streaming dataset: the loader's configuration, the per-step batch, and the torch dataset and loader.
+
+Each process plans every step (`train.plan`, from the source tables), builds only its rank's samples of
+each global batch (`train.plan.assign_ranks`), and of those only the steps its DataLoader worker owns:
+worker w builds the steps s with (s - first step) % num_workers == w, the order torch's DataLoader reads them.
+Its samples are read by byte range and verified (`train.shard_store`), built (`train.sequence`) and packed
+per task (`train.packing`).
+
+Skips every rank agrees on: the shards a machine cannot index are found when the dataset is built (before
+any step), and when torch.distributed is initialised the ranks take the union of what each found, so every
+rank plans around the same shards; the set is recorded in the state and kept on resume. A sample that one
+process cannot read later (deleted, truncated, bytes changed) never changes the plan: with
+on_bad_shard='skip' that rank leaves it out of its batch and reports it, otherwise it is an error naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from model.batch import PackedBatch
+from synergen.errors import ConfigMismatchError, ShardError, SynergenError
+from train.mixture import MixtureManifest, resolve_weights
+from train.packing import pack, packing_efficiency
+from train.plan import STATE_VERSION, Planner, assign_ranks
+from train.sequence import LayoutIds, SequenceSpec, layout_of
+from train.shard_store import ShardStore, SourceTable
+from train.sources import ModelDataSpec, resolve_sources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderConfig:
+    """How this process reads the stream (the mixture itself is the manifest)."""
+
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    on_bad_shard: Literal["error", "skip"] = "error"
+    cache_dir: str | None = None  # this machine's source tables (default: <tmp>/synergen-shards)
+    cache_bytes: int = 8 << 30
+    max_steps: int | None = None  # stop after this step (None: stream forever, epochs counted)
+    migrate_order: bool = False  # resume a state saved with another sample order: each source starts its next epoch
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise SynergenError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if self.on_bad_shard not in ("error", "skip"):
+            raise SynergenError(f"on_bad_shard={self.on_bad_shard!r}: use 'error' or 'skip'")
+
+
+@dataclass
+class StepBatch:
+    """What one step hands the trainer: a PackedBatch per task for this rank, the realised mixture, the state after it."""
+
+    step: int
+    batches: dict[str, PackedBatch]
+    report: dict
+    state: dict  # loader state after this step: save it with the checkpoint of this step
+    samples: dict[str, list[tuple[str, int, str]]]  # task -> (source, epoch, key) of this rank's documents
+
+    def __reduce__(self):
+        # From a DataLoader worker, tensors would each go through a new shared-memory file (~30 ms a step for
+        # 7 tensors); as numpy arrays they travel in the pickle itself, each int64 array narrowed on the way to
+        # the smallest of uint16 (codes, positions) or int32 (ids, labels with -100), which quarters or halves
+        # what is pickled, piped and unpickled; the receiver widens them back.
+        arrays = {}
+        for t, b in self.batches.items():
+            arrays[t] = {}
+            for f in fields(b):
+                v = getattr(b, f.name)
+                if isinstance(v, torch.Tensor):
+                    v = v.numpy()
+                    if v.dtype == np.int64:
+                        v = v.astype(np.uint16 if v.size and 0 <= v.min() and v.max() < 65536 else np.int32)
+                arrays[t][f.name] = v
+        return _step_batch, (self.step, arrays, self.report, self.state, self.samples)
+
+
+def _step_batch(step: int, arrays: dict, report: dict, state: dict, samples: dict) -> StepBatch:
+    def tensor(v: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(v.astype(np.int64) if v.dtype in (np.int32, np.uint16) else v)
+
+    batches = {t: PackedBatch(**{k: (tensor(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()}) for t, a in arrays.items()}
+    return StepBatch(step, batches, report, state, samples)
+
+
+def _agree(found: set[str], world_size: int) -> set[str]:
+    """The union over ranks of the shards each found bad (torch.distributed when initialised, else this rank's)."""
+    import torch.distributed as dist
+
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(found))
+        return set().union(*map(set, gathered))
+    if world_size > 1 and found:
+        log.warning("torch.distributed is not initialised, so the other ranks cannot learn of the bad shards this one found "
+                    "(%d); they may plan other batches: initialise it before building the dataset", len(found))
+    return set(found)
+
+
+class StreamingMixture(torch.utils.data.IterableDataset):
+    """The mixture's packed batches for one rank, one `StepBatch` per step; use with DataLoader(batch_size=None)."""
+
+    def __init__(self, manifest: MixtureManifest, model: ModelDataSpec, tokenizer, config: LoaderConfig | None = None,
+                 layout_ids: LayoutIds | None = None):
+        super().__init__()
+        self.manifest = manifest
+        self.model = model
+        self.config = config or LoaderConfig()
+        self.ids = layout_ids or LayoutIds.from_tokenizer(tokenizer)
+        self.seq = SequenceSpec(manifest.seq_len, manifest.max_tiles, manifest.thumbnail, model.fold)
+        c = self.config
+        for task, tspec in manifest.tasks.items():
+            if tspec.global_batch < c.world_size:
+                raise SynergenError(f"mixture {manifest.name!r}: task {task!r} has global_batch {tspec.global_batch} but the "
+                                    f"run has {c.world_size} ranks, so some rank would get no sample; raise "
+                                    f"tasks.{task}.global_batch to at least {c.world_size} or run on fewer ranks")
+        self.sources = resolve_sources(manifest, model, c.storage_options)
+        for task in manifest.tasks:  # fail now, not in a worker, if a task has nothing to draw from
+            for seg in range(len(manifest.schedule) + 1):
+                step = 0 if seg == 0 else manifest.schedule[seg - 1].at_step
+                resolve_weights(manifest, task, step, {n: self.sources[n].size for n in manifest.tasks[task].sources})
+        self.store = ShardStore(c.cache_dir or os.path.join(tempfile.gettempdir(), "synergen-shards"), c.cache_bytes,
+                                c.on_bad_shard, dict(c.storage_options))
+        self._tables = self._load_tables(retry_bad=True)
+        self.store.evict(keep=[self.sources[n] for n in self._tables])
+        self.table_bytes = sum(int(t.rows.nbytes) for t in self._tables.values())
+        if self.table_bytes > c.cache_bytes:
+            log.warning("cache_bytes=%d is smaller than this mixture's source indices (%d bytes): they stay in the cache "
+                        "while in use, and other runs' indices are evicted; raise data_options.cache_bytes", c.cache_bytes,
+                        self.table_bytes)
+        found = {self.sources[n].shards[i].sha256 for n, t in self._tables.items()
+                 for i in [*t.problems, *self.store.absent(self.sources[n])]}
+        # a collective only in skip mode: with on_bad_shard='error' a bad shard already stopped the rank that saw it
+        self.skip = _agree(found, c.world_size) if c.on_bad_shard == "skip" else set()
+        self.prepared_io = {"index_bytes": self.store.index_bytes, "indices_rebuilt": self.store.rebuilt}
+        self._state: dict | None = None
+
+    def _load_tables(self, retry_bad: bool = False) -> dict[str, SourceTable]:
+        return {n: self.store.table(s, retry_bad) for n, s in self.sources.items() if s.size.samples > 0}
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers reopen the memory-mapped tables from the machine's cache rather than receive copies
+        return {**self.__dict__, "_tables": None}
+
+    # -- state
+
+    def _planner(self) -> Planner:
+        if self._tables is None:
+            self._tables = self._load_tables()
+        return Planner(self.manifest, self.sources, self._tables, self.seq, self.ids, self.config.seed, self.skip)
+
+    def state_dict(self) -> dict:
+        """The state this dataset will start from (after load_state_dict), else the fresh state."""
+        return copy.deepcopy(self._state) if self._state is not None else self._planner().state(0)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Start from a saved state (any rank's: they are equal); may follow a mixture change."""
+        if state.get("version") not in (1, STATE_VERSION):
+            raise SynergenError(f"loader state version {state.get('version')} is not {STATE_VERSION}; it was saved by another synergen")
+        if state["seed"] != self.config.seed:
+            raise ConfigMismatchError(f"loader state has seed {state['seed']} but the config has {self.config.seed}; "
+                                      "resume with the checkpoint's seed")
+        planner = self._planner()
+        planner.load(state, self.config.migrate_order)  # validates order and content now, in the main process
+        if state["mixture"] != self.manifest.mixture_id(state["step"]):
+            log.info("mixture changes at step %d: %s -> %s", state["step"], state["mixture"], self.manifest.mixture_id(state["step"]))
+        self._state = planner.state(state["step"])
+
+    # -- iteration
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        planner = self._planner()
+        start = 0
+        if self._state is not None:
+            planner.load(self._state)
+            start = self._state["step"]
+        step = start
+        skipped = sorted(s.url for src in self.sources.values() for s in src.shards if s.sha256 in planner.skip)
+        try:
+            while self.config.max_steps is None or step < self.config.max_steps:
+                plan = planner.plan_step(step)  # every worker plans every step (from the tables: cheap), builds only its own
+                if (step - start) % n_workers == worker:
+                    yield self._build(step, plan, planner, worker, skipped)
+                step += 1
+        finally:
+            self.store.close()
+
+    def _build(self, step: int, plan: dict[str, dict], planner: Planner, worker: int, skipped: list[str]) -> StepBatch:
+        c, store = self.config, self.store
+        mine, rows, items = {}, {}, []
+        for task, p in plan.items():
+            m = mine[task] = np.flatnonzero(assign_ranks(p["length"], c.world_size) == c.rank)
+            src, shard, sample = p["source"][m], p["shard"][m].tolist(), p["sample"][m]
+            rows[task] = [None] * len(m)
+            for si in np.unique(src).tolist():  # the rank's index rows, one gather per source
+                sel = np.flatnonzero(src == si)
+                for k, r in zip(sel.tolist(), self._tables[p["names"][si]].row_tuples(sample[sel])):
+                    rows[task][k] = r
+            items += [(self.sources[p["names"][si]].shards[sh], r) for si, sh, r in zip(src.tolist(), shard, rows[task])]
+        got = iter(store.read(items))  # one batch of reads for the whole step (concurrent range GETs remotely)
+        batches, samples, unread = {}, {}, []
+        report = {"step": step, "mixture": planner.mixture_id(step), "tasks": {}}
+        for task, p in plan.items():
+            names = p["names"]
+            docs, keys = [], []
+            m = mine[task]
+            cols = zip(p["source"][m].tolist(), p["epoch"][m].tolist(), p["view"][m].tolist(), p["length"][m].tolist(),
+                       p["uncond"][m].tolist(), rows[task])
+            for si, epoch, view, length, uncond, r in cols:
+                name = names[si]
+                sample = next(got)
+                if isinstance(sample, ShardError):
+                    if c.on_bad_shard == "error":
+                        raise sample
+                    log.warning("rank %d leaves a sample out of step %d (the plan stays the same on every rank): %s", c.rank, step, sample)
+                    unread.append(str(sample))
+                    continue
+                docs.append((sample, layout_of(r.n_images, r.tiles, r.thumbnail, task, view, length, self.seq), uncond, name))
+                keys.append((name, epoch, sample.key))
+            batch = pack(docs, self.seq.seq_len, self.ids, task)
+            batches[task] = batch
+            samples[task] = keys
+            report["tasks"][task] = {
+                "global": _tally(names, p["source"], p["length"]),
+                "rank": _tally(names, p["source"][mine[task]], p["length"][mine[task]]),
+                "rows": int(batch.input_ids.shape[0]),
+                "packing_efficiency": packing_efficiency(batch),
+                "uncond": int(p["uncond"][mine[task]].sum()),
+            }
+        state = planner.state(step + 1)
+        report["sources"] = {n: {k: s[k] for k in ("epoch", "pos", "dropped", "skipped")} for n, s in state["sources"].items()
+                             if n in self.sources}
+        report["skipped_shards"] = skipped
+        report["unread_samples"] = unread
+        # this process's own I/O and CPU time, cumulative: decodes equal the samples it yields, whatever ranks x workers
+        report["io"] = {"rank": c.rank, "worker": worker, "decoded": store.decoded, "read_bytes": store.read_bytes,
+                        **self.prepared_io, "cpu_s": time.process_time()}
+        return StepBatch(step, batches, report, state, samples)
+
+
+def _tally(names: list[str], source: np.ndarray, length: np.ndarray) -> dict[str, dict[str, int]]:
+    """Samples and tokens per source (in the order sources first appear)."""
+    out: dict[str, dict[str, int]] = {}
+    for si in dict.fromkeys(source.tolist()):
+        m = source == si
+        out[names[si]] = {"samples": int(m.sum()), "tokens": int(length[m].sum())}
+    return out
+
+
+class StreamingLoader:
+    """A torch DataLoader over a StreamingMixture that remembers the state after the last StepBatch handed out.
+
+    `state_dict()` is what to save with the checkpoint of the last step trained: workers run ahead
+    (prefetch), but the state travels with each batch, so it is exact whatever the worker count.
+    """
+
+    def __init__(self, dataset: StreamingMixture, num_workers: int = 0, prefetch_factor: int | None = None):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self._state: dict | None = None
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                             persistent_workers=False, **kw)
+        for sb in loader:
+            self._state = sb.state
+            yield sb
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self._state) if self._state is not None else self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self._state = self.dataset.state_dict()
