@@ -389,11 +389,12 @@ def init_cmd(
 def demo_cmd(
     out: str = typer.Option("demo_out", "--out", help="output folder (corpus, shards, checkpoints, report)"),
     steps: int = typer.Option(None, "--steps", help="training steps (default: the demo's)"),
+    loss_reduction: str = typer.Option("modality_mean", "--loss-reduction", help="modality_mean (default) or token_sum (Eq. 4)"),
 ) -> None:
     """Generate the demo corpus, serve it locally, ingest, tokenize, train, generate, and write the report."""
     from train.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=out) if steps is None else DemoConfig(out=out, steps=steps)
+    cfg = DemoConfig(out=out, loss_reduction=loss_reduction, **({} if steps is None else {"steps": steps}))
     report = run_demo(cfg, echo=typer.echo)
     typer.echo(f"report: {report}")
 

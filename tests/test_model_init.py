@@ -4,11 +4,13 @@ BOS and template rules it sets up, shared by the loader and generation."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from llm_kit import qwen_style_tokenizer, tiny_qwen2_folder
 from test_model_kit import single_thread  # noqa: F401
 from transformers import AutoTokenizer
@@ -124,7 +126,7 @@ def test_train_and_generate_refuse_a_tokenizer_that_disagrees_with_the_model(tmp
     saved = AutoTokenizer.from_pretrained(tmp_path / "init")
     placeholder = copy.deepcopy(model.config)  # what from_llm gave without the tokenizer's ids: the top rows
     placeholder.special_token_ids = {k: placeholder.vocab_size - 6 + i for i, k in enumerate(model.config.special_token_ids)}
-    with pytest.raises(ConfigMismatchError, match=r"model placeholder and tokenizer init disagree \(<boi>: model \d+ vs tokenizer \d+"):
+    with pytest.raises(ConfigMismatchError, match=r"model placeholder and tokenizer init disagree \(<\w+>: model \d+ vs tokenizer \d+"):
         check_model_tokenizer(placeholder, saved, "placeholder", "init")
     other_bos = AutoTokenizer.from_pretrained(tmp_path / "init", bos_token="<|im_start|>")
     with pytest.raises(ConfigMismatchError, match="BOS: model"):
@@ -132,9 +134,48 @@ def test_train_and_generate_refuse_a_tokenizer_that_disagrees_with_the_model(tmp
     r = CliRunner().invoke(app, ["generate", str(tmp_path / "init"), "--tokenizer", str(tmp_path / "llm"), "--vq", str(tmp_path / "vq"),
                                  "--caption", "a red circle"])
     assert r.exit_code == 2 and "synergen init" in r.output and str(tmp_path / "llm") in r.output
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({
+        "model": str(tmp_path / "init"), "tokenizer": str(tmp_path / "llm"), "mixture": "never-read.yaml", "steps": 1,
+        "output_dir": str(tmp_path / "run")}))
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "train.yaml")])
+    assert r.exit_code == 2 and "synergen init" in r.output and str(tmp_path / "llm") in r.output, r.output
 
 
 def test_init_refuses_a_folder_that_is_not_an_llm_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(app, ["init", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "config.json" in r.output and not (tmp_path / "o").exists()
+
+
+def test_init_converts_an_internlm2_checkpoint_and_keeps_its_text_logits(tmp_path):
+    from safetensors.torch import save_file
+
+    tok = qwen_style_tokenizer(tmp_path / "tok", chat=True)
+    llm = tiny_qwen2_folder(tmp_path / "qwen", vocab_size=len(tok) + 8, tied=False)
+    H, Hkv, sd = llm.config.num_attention_heads, llm.config.num_key_value_heads, {}
+    d = llm.config.hidden_size // H
+    for name, t in llm.state_dict().items():  # Qwen2 -> InternLM2's layout (the converter's inverse), zero q/k/v biases
+        if name.endswith("_proj.bias"):
+            t.zero_()
+    for i, layer in enumerate(llm.model.layers):
+        a, m, p = layer.self_attn, layer.mlp, f"model.layers.{i}"
+        q, k, v = a.q_proj.weight.view(Hkv, H // Hkv, d, -1), a.k_proj.weight.view(Hkv, 1, d, -1), a.v_proj.weight.view(Hkv, 1, d, -1)
+        sd |= {f"{p}.attention.wqkv.weight": torch.cat([q, k, v], 1).reshape(-1, q.shape[-1]), f"{p}.attention.wo.weight": a.o_proj.weight,
+               f"{p}.feed_forward.w1.weight": m.gate_proj.weight, f"{p}.feed_forward.w3.weight": m.up_proj.weight,
+               f"{p}.feed_forward.w2.weight": m.down_proj.weight, f"{p}.attention_norm.weight": layer.input_layernorm.weight,
+               f"{p}.ffn_norm.weight": layer.post_attention_layernorm.weight}
+    sd |= {"model.tok_embeddings.weight": llm.model.embed_tokens.weight, "model.norm.weight": llm.model.norm.weight,
+           "output.weight": llm.lm_head.weight}
+    (tmp_path / "internlm2").mkdir()
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp_path / "internlm2" / "model.safetensors"))
+    c = llm.config
+    (tmp_path / "internlm2" / "config.json").write_text(json.dumps({
+        "model_type": "internlm2", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": H, "num_key_value_heads": Hkv, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_parameters["rope_theta"], "bias": False, "max_position_embeddings": 512, "tie_word_embeddings": False,
+        "eos_token_id": 0}))
+    output = run_init(str(tmp_path / "internlm2"), str(tmp_path / "init"), "--tokenizer", str(tmp_path / "tok"), "--template", "chat")
+    assert "internlm2" in output
+    model = SynerGenVLForCausalLM.from_pretrained(tmp_path / "init").eval()
+    saved = AutoTokenizer.from_pretrained(tmp_path / "init")
+    assert logits_match(llm, model, saved, [saved.bos_token_id]) < 1e-4  # the same function as the Qwen2 it came from

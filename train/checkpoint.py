@@ -185,9 +185,10 @@ def load_latest(engine, ckpt_url: str, local_dir: str | None = None) -> dict[str
                     reason = "DeepSpeed found no model states in it"
         if reason is None:
             if skipped:
-                log.warning("resuming from %s (step %d) instead of the newest checkpoint: %s", where, step, "; ".join(skipped))
+                log.warning("resuming from %s (step %d) in %s instead of the newest checkpoint: %s", tag, step, ckpt_url,
+                            "; ".join(skipped))
             else:
-                log.info("resuming from %s (step %d)", where, step)
+                log.info("resuming from %s (step %d) in %s", tag, step, ckpt_url)
             return client_state
         msg = f"{where} is unusable ({reason})"
         log.warning("%s; falling back to the checkpoint before it", msg)

@@ -61,6 +61,7 @@ class DemoConfig:
     top_k: int | None = 4
     seed: int = 0
     threads: int = 2
+    loss_reduction: str = "modality_mean"  # or "token_sum" (Eq. 4); model.config says why the default
 
 
 def _set_threads(n: int) -> None:
@@ -159,7 +160,7 @@ def train_config(cfg: DemoConfig, out: Path, stage, model: str, steps: int, over
         data_root=str(out / "tokens"), data_options={"cache_dir": str(out / "cache")}, deepspeed=cfg.deepspeed,
         precision="auto", lr=cfg.lr, schedule="cosine" if stage == "sft" else "constant", warmup_steps=cfg.warmup_steps,
         steps=steps, seed=cfg.seed, output_dir=str(out / "train" / ("stage1" if stage == 1 else "all")),
-        save_every=max(50, steps // 4), log_every=1,
+        save_every=max(50, steps // 4), log_every=1, loss_reduction=cfg.loss_reduction,
     )
 
 

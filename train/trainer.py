@@ -158,8 +158,8 @@ def build_data(cfg: TrainConfig, model, tokenizer, rank: int, world_size: int) -
     from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
     from train.mixture import MixtureManifest
 
-    manifest = MixtureManifest.load(cfg.mixture, data_root=cfg.data_root)
     ids = check_model_tokenizer(model.config, tokenizer, cfg.model, cfg.tokenizer)
+    manifest = MixtureManifest.load(cfg.mixture, data_root=cfg.data_root)
     model.config.max_tiles, model.config.thumbnail = int(manifest.max_tiles), bool(manifest.thumbnail)
     spec = ModelDataSpec(model.config.fold_geometry, model.config.codebook_size, vocab_hash(tokenizer))
     loader_cfg = LoaderConfig(rank=rank, world_size=world_size, seed=cfg.seed, **cfg.data_options)
