@@ -74,3 +74,16 @@ def test_init_train_resume_and_generate_with_every_model_file_on_s3(tmp_path, s3
     out = cli("generate", f"{root}/run/model", "--vq", str(tmp_path / "vq"), "--image", str(tmp_path / "gen" / "000.png"),
               "--max-new-tokens", "4", "--temperature", "0")
     assert f"{tmp_path / 'gen' / '000.png'}\t" in out  # one line per image: path, tab, caption
+
+
+def test_checkpoint_tags_on_s3_are_usable_only_with_a_matching_completion_marker(tmp_path, s3):
+    ckpts = f"{s3}/tags/checkpoints"
+    storage.write_bytes(f"{ckpts}/step_00000003/mp_rank_00_model_states.pt", b"12345")
+    storage.write_bytes(f"{ckpts}/step_00000006/mp_rank_00_model_states.pt", b"12345")
+    storage.write_bytes(f"{ckpts}/not_a_tag/x", b"")
+    assert list_tags(ckpts) == [(3, "step_00000003"), (6, "step_00000006")]
+    assert check_tag(ckpts, "step_00000006").startswith("partial")
+    storage.write_bytes(f"{ckpts}/step_00000006/{MARKER}", json.dumps({"step": 6, "files": {"mp_rank_00_model_states.pt": 9}}).encode())
+    assert check_tag(ckpts, "step_00000006") == "file mp_rank_00_model_states.pt has 5 bytes, the marker says 9"
+    storage.write_bytes(f"{ckpts}/step_00000003/{MARKER}", json.dumps({"step": 3, "files": {"mp_rank_00_model_states.pt": 5}}).encode())
+    assert check_tag(ckpts, "step_00000003") is None

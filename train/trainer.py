@@ -147,7 +147,7 @@ def load_tokenizer(cfg: TrainConfig):
     return load_text_tokenizer(cfg.tokenizer)
 
 
-def build_data(cfg: TrainConfig, model, tokenizer, rank: int, world_size: int) -> LoaderSteps:
+def build_data(cfg: TrainConfig, model, rank: int, world_size: int, tokenizer=None) -> LoaderSteps:
     """The streaming mixture over the manifest's catalogs, as this rank's per-task batches each step.
 
     The model and the tokenizer must agree on every special-token id and on BOS (`check_model_tokenizer`); the
@@ -158,6 +158,8 @@ def build_data(cfg: TrainConfig, model, tokenizer, rank: int, world_size: int) -
     from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
     from train.mixture import MixtureManifest
 
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg)
     ids = check_model_tokenizer(model.config, tokenizer, cfg.model, cfg.tokenizer)
     manifest = MixtureManifest.load(cfg.mixture, data_root=cfg.data_root)
     model.config.max_tiles, model.config.thumbnail = int(manifest.max_tiles), bool(manifest.thumbnail)
@@ -336,7 +338,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, model=None, data: StepData 
     n_all = sum(p.numel() for p in model.parameters())
     log.info("stage %s: %d of %d parameters trainable (%.1f%%)", cfg.stage, n_train, n_all, 100 * n_train / n_all)
     if data is None:
-        data = build_data(cfg, model, tokenizer if tokenizer is not None else load_tokenizer(cfg), rank, world)  # raises: no tokenizer
+        data = build_data(cfg, model, rank, world, tokenizer)
     tasks = tuple(getattr(data, "tasks", TASKS))
     engine = build_engine(cfg, model, tasks)
 
