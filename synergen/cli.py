@@ -373,7 +373,7 @@ def init_cmd(
     table = Table(title=f"synergen init: {llm} -> {out}")
     table.add_column("")
     table.add_column("value", justify="right")
-    for key in ("converted_from", "tied_embeddings", "llm_vocab_size", "vocab_size", "bos", "sequence_template"):
+    for key in ("llm_family", "tied_embeddings", "llm_vocab_size", "vocab_size", "bos", "sequence_template"):
         table.add_row(key, str(r[key]))
     table.add_row("special_token_ids", ", ".join(f"{k}={v}" for k, v in r["special_token_ids"].items()))
     for part, n in r["parameters"].items():
