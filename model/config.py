@@ -54,12 +54,13 @@ class SynerGenVLConfig(Qwen2Config):
     # How text is wrapped around the images (model.template): "raw" (default; reasons there) or "chat".
     sequence_template: str = "raw"
     # How the two losses combine (Eq. 4's lambda is image_loss_weight):
-    #   "modality_mean" (default, our choice): mean text NLL + lambda * mean image-code NLL. A 512-px image has
-    #     4,096 codes and its caption ~20 tokens; summed over tokens (Eq. 4) captions would carry ~1% of the
-    #     gradient at lambda 2, and understanding would barely train. Per-modality means keep the 1:2 ratio
-    #     the paper's lambda states between the two tasks, whatever the sequence lengths.
-    #   "token_sum": Eq. 4 as written, sum of text NLL + lambda * sum of code NLL, divided by the batch's text
-    #     tokens + image codes (a per-batch constant, so the text/image balance is exactly Eq. 4's).
+    #   "modality_mean" (default, our choice): mean text NLL + lambda * mean image-code NLL per batch. A 512-px image
+    #     has 4,096 codes and its caption ~20 tokens; under Eq. 4's sums captions would carry ~0.25% of the loss at
+    #     lambda 2 and understanding would barely train. Per-modality means keep the 1:lambda ratio between the
+    #     two objectives whatever the sequence lengths.
+    #   "token_sum": Eq. 4 as written: sum of text NLL + lambda * sum of code NLL, divided by the batch's slots
+    #     (rows x sequence length), a scale independent of what the batch holds, so understanding and generation
+    #     batches (separate micro-batches here) weigh by their token counts exactly as in one Eq. 4 sum.
     loss_reduction: str = "modality_mean"
     # Image preprocessing of the stage the model was last trained for (set by the trainer from the mixture;
     # `synergen generate --image` tiles as `synergen tokenize` did): tiles at most, whole-image thumbnail.

@@ -232,8 +232,8 @@ class SynerGenVLForCausalLM(SynerGenVLPreTrainedModel):
 
         text_loss, image_loss = text_sum / max(n_txt, 1), image_sum / max(n_img, 1)  # per-modality means (reported)
         lam = self.config.image_loss_weight
-        if self.config.loss_reduction == "token_sum":  # Eq. 4 over the batch's tokens (model.config explains)
-            loss = (text_sum + lam * image_sum) / max(n_txt + n_img, 1)
+        if self.config.loss_reduction == "token_sum":  # Eq. 4's sums over a fixed scale, the batch's slots (model.config)
+            loss = (text_sum + lam * image_sum) / (B * T)
         else:
             loss = text_loss + lam * image_loss
         return SynerGenVLOutput(loss, text_loss, image_loss, token_loss, n_txt, n_img, h if return_hidden else None)
