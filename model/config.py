@@ -15,11 +15,14 @@ from transformers import Qwen2Config
 
 from model.folding import Fold
 from model.special_tokens import BOI, EOI, IMG, MODEL_SPECIAL_TOKENS, THUMBNAIL, TILE, UNCOND
+from model.template import TEMPLATES, ensure_document_tokens, token_ids
 from synergen.errors import SynergenError
 
 log = logging.getLogger(__name__)
 
 # Config keys of the special-token ids, in MODEL_SPECIAL_TOKENS order.
+LOSS_REDUCTIONS = ("modality_mean", "token_sum")
+
 SPECIAL_KEYS = {BOI: "boi", EOI: "eoi", IMG: "img", UNCOND: "uncond", TILE: "tile", THUMBNAIL: "thumbnail"}
 
 
@@ -46,8 +49,23 @@ class SynerGenVLConfig(Qwen2Config):
     # or 220 text targets x a 151,936 vocabulary. Chunks are whole blocks / whole target rows.
     loss_chunk_logits: int = 2**25
     cfg_scale: float = 7.5  # classifier-free guidance at inference (§4.1)
-    # Ids of <boi>, <eoi>, <img>, <UNCOND>, <tile>, <thumbnail> (keys: SPECIAL_KEYS values).
+    # Ids of <boi>, <eoi>, <img>, <UNCOND>, <tile>, <thumbnail> (keys: SPECIAL_KEYS values), from the tokenizer.
     special_token_ids: dict | None = None
+    # How text is wrapped around the images (model.template): "raw" (default; reasons there) or "chat".
+    sequence_template: str = "raw"
+    # How the two losses combine (Eq. 4's lambda is image_loss_weight):
+    #   "modality_mean" (default, our choice): mean text NLL + lambda * mean image-code NLL per batch. A 512-px image
+    #     has 4,096 codes and its caption ~20 tokens; under Eq. 4's sums captions would carry ~0.25% of the loss at
+    #     lambda 2 and understanding would barely train. Per-modality means keep the 1:lambda ratio between the
+    #     two objectives whatever the sequence lengths.
+    #   "token_sum": Eq. 4 as written: sum of text NLL + lambda * sum of code NLL, divided by the batch's slots
+    #     (rows x sequence length), a scale independent of what the batch holds, so understanding and generation
+    #     batches (separate micro-batches here) weigh by their token counts exactly as in one Eq. 4 sum.
+    loss_reduction: str = "modality_mean"
+    # Image preprocessing of the stage the model was last trained for (set by the trainer from the mixture;
+    # `synergen generate --image` tiles as `synergen tokenize` did): tiles at most, whole-image thumbnail.
+    max_tiles: int = 1
+    thumbnail: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.image_grid is None:
@@ -83,6 +101,10 @@ class SynerGenVLConfig(Qwen2Config):
         if bad:
             raise SynergenError(f"config special_token_ids {bad} outside vocab_size {self.vocab_size}: raise vocab_size to the tokenizer's length")
         self.fold_geometry.check_grid(*self.image_grid)
+        if self.sequence_template not in TEMPLATES:
+            raise SynergenError(f"config sequence_template {self.sequence_template!r}: use one of {TEMPLATES} (see model.template)")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise SynergenError(f"config loss_reduction {self.loss_reduction!r}: use one of {LOSS_REDUCTIONS} (see model.config)")
         if int(self.loss_chunk_logits) < 1:
             raise SynergenError(f"config loss_chunk_logits {self.loss_chunk_logits} must be >= 1 (logits held at once in the loss; default 2**25)")
         if self.head_hidden_size % self.head_num_attention_heads:
@@ -121,20 +143,21 @@ class SynerGenVLConfig(Qwen2Config):
         return cfg
 
 
-def add_special_tokens(tokenizer) -> dict[str, int]:
-    """Add MODEL_SPECIAL_TOKENS to a transformers tokenizer; return the config ids (special_token_ids + bos/eos/pad)."""
+def add_special_tokens(tokenizer) -> None:
+    """Prepare an LLM's tokenizer for SynerGen-VL, in place: a BOS and PAD where it has none (model.template
+    decides how documents start), then MODEL_SPECIAL_TOKENS. Used once, by `synergen init`."""
+    ensure_document_tokens(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": list(MODEL_SPECIAL_TOKENS)}, replace_extra_special_tokens=False)
-    ids = {SPECIAL_KEYS[t]: int(tokenizer.convert_tokens_to_ids(t)) for t in MODEL_SPECIAL_TOKENS}
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if any(v is None or (unk is not None and v == unk) for v in ids.values()):
-        raise SynergenError(f"tokenizer did not add the special tokens {ids}: pass a transformers fast tokenizer")
-    return ids
+    token_ids(tokenizer, list(MODEL_SPECIAL_TOKENS), getattr(tokenizer, "name_or_path", "") or "(in memory)")
 
 
-def config_ids_from_tokenizer(tokenizer) -> dict[str, Any]:
-    """Config kwargs from a tokenizer: vocab_size, special_token_ids, bos/eos/pad ids (adds our tokens first)."""
-    ids = add_special_tokens(tokenizer)
-    out: dict[str, Any] = {"special_token_ids": ids, "vocab_size": len(tokenizer)}
+def config_ids_from_tokenizer(tokenizer, min_vocab_size: int = 0) -> dict[str, Any]:
+    """Config kwargs from a prepared tokenizer (`add_special_tokens`): the special-token ids, bos/eos/pad and
+    vocab_size = len(tokenizer), or `min_vocab_size` when larger (an LLM's embedding may have spare rows)."""
+    where = getattr(tokenizer, "name_or_path", "") or "(in memory)"
+    ids = token_ids(tokenizer, list(MODEL_SPECIAL_TOKENS), where)
+    out: dict[str, Any] = {"special_token_ids": {SPECIAL_KEYS[t]: i for t, i in ids.items()},
+                           "vocab_size": max(len(tokenizer), int(min_vocab_size))}
     for name in ("bos", "eos", "pad"):
         tid = getattr(tokenizer, f"{name}_token_id", None)
         if tid is not None:

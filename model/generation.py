@@ -5,8 +5,8 @@ so generated image positions go through the image FFN in cached decoding too. Te
 conditional and the unconditional prompt as one batch of 2B rows; classifier-free guidance mixes the
 unfolding head's code logits, `l = l_u + s (l_c - l_u)` (SynerGen-VL §4.1, s = 7.5 by default).
 
-Prompt layouts follow `model.special_tokens`: understanding `<s> <boi> <img>*n <eoi> PROMPT_UND`, generation
-`<s> PROMPT_GEN caption <boi>`, unconditional `<s> PROMPT_UNCOND <boi>`; `*_prompt` build them from ids.
+Prompts are ids: the training sequences cut where the answer starts, built by `train.sequence`'s
+`understanding_prompt` / `generation_prompt` with the loader's own layout code.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from model.folding import unfold_codes
-from model.special_tokens import BOI, EOI, IMG
+from model.special_tokens import IMG
 from synergen.errors import SynergenError
 
 log = logging.getLogger(__name__)
@@ -30,20 +30,6 @@ class VQDecoder(Protocol):
     codebook_size: int
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor: ...  # [B, gh, gw] -> [B, 3, H, W]
-
-
-def understanding_prompt(config, image_groups: list[int], prompt_ids: list[int]) -> list[int]:
-    """`<s> [<boi> <img>*n <eoi>]* prompt` for images of `n` fold groups each."""
-    ids = [config.bos_token_id] if config.bos_token_id is not None else []
-    for n in image_groups:
-        ids += [config.token_id(BOI)] + [config.token_id(IMG)] * n + [config.token_id(EOI)]
-    return ids + list(prompt_ids)
-
-
-def generation_prompt(config, prompt_ids: list[int]) -> list[int]:
-    """`<s> prompt <boi>`: the prompt ids are PROMPT_GEN + caption (or PROMPT_UNCOND) as tokenized."""
-    ids = [config.bos_token_id] if config.bos_token_id is not None else []
-    return ids + list(prompt_ids) + [config.token_id(BOI)]
 
 
 def _left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,13 +96,16 @@ def generate_text(
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    stop_id: int | None = None,
 ) -> list[list[int]]:
-    """Understanding: prompts (ids with `<img>` placeholders, e.g. from `understanding_prompt`) + the fold
-    groups of all their image positions in order `[N_img, k]` -> generated ids per prompt (up to EOS, excluded)."""
+    """Understanding: prompts (ids with `<img>` placeholders, e.g. from `train.sequence.understanding_prompt`) +
+    the fold groups of all their image positions in order `[N_img, k]` -> generated ids per prompt, up to
+    `stop_id` (excluded; default the config's EOS; the template's first END id: `LayoutIds.end[0]`)."""
     cfg = model.config
     model.eval()
     dec = _Decoder(model, prompts, image_codes)
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) or cfg.eos_token_id is None else cfg.eos_token_id[0]
+    eos = stop_id if stop_id is not None else eos
     B = len(prompts)
     done = torch.zeros(B, dtype=torch.bool, device=dec.hidden.device)
     out: list[list[int]] = [[] for _ in range(B)]
@@ -146,15 +135,15 @@ def generate_images(
     generator: torch.Generator | None = None,
     vq: VQDecoder | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text-to-image for a batch: prompts (ids from `generation_prompt`, ending in `<boi>`) -> code grids
-    `[B, gh, gw]` and, with a VQ, pixels `[B, 3, H, W]`. `uncond_prompt` (from `generation_prompt` over
-    PROMPT_UNCOND's ids) is needed unless `cfg_scale` is 1 (no guidance, no uncond branch)."""
+    """Text-to-image for a batch: prompts (ids from `train.sequence.generation_prompt`, ending in `<boi>`) -> code
+    grids `[B, gh, gw]` and, with a VQ, pixels `[B, 3, H, W]`. `uncond_prompt` (`generation_prompt(..., uncond=True)`)
+    is needed unless `cfg_scale` is 1 (no guidance, no uncond branch)."""
     cfg = model.config
     model.eval()
     scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
     guided = scale != 1.0
     if guided and uncond_prompt is None:
-        raise SynergenError("classifier-free guidance needs uncond_prompt (the ids of generation_prompt(PROMPT_UNCOND)); or pass cfg_scale=1")
+        raise SynergenError("classifier-free guidance needs uncond_prompt (train.sequence.generation_prompt(ids, [], uncond=True)); or pass cfg_scale=1")
     B = len(prompts)
     seqs = list(prompts) + ([list(uncond_prompt)] * B if guided else [])
     N = len(seqs)

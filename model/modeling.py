@@ -13,13 +13,9 @@ a shared matrix with some rows trainable could not be, since AdamW's weight deca
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-import fsspec
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +31,7 @@ from model.folding import fold_codes
 from model.mmoe import MMoEDecoderLayer
 from model.special_tokens import MODEL_SPECIAL_TOKENS
 from model.unfold_head import UnfoldHead
+from synergen import storage
 from synergen.errors import SynergenError
 
 log = logging.getLogger(__name__)
@@ -214,7 +211,7 @@ class SynerGenVLForCausalLM(SynerGenVLPreTrainedModel):
         chunk = self.config.loss_chunk_logits
         txt_nll = chunked_cross_entropy(self.lm_head, h[:, :-1][is_txt], tgt[is_txt], rows_per_chunk(chunk, self.config.vocab_size))  # [Nt]
         n_txt = int(is_txt.sum())
-        text_loss = txt_nll.sum() / max(n_txt, 1)
+        text_sum = txt_nll.sum()
         token_loss[:, 1:] = token_loss[:, 1:].masked_scatter(is_txt, txt_nll.detach())
 
         # Image: the state at t-1 conditions the unfolding head predicting block t's codes.
@@ -224,16 +221,21 @@ class SynerGenVLForCausalLM(SynerGenVLPreTrainedModel):
         if n_img:
             chunk_blocks = rows_per_chunk(chunk, codes.shape[1] * self.config.codebook_size)
             img_nll = self.unfold_head.code_nll(h[:, :-1][is_img], codes, chunk_blocks)  # [Ni, k]
-            image_loss = img_nll.sum() / n_img
+            image_sum = img_nll.sum()
         else:
             # No image targets: run the head on one zero block at weight 0, so that every parameter still
             # gets a (zero) gradient and DeepSpeed ranks with and without image targets reduce alike.
             img_nll = h.new_zeros(0, codes.shape[1], dtype=torch.float32)
             dummy = self.unfold_head(h[:1, 0] * 0, codes.new_zeros(1, codes.shape[1]))
-            image_loss = dummy.float().sum() * 0
+            image_sum = dummy.float().sum() * 0
         token_loss[:, 1:] = token_loss[:, 1:].masked_scatter(is_img, img_nll.detach().mean(1))
 
-        loss = text_loss + self.config.image_loss_weight * image_loss
+        text_loss, image_loss = text_sum / max(n_txt, 1), image_sum / max(n_img, 1)  # per-modality means (reported)
+        lam = self.config.image_loss_weight
+        if self.config.loss_reduction == "token_sum":  # Eq. 4's sums over a fixed scale, the batch's slots (model.config)
+            loss = (text_sum + lam * image_sum) / (B * T)
+        else:
+            loss = text_loss + lam * image_loss
         return SynerGenVLOutput(loss, text_loss, image_loss, token_loss, n_txt, n_img, h if return_hidden else None)
 
     def text_logits(self, batch: PackedBatch) -> torch.Tensor:
@@ -268,7 +270,7 @@ class SynerGenVLForCausalLM(SynerGenVLPreTrainedModel):
         """Build from a pretrained Qwen2/Qwen2.5 (a path, an s3:// URL or a model): its weights, its text
         FFN copied into each image FFN, our modules fresh. `vision_kwargs` are SynerGenVLConfig fields."""
         if not isinstance(llm, Qwen2ForCausalLM):
-            with local_dir(str(llm)) as path:
+            with storage.local_copy(str(llm)) as path:
                 llm = Qwen2ForCausalLM.from_pretrained(path)
         llm_cfg = llm.config
         base = {k: getattr(llm_cfg, k) for k in (
@@ -287,7 +289,9 @@ class SynerGenVLForCausalLM(SynerGenVLPreTrainedModel):
         mean = emb.mean(0, keepdim=True)
         extra = cfg.vocab_size - emb.shape[0]  # rows for tokens the tokenizer gained: the mean row
         sd["model.embed_tokens.weight"] = torch.cat([emb, mean.expand(extra, -1)])
-        if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)  # the head is the (grown) embedding, tied below
+        elif "lm_head.weight" in sd:
             head = sd["lm_head.weight"]
             sd["lm_head.weight"] = torch.cat([head, head.mean(0, keepdim=True).expand(extra, -1)])
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -314,48 +318,22 @@ class SynerGenVLForCausalLM(SynerGenVLPreTrainedModel):
 
         return generate_images(self, *args, **kwargs)
 
-    # -- fsspec save/load --
+    # -- save/load, local or remote (synergen.storage) --
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Like transformers', to a local path or any fsspec URL (written locally, then uploaded)."""
+        """Like transformers', to a local path (in place) or any fsspec URL (written locally, then uploaded).
+        To publish a folder atomically, or with other files (the tokenizer), write into `storage.staged_dir`."""
         url = str(save_directory)
-        fs, root = fsspec.core.url_to_fs(url)
-        if _is_local(fs):
-            return super().save_pretrained(root, *args, **kwargs)
-        with tempfile.TemporaryDirectory() as tmp:
+        if storage.is_local(url):
+            return super().save_pretrained(storage.local_path(url), *args, **kwargs)
+        with storage.staged_dir(url) as tmp:
             super().save_pretrained(tmp, *args, **kwargs)
-            lfs = fsspec.filesystem("file")
-            for f in lfs.find(tmp):
-                fs.put_file(f, f"{root.rstrip('/')}/{f[len(tmp):].lstrip('/')}")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Like transformers', from a local path or any fsspec URL (downloaded to a temporary directory)."""
-        with local_dir(str(pretrained_model_name_or_path)) as path:
+        with storage.local_copy(str(pretrained_model_name_or_path)) as path:
             return super().from_pretrained(path, *args, **kwargs)
-
-
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
-@contextlib.contextmanager
-def local_dir(url: str) -> Iterator[str]:
-    """A local directory holding the files under `url`: the path itself when local, else a downloaded copy."""
-    fs, root = fsspec.core.url_to_fs(url)
-    if _is_local(fs):
-        yield root
-        return
-    files = fs.find(root)
-    if not files:
-        raise SynergenError(f"no files under {url}: check the URL (and AWS_ENDPOINT_URL / credentials for s3://)")
-    with tempfile.TemporaryDirectory() as tmp:
-        for f in files:
-            rel = f[len(root.rstrip("/")):].lstrip("/")
-            fsspec.filesystem("file").makedirs(f"{tmp}/{rel}".rsplit("/", 1)[0], exist_ok=True)
-            fs.get_file(f, f"{tmp}/{rel}")
-        yield tmp
 
 
 AutoConfig.register(SynerGenVLConfig.model_type, SynerGenVLConfig, exist_ok=True)

@@ -269,9 +269,13 @@ def train_cmd(
             info = f"loss {rec['loss']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f} wait {100 * rec['data_wait_fraction']:.1f}%"
             bar.update(task, completed=rec["step"], info=info)
 
-        result = train(cfg, resume=resume, on_step=on_step)
+        try:
+            result = train(cfg, resume=resume, on_step=on_step)
+        except SynergenError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
     if show:
-        typer.echo(f"trained steps {result.first_step}..{result.last_step}; metrics in {result.output_dir / 'metrics.jsonl'}"
+        typer.echo(f"trained steps {result.first_step}..{result.last_step}; metrics in {result.metrics_url}"
                    + (f"; model in {result.export_dir}" if result.export_dir else ""))
 
 
@@ -281,10 +285,10 @@ def train_cmd(
 @app.command("generate")
 def generate(
     model_path: str = typer.Argument(..., help="Trained SynerGen-VL directory (save_pretrained; local or s3://)."),
-    tokenizer_path: str = typer.Option(..., "--tokenizer", help="Text tokenizer directory (local or s3://), with the model's special tokens."),
+    tokenizer_path: str = typer.Option(None, "--tokenizer", help="Text tokenizer directory (local or s3://); default: the model's folder."),
     vq_path: str = typer.Option(..., "--vq", help="VQ tokenizer (model.vq.VQTokenizer.from_pretrained; local or s3://)."),
     caption: list[str] = typer.Option(None, "--caption", help="Text-to-image: one image per caption (repeatable)."),
-    image: list[str] = typer.Option(None, "--image", help="Image-to-text: caption each image file (repeatable)."),
+    image: list[str] = typer.Option(None, "--image", help="Image-to-text: caption each image file (repeatable); tiled as tokenize did."),
     out: str = typer.Option("generated", "--out", help="Folder for generated PNGs (text-to-image)."),
     cfg_scale: float = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale (1 = none)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0 = greedy)."),
@@ -296,59 +300,90 @@ def generate(
     """Generate images from captions (--caption) or captions from images (--image)."""
     from pathlib import Path
 
-    import numpy as np
     import torch
-    from PIL import Image
-    from transformers import AutoTokenizer
+    from PIL import Image, UnidentifiedImageError
 
-    from model.config import add_special_tokens
-    from model.folding import fold_codes
-    from model.generation import generation_prompt, understanding_prompt
-    from model.modeling import SynerGenVLForCausalLM, local_dir
-    from model.special_tokens import PROMPT_GEN, PROMPT_UNCOND, PROMPT_UND
-    from model.vq import VQTokenizer
-    from synergen.errors import ConfigMismatchError, SynergenError
+    from pipeline.tiling import to_images
+    from synergen.errors import SynergenError
+    from train.generate import TrainedModel
 
     if bool(caption) == bool(image):
         typer.echo("error: give --caption (text-to-image) or --image (image-to-text), not both or neither", err=True)
         raise typer.Exit(2)
     try:
-        model = SynerGenVLForCausalLM.from_pretrained(model_path).to(device).eval()
-        with local_dir(tokenizer_path) as tp:
-            tok = AutoTokenizer.from_pretrained(tp)
-        ids = add_special_tokens(tok)
-        if ids != {k: int(v) for k, v in model.config.special_token_ids.items()}:
-            raise ConfigMismatchError(f"tokenizer {tokenizer_path} special-token ids {ids} differ from the model's {model.config.special_token_ids}: use the tokenizer the model was trained with")
-        vq = VQTokenizer.from_pretrained(vq_path, device=device)
-        cfg = model.config
+        tm = TrainedModel.load(model_path, tokenizer_path, vq_path, device=device)
         gen = torch.Generator(device=device).manual_seed(seed)
-        encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         if caption:
-            # As the loader builds training sequences: the prompt and the caption tokenized apart, then joined.
-            prompts = [generation_prompt(cfg, encode(PROMPT_GEN) + encode(c)) for c in caption]
-            _, pixels = model.generate_images(prompts, uncond_prompt=generation_prompt(cfg, encode(PROMPT_UNCOND)), cfg_scale=cfg_scale,
-                                              temperature=temperature, top_k=top_k, generator=gen, vq=vq)
+            pixels = tm.images(caption, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, generator=gen)
             Path(out).mkdir(parents=True, exist_ok=True)
-            for i, (c, px) in enumerate(zip(caption, pixels)):
-                arr = ((px.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            for i, (c, im) in enumerate(zip(caption, to_images(pixels))):
                 path = Path(out) / f"{i:03d}.png"
-                Image.fromarray(arr).save(path)
+                im.save(path)
                 typer.echo(f"{path}\t{c}")
         else:
-            side_h, side_w = cfg.image_grid[0] * vq.downsample, cfg.image_grid[1] * vq.downsample
-            groups, prompts = [], []
+            pics = []
             for f in image:
-                im = Image.open(f).convert("RGB").resize((side_w, side_h), Image.BICUBIC)
-                px = torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0).to(device)
-                g = fold_codes(vq.encode(px)[0], cfg.fold_geometry)  # [n_blocks, k]
-                groups.append(g)
-                prompts.append(understanding_prompt(cfg, [g.shape[0]], encode(PROMPT_UND)))
-            texts = model.generate_text(prompts, torch.cat(groups), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+                try:
+                    pics.append(Image.open(f))
+                except (OSError, UnidentifiedImageError) as e:
+                    raise SynergenError(f"--image {f}: not a readable image ({e})") from None
+            texts = tm.captions(pics, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
             for f, t in zip(image, texts):
-                typer.echo(f"{f}\t{tok.decode(t, skip_special_tokens=True).strip()}")
+                typer.echo(f"{f}\t{t}")
     except SynergenError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+
+
+# ---- init (model/from_llm.py): a pretrained LLM -> a SynerGen-VL ready for stage 1 ----
+
+
+@app.command("init")
+def init_cmd(
+    llm: str = typer.Argument(..., help="Qwen2/Qwen2.5 or InternLM2 checkpoint folder (local or s3://)."),
+    out: str = typer.Option(..., "--out", help="Where to write model + tokenizer (local or s3://); train configs name it."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="The LLM's tokenizer folder (default: the LLM folder)."),
+    vq: str = typer.Option(None, "--vq", help="VQ folder: take codebook_size and downsample from it (default: Emu3's 32768 / 8)."),
+    image_size: int = typer.Option(512, "--image-size", help="Pixels per image/tile side (paper: 512) -> code grid size / downsample."),
+    fold: str = typer.Option("2x8", "--fold", help="Token folding fh x fw (paper: 2x8)."),
+    head_layers: int = typer.Option(4, "--head-layers", help="Unfolding head depth (paper: 4)."),
+    template: str = typer.Option("raw", "--template", help="Sequence template: raw or chat (the LLM's chat template; model.template)."),
+) -> None:
+    """Build a SynerGen-VL from a pretrained LLM: tokens added to its tokenizer, weights copied, text logits checked."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from model.from_llm import init_from_llm
+    from model.vq import VQTokenizer
+    from synergen.errors import SynergenError
+
+    console = Console()
+    try:
+        codebook, down = 32768, 8  # Emu3's VQ (DESIGN.md)
+        if vq:
+            v = VQTokenizer.from_pretrained(vq)
+            codebook, down = v.codebook_size, v.downsample
+        if image_size % down:
+            raise SynergenError(f"--image-size {image_size} is not a multiple of the VQ downsample {down}")
+        vision = {"codebook_size": codebook, "vq_downsample": down, "image_grid": [image_size // down] * 2,
+                  "fold": [int(x) for x in fold.lower().split("x")], "head_layers": head_layers}
+        report = init_from_llm(llm, out, tokenizer=tokenizer, vision=vision, sequence_template=template)
+    except (SynergenError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    r = asdict(report)
+    table = Table(title=f"synergen init: {llm} -> {out}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for key in ("llm_family", "tied_embeddings", "llm_vocab_size", "vocab_size", "bos", "sequence_template"):
+        table.add_row(key, str(r[key]))
+    table.add_row("special_token_ids", ", ".join(f"{k}={v}" for k, v in r["special_token_ids"].items()))
+    for part, n in r["parameters"].items():
+        table.add_row(f"parameters: {part}", f"{n:,}")
+    table.add_row("max text-logit difference vs the LLM", f"{r['max_logit_diff']:.2e}")
+    console.print(table)
 
 
 # ---- demo (train/demo.py): the whole system end to end on the embedded corpus ----
@@ -358,11 +393,12 @@ def generate(
 def demo_cmd(
     out: str = typer.Option("demo_out", "--out", help="output folder (corpus, shards, checkpoints, report)"),
     steps: int = typer.Option(None, "--steps", help="training steps (default: the demo's)"),
+    loss_reduction: str = typer.Option("modality_mean", "--loss-reduction", help="modality_mean (default) or token_sum (Eq. 4)"),
 ) -> None:
     """Generate the demo corpus, serve it locally, ingest, tokenize, train, generate, and write the report."""
     from train.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=out) if steps is None else DemoConfig(out=out, steps=steps)
+    cfg = DemoConfig(out=out, loss_reduction=loss_reduction, **({} if steps is None else {"steps": steps}))
     report = run_demo(cfg, echo=typer.echo)
     typer.echo(f"report: {report}")
 

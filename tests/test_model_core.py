@@ -39,8 +39,10 @@ def test_text_logits_equal_the_underlying_qwen2_at_init(llm_and_model):
     with torch.no_grad():
         ours, ref = model.text_logits(batch), llm(ids).logits
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
-    for layer in model.model.layers:  # image FFN starts as a copy of the text FFN
-        assert torch.equal(layer.image_mlp.gate_proj.weight, layer.mlp.gate_proj.weight)
+    for layer in model.model.layers:  # image FFN starts as a copy of the text FFN: every projection
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(getattr(layer.image_mlp, proj).weight, getattr(layer.mlp, proj).weight), proj
+        assert getattr(layer.image_mlp, "up_proj").weight.data_ptr() != layer.mlp.up_proj.weight.data_ptr()  # a copy, not shared
 
 
 def test_packed_batch_gives_the_per_document_losses_of_one_by_one(llm_and_model):

@@ -7,12 +7,22 @@ import torch
 from test_model_kit import Doc, pack, tiny_config, single_thread  # noqa: F401
 from transformers import Emu3VQVAE, Emu3VQVAEConfig
 
-from model.generation import cfg_logits, generation_prompt, understanding_prompt
+from model.generation import cfg_logits
 from model.modeling import SynerGenVLForCausalLM
-from model.special_tokens import UNCOND
+from model.special_tokens import BOI, EOI, IMG, UNCOND
 from synergen.errors import SynergenError
 
 PROMPT_GEN, PROMPT_UND = 50, 51
+
+
+def generation_prompt(cfg, ids: list[int]) -> list[int]:
+    """`<s> ids <boi>` (the raw template's text-to-image prompt, written out as the test's oracle)."""
+    return [cfg.bos_token_id, *ids, cfg.token_id(BOI)]
+
+
+def understanding_prompt(cfg, n_blocks: int, ids: list[int]) -> list[int]:
+    """`<s> <boi> <img>*n <eoi> ids`."""
+    return [cfg.bos_token_id, cfg.token_id(BOI), *[cfg.token_id(IMG)] * n_blocks, cfg.token_id(EOI), *ids]
 
 
 @pytest.fixture(scope="module")
@@ -99,5 +109,5 @@ def test_tiny_model_memorises_pairs_and_generates_them_both_ways():
     assert torch.equal(grids, want)
 
     n = cfg.blocks_per_image
-    text = model.generate_text([understanding_prompt(cfg, [n], [PROMPT_UND]) for _ in captions], torch.cat(images), max_new_tokens=6)
+    text = model.generate_text([understanding_prompt(cfg, n, [PROMPT_UND]) for _ in captions], torch.cat(images), max_new_tokens=6)
     assert text == captions

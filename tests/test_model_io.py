@@ -12,7 +12,7 @@ from test_model_kit import pack, single_thread, tiny_config, tiny_qwen2  # noqa:
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2ForCausalLM
 
-from model.config import PRESETS, config_ids_from_tokenizer, parameter_counts, preset_config
+from model.config import PRESETS, add_special_tokens, config_ids_from_tokenizer, parameter_counts, preset_config
 from model.convert_internlm2 import convert_internlm2
 from model.modeling import SynerGenVLForCausalLM
 from model.special_tokens import BOI, MODEL_SPECIAL_TOKENS
@@ -125,6 +125,9 @@ def test_tokenizer_special_tokens_make_the_config_ids():
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
                                   unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(SynergenError, match="lacks the model's special tokens"):
+        config_ids_from_tokenizer(tok)  # never silently: `synergen init` adds them and saves the tokenizer
+    add_special_tokens(tok)
     ids = config_ids_from_tokenizer(tok)
     assert ids["vocab_size"] == 6 + len(MODEL_SPECIAL_TOKENS) and ids["bos_token_id"] == 1 and ids["pad_token_id"] == 3
     assert sorted(ids["special_token_ids"].values()) == list(range(6, 12))

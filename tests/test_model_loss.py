@@ -88,6 +88,30 @@ def test_classifiers_see_at_most_one_chunk_of_rows_in_forward_and_backward(model
     assert sorted(rows["code"]) == [k] * 24 and sorted(rows["text"]) == [1] * 3 + [3] * 9
 
 
+PAPER_LAMBDA = 2.0  # SynerGen-VL Eq. 4: image-loss weight
+
+
+def test_both_loss_reductions_weight_image_codes_by_the_papers_lambda(model_and_batch):
+    model, batch = model_and_batch
+    k = model.config.fold_geometry.size
+    with torch.no_grad():
+        out = model(batch)
+        is_txt, is_img = batch.labels[:, 1:] != -100, batch.image_targets[:, 1:]
+        text_sum = out.token_loss[:, 1:][is_txt].sum()
+        image_sum = out.token_loss[:, 1:][is_img].sum() * k  # token_loss holds the mean over a block's k codes
+        n_t, n_i = int(is_txt.sum()), int(is_img.sum()) * k
+        assert (out.n_text_targets, out.n_image_targets) == (n_t, n_i) and n_t and n_i
+        assert torch.allclose(out.loss, text_sum / n_t + PAPER_LAMBDA * image_sum / n_i, rtol=1e-5)
+        model.config.loss_reduction = "token_sum"
+        try:
+            eq4 = model(batch)
+        finally:
+            model.config.loss_reduction = "modality_mean"
+    assert torch.allclose(eq4.loss, (text_sum + PAPER_LAMBDA * image_sum) / batch.input_ids.numel(), rtol=1e-5)
+    with pytest.raises(SynergenError, match="loss_reduction"):
+        tiny_config(loss_reduction="sum")
+
+
 def test_loss_chunk_logits_must_be_positive():
     with pytest.raises(SynergenError, match="loss_chunk_logits"):
         tiny_config(loss_chunk_logits=0)

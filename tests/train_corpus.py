@@ -66,11 +66,13 @@ def write_source(root: Path, source: str, task: str, shard_sizes: list[int], tok
     write_catalog(str(root / source), rows)
 
 
-def make_corpus(root: Path, batch: int = 4, seq_len: int = 96) -> dict[str, str]:
-    """Tokenizer, two und and one gen source, a mixture manifest; returns their paths."""
+def make_corpus(root: Path, batch: int = 4, seq_len: int = 96, tokenizer_dir: Path | None = None) -> dict[str, str]:
+    """Tokenizer (made, or the one in `tokenizer_dir`), two und and one gen source, a mixture manifest; returns their paths."""
+    from transformers import AutoTokenizer
+
     root.mkdir(parents=True, exist_ok=True)
-    tok_dir = root / "tokenizer"
-    tokenizer = make_tokenizer(tok_dir)
+    tok_dir = tokenizer_dir or root / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tokenizer_dir else make_tokenizer(tok_dir)
     write_source(root, "cap_a", "und", [12, 12], tokenizer, seed=1)
     write_source(root, "cap_b", "und", [10], tokenizer, seed=2)
     write_source(root, "gen_a", "gen", [12, 12], tokenizer, seed=3)

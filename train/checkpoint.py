@@ -1,9 +1,12 @@
 """Checkpoints: DeepSpeed's own, plus what exact resume needs (loader state, RNG states), and export.
 
-Layout under `OUTPUT/checkpoints/`: one DeepSpeed tag per save, `step_00000042/`, holding DeepSpeed's
-files and our `_complete.json` (step, file sizes), written by rank 0 only after every rank has saved.
+Layout under `OUTPUT/checkpoints/` (local or remote, e.g. `s3://bucket/run/checkpoints`): one DeepSpeed tag
+per save, `step_00000042/`, holding DeepSpeed's files and our `_complete.json` (step, file sizes), written
+by rank 0 only after every rank has saved (and, for a remote folder, after every file is uploaded).
 A tag without it is partial (the job died while saving); a tag whose files disagree with it, or that
-DeepSpeed cannot load, is corrupt. `load_latest` takes the newest good tag and says clearly which one it
+DeepSpeed cannot load, is corrupt. DeepSpeed reads and writes local folders only: for a remote checkpoint
+folder it writes to a local staging folder, which each node's first rank uploads, and a resume downloads
+the chosen tag into it first (`synergen.storage`). `load_latest` takes the newest good tag and says clearly which one it
 skipped and why. The client state holds the loader state and the RNG states of every rank (DeepSpeed
 writes the client state from rank 0 only, so each rank's own states are gathered first).
 """
@@ -12,16 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from synergen import storage
 from synergen.errors import SynergenError
 
 log = logging.getLogger(__name__)
@@ -72,35 +76,47 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def list_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
-    """(step, tag) of every checkpoint folder, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p.name) for p in ckpt_dir.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))]
-    return sorted(found)
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def check_tag(ckpt_dir: Path, tag: str) -> str | None:
+def list_tags(ckpt_url: str) -> list[tuple[int, str]]:
+    """(step, tag) of every checkpoint folder under `ckpt_url` (local or remote), oldest first."""
+    return sorted((int(m.group(1)), name) for name in storage.list_dir(str(ckpt_url)) if (m := TAG_RE.match(name)))
+
+
+def check_tag(ckpt_url: str, tag: str) -> str | None:
     """Why the checkpoint `tag` is unusable, or None when its files match its completion marker."""
-    folder = ckpt_dir / tag
-    marker = folder / MARKER
-    if not marker.is_file():
+    folder = storage.join(str(ckpt_url), tag)
+    sizes = storage.file_sizes(folder)
+    if MARKER not in sizes:
         return "partial: no completion marker (the run stopped while saving)"
     try:
-        expected = json.loads(marker.read_text())["files"]
+        expected = json.loads(storage.read_bytes(storage.join(folder, MARKER)))["files"]
     except (json.JSONDecodeError, KeyError) as e:
         return f"corrupt completion marker ({e})"
     for name, size in expected.items():
-        f = folder / name
-        if not f.is_file():
+        if name not in sizes:
             return f"file {name} is missing"
-        if f.stat().st_size != size:
-            return f"file {name} has {f.stat().st_size} bytes, the marker says {size}"
+        if sizes[name] != size:
+            return f"file {name} has {sizes[name]} bytes, the marker says {size}"
     return None
 
 
-def save(engine, ckpt_dir: Path, step: int, loader_state: Any, extra: dict[str, Any] | None = None, keep_last: int = 3) -> str:
-    """Save a DeepSpeed checkpoint for `step` with every rank's loader and RNG states; prune old ones."""
+def staging_dir(ckpt_url: str, local_dir: str | None) -> str:
+    """The local folder DeepSpeed writes to: the checkpoint folder itself when local, else `local_dir`."""
+    return storage.local_path(str(ckpt_url)) if storage.is_local(str(ckpt_url)) else str(local_dir)
+
+
+def save(engine, ckpt_url: str, step: int, loader_state: Any, extra: dict[str, Any] | None = None, keep_last: int = 3,
+         local_dir: str | None = None) -> str:
+    """Save a DeepSpeed checkpoint for `step` with every rank's loader and RNG states; prune old ones.
+
+    A remote `ckpt_url` is written to `local_dir` first, uploaded by each node's first rank, and marked complete
+    by rank 0 once every node's files are up; the local copy is then deleted."""
+    ckpt_url = str(ckpt_url)
+    remote = not storage.is_local(ckpt_url)
+    stage = staging_dir(ckpt_url, local_dir)
     tag = tag_for(step)
     client_state = {
         "step": step,
@@ -108,37 +124,60 @@ def save(engine, ckpt_dir: Path, step: int, loader_state: Any, extra: dict[str, 
         "rng_states": _gather(rng_state()),
         **(extra or {}),
     }
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    engine.save_checkpoint(stage, tag=tag, client_state=client_state)
+    _barrier()
+    files: dict[str, int] = {}
+    folder = os.path.join(stage, tag)
+    if _local_rank() == 0:  # one rank per node lists (and uploads) what this node's ranks wrote
+        files = storage.file_sizes(folder)
+        files.pop(MARKER, None)
+        if remote:
+            storage.publish_dir(folder, storage.join(ckpt_url, tag), skip=(MARKER,))
+    files = {k: v for per_node in _gather(files) for k, v in per_node.items()}
     _barrier()
     if _rank() == 0:
-        folder = ckpt_dir / tag
-        files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
-        tmp = folder / f"{MARKER}.tmp"
-        tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
-        tmp.rename(folder / MARKER)
-        for old_step, old_tag in list_tags(ckpt_dir)[:-keep_last]:
+        storage.write_bytes(storage.join(ckpt_url, tag, MARKER), json.dumps({"step": step, "files": files}, indent=1).encode())
+        for old_step, old_tag in list_tags(ckpt_url)[:-keep_last]:
             if old_step < step:
-                shutil.rmtree(ckpt_dir / old_tag, ignore_errors=True)
-        log.info("saved checkpoint %s (%d files)", folder, len(files))
+                storage.remove(storage.join(ckpt_url, old_tag))
+        log.info("saved checkpoint %s (%d files)", storage.join(ckpt_url, tag), len(files))
     _barrier()
+    if remote and _local_rank() == 0:
+        shutil.rmtree(folder, ignore_errors=True)
     return tag
 
 
-def load_latest(engine, ckpt_dir: Path) -> dict[str, Any] | None:
+def _fetch(ckpt_url: str, tag: str, stage: str) -> None:
+    """Bring a remote checkpoint tag into the local staging folder (each node's first rank downloads)."""
+    if _local_rank() == 0:
+        target = os.path.join(stage, tag)
+        shutil.rmtree(target, ignore_errors=True)
+        storage.download_dir(storage.join(ckpt_url, tag), target)
+    _barrier()
+
+
+def load_latest(engine, ckpt_url: str, local_dir: str | None = None) -> dict[str, Any] | None:
     """Load the newest good checkpoint into `engine`; return its client state (None when there is none).
 
     A partial or corrupt newest checkpoint is skipped with a warning naming it and the reason, and the one
-    before it is loaded. Every rank checks the same files, so all ranks agree on the tag.
+    before it is loaded. Every rank checks the same files, so all ranks agree on the tag. A remote checkpoint
+    is downloaded into `local_dir` first.
     """
-    tags = list_tags(ckpt_dir)
+    ckpt_url = str(ckpt_url)
+    tags = list_tags(ckpt_url)
     if not tags:
         return None
+    remote = not storage.is_local(ckpt_url)
+    stage = staging_dir(ckpt_url, local_dir)
     skipped = []
     for step, tag in reversed(tags):
-        reason = check_tag(ckpt_dir, tag)
+        where = storage.join(ckpt_url, tag)
+        reason = check_tag(ckpt_url, tag)
         if reason is None:
             try:
-                path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+                if remote:
+                    _fetch(ckpt_url, tag, stage)
+                path, client_state = engine.load_checkpoint(stage, tag=tag, load_module_strict=True)
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means "try the one before"
                 path, client_state, reason = None, None, f"DeepSpeed could not load it ({type(e).__name__}: {e})"
             else:
@@ -146,15 +185,16 @@ def load_latest(engine, ckpt_dir: Path) -> dict[str, Any] | None:
                     reason = "DeepSpeed found no model states in it"
         if reason is None:
             if skipped:
-                log.warning("resuming from %s (step %d) instead of the newest checkpoint: %s", tag, step, "; ".join(skipped))
+                log.warning("resuming from %s (step %d) in %s instead of the newest checkpoint: %s", tag, step, ckpt_url,
+                            "; ".join(skipped))
             else:
-                log.info("resuming from %s (step %d)", tag, step)
+                log.info("resuming from %s (step %d) in %s", tag, step, ckpt_url)
             return client_state
-        msg = f"{ckpt_dir / tag} is unusable ({reason})"
+        msg = f"{where} is unusable ({reason})"
         log.warning("%s; falling back to the checkpoint before it", msg)
         skipped.append(msg)
     raise CheckpointError(
-        f"no usable checkpoint in {ckpt_dir}: " + "; ".join(skipped) + ". Delete the folder to start from scratch."
+        f"no usable checkpoint in {ckpt_url}: " + "; ".join(skipped) + ". Delete the folder to start from scratch."
     )
 
 
@@ -174,18 +214,26 @@ def restore_client_state(client_state: dict[str, Any], rank: int, world_size: in
     return loaders[0]
 
 
-def export_model(engine, out_dir: Path) -> Path:
-    """Write the engine's model in transformers format (`save_pretrained`) to `out_dir` (rank 0 writes)."""
+def export_model(engine, out_url: str, tokenizer=None) -> str:
+    """Publish the engine's model in transformers format (`save_pretrained`), with `tokenizer` beside it, at
+    `out_url` (local or remote; rank 0 writes; the folder appears whole: `storage.staged_dir`)."""
     module = engine.module
     if not hasattr(module, "save_pretrained"):
         raise CheckpointError(f"cannot export {type(module).__name__}: it has no save_pretrained (not a transformers model)")
+
+    def write() -> None:
+        with storage.staged_dir(str(out_url)) as tmp:
+            module.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if _rank() == 0:
-                module.save_pretrained(str(out_dir), safe_serialization=True)
+                write()
     elif _rank() == 0:
-        module.save_pretrained(str(out_dir), safe_serialization=True)
+        write()
     _barrier()
-    return out_dir
+    return str(out_url)

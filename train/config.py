@@ -8,7 +8,6 @@ file, the key and the fix. Unset optimizer fields take the stage's defaults from
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
@@ -44,6 +43,10 @@ class TrainConfig(BaseModel):
     tokenizer: str | None = Field(None, description="text tokenizer dir; the loader checks it against the catalogs")
     vq: str | None = Field(None, description="VQ model dir (used by the demo and the benchmark to decode/encode)")
     stage: Stage = 1
+    sequence_template: Literal["raw", "chat"] | None = Field(
+        None, description="text template around images (model.template); None: the model's (default raw)")
+    loss_reduction: Literal["modality_mean", "token_sum"] | None = Field(
+        None, description="how text and image losses combine (model.config; token_sum = Eq. 4); None: the model's")
 
     # --- data
     mixture: str = Field(description="mixture manifest (YAML) naming the sources and their catalogs")
@@ -71,7 +74,8 @@ class TrainConfig(BaseModel):
     # --- run
     steps: int = Field(gt=0)
     seed: int = 0
-    output_dir: str
+    output_dir: str = Field(description="local folder or URL (s3://...): checkpoints, metrics, the exported model")
+    local_dir: str | None = Field(None, description="local staging folder when output_dir is remote (default: a temp folder)")
     save_every: int = Field(100, ge=1)
     keep_last: int = Field(3, ge=1, description="checkpoints kept (older ones are deleted after a good save)")
     log_every: int = Field(1, ge=1)
@@ -154,6 +158,8 @@ def _explain(e: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def save_config(cfg: TrainConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+def save_config(cfg: TrainConfig, url: str) -> None:
+    """Write the resolved config as YAML to `url` (local or remote)."""
+    from synergen import storage
+
+    storage.write_bytes(str(url), yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False).encode())

@@ -61,6 +61,7 @@ class DemoConfig:
     top_k: int | None = 4
     seed: int = 0
     threads: int = 2
+    loss_reduction: str = "modality_mean"  # or "token_sum" (Eq. 4); model.config says why the default
 
 
 def _set_threads(n: int) -> None:
@@ -160,7 +161,7 @@ def train_config(cfg: DemoConfig, out: Path, stage, model: str, steps: int, over
         data_root=str(out / "tokens"), data_options={"cache_dir": str(out / "cache")}, deepspeed=cfg.deepspeed,
         precision="auto", lr=cfg.lr, schedule="cosine" if stage == "sft" else "constant", warmup_steps=cfg.warmup_steps,
         steps=steps, seed=cfg.seed, output_dir=str(out / "train" / ("stage1" if stage == 1 else "all")),
-        save_every=max(50, steps // 4), log_every=1,
+        save_every=max(50, steps // 4), log_every=1, loss_reduction=cfg.loss_reduction,
     )
 
 
@@ -191,7 +192,7 @@ def train_demo_model(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 def _stage_stats(result) -> dict[str, Any]:
     from train.metrics import read_metrics
 
-    recs = read_metrics(result.output_dir / "metrics.jsonl")
+    recs = read_metrics(Path(result.metrics_url))
     n = len(recs)
     tail = recs[-max(1, n // 10):]
     head = recs[: max(1, n // 10)]
@@ -201,7 +202,7 @@ def _stage_stats(result) -> dict[str, Any]:
         return sum(vals) / len(vals) if vals else float("nan")
 
     return {
-        "steps": n, "metrics": str(result.output_dir / "metrics.jsonl"),
+        "steps": n, "metrics": result.metrics_url,
         "loss_first": mean(head, "loss"), "loss_last": mean(tail, "loss"),
         "loss_und_last": mean(tail, "loss/und"), "loss_gen_last": mean(tail, "loss/gen"),
         "tokens_per_s": mean(recs, "tokens_per_s"), "samples_per_s": mean(recs, "samples_per_s"),
@@ -228,49 +229,32 @@ def evaluate(cfg: DemoConfig, model_dir: Path, eval_rows: list[dict], image_dir:
     """Generate images from held-out captions and captions from held-out images; score both vs the targets."""
     from PIL import Image
 
-    from model.folding import Fold, fold_codes
-    from model.generation import generation_prompt, understanding_prompt
-    from model.modeling import SynerGenVLForCausalLM
-    from model.vq import VQTokenizer
     from pipeline.democorpus import classify_image
-    from pipeline.text_tokenizer import load_text_tokenizer
     from pipeline.tiling import resize_center_crop, to_images, to_pixels
-    from train.sequence import LayoutIds
+    from train.generate import TrainedModel
 
-    model = SynerGenVLForCausalLM.from_pretrained(str(model_dir)).eval()
-    vq = VQTokenizer.from_pretrained(cfg.vq)
-    tok = load_text_tokenizer(cfg.tokenizer)
-    ids = LayoutIds.from_tokenizer(tok)
-    fold = Fold.parse(cfg.fold)
+    tm = TrainedModel.load(str(model_dir), cfg.tokenizer, cfg.vq)
     gen = torch.Generator().manual_seed(cfg.seed)
     samples_dir = out_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
 
     # Text -> image.
-    prompts = [generation_prompt(model.config, list(ids.prompt_gen) + tok.encode(r["caption"], add_special_tokens=False))
-               for r in eval_rows]
-    uncond = generation_prompt(model.config, list(ids.prompt_uncond))
     images = []
     with torch.no_grad():
-        for i in range(0, len(prompts), 16):
-            _, pix = model.generate_images(prompts[i:i + 16], uncond_prompt=uncond, cfg_scale=cfg.cfg_scale,
-                                           temperature=cfg.temperature, top_k=cfg.top_k, generator=gen, vq=vq)
+        for i in range(0, len(eval_rows), 16):
+            pix = tm.images([r["caption"] for r in eval_rows[i:i + 16]], cfg_scale=cfg.cfg_scale, temperature=cfg.temperature,
+                            top_k=cfg.top_k, generator=gen)
             images += to_images(pix)
-    # Image -> text.
-    pixels = to_pixels([resize_center_crop(Image.open(image_dir / r["file"]).convert("RGB"), cfg.image_size) for r in eval_rows])
-    grid_codes = vq.encode(pixels)  # [N, gh, gw]
-    codes = fold_codes(grid_codes, fold)  # [N, groups, k]
+    # Image -> text, each image preprocessed as tokenize did for the stage (`TrainedModel.encode_image`).
+    pictures = [Image.open(image_dir / r["file"]).convert("RGB") for r in eval_rows]
     # The check's ceiling: how often the classifier names the target itself after a VQ round trip (the
     # tiny VQ blurs 64-px shapes), i.e. the best a perfect generator could score here.
-    ceiling = [classify_image(im) for im in to_images(vq.decode(grid_codes))]
-    n_groups = codes.shape[1]
-    und_prompt = understanding_prompt(model.config, [n_groups], list(ids.prompt_und))
+    grid_codes = tm.vq.encode(to_pixels([resize_center_crop(p, cfg.image_size) for p in pictures]))  # [N, gh, gw]
+    ceiling = [classify_image(im) for im in to_images(tm.vq.decode(grid_codes))]
     captions = []
     with torch.no_grad():
-        for i in range(0, len(eval_rows), 16):
-            chunk = codes[i:i + 16]
-            out = model.generate_text([und_prompt] * len(chunk), image_codes=chunk.reshape(-1, fold.size), max_new_tokens=24)
-            captions += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+        for i in range(0, len(pictures), 16):
+            captions += tm.captions(pictures[i:i + 16], max_new_tokens=24)
 
     samples, img_hits, cap_hits, img_colour, img_shape, cap_colour, cap_shape = [], 0, 0, 0, 0, 0, 0
     for i, (r, im, cap) in enumerate(zip(eval_rows, images, captions)):

@@ -1,9 +1,12 @@
 """A token sample -> one training sequence: prompts, `<boi>`/`<eoi>`, tiles and thumbnail, CFG drop, loss masks.
 
-Layouts are those of `model.special_tokens` (defined there once):
-  und: <s> [<tile>? <boi> IMG*n <eoi>]* [<thumbnail> <boi> IMG*n <eoi>] PROMPT_UND caption </s>
-  gen: <s> PROMPT_GEN caption <boi> IMG*n <eoi> </s>      (or PROMPT_UNCOND instead of prompt + caption)
-Text targets: und -> caption and `</s>`; gen -> `<eoi>` and `</s>`. Code targets: gen image positions.
+Layouts are those of `model.special_tokens`, wrapped in the template of `model.template` (START, TURN, END:
+`<s>`, nothing, `</s>` for the raw template; the chat template's user/assistant markers for "chat"):
+  und: START [<tile>? <boi> IMG*n <eoi>]* [<thumbnail> <boi> IMG*n <eoi>] PROMPT_UND TURN caption END
+  gen: START PROMPT_GEN caption TURN <boi> IMG*n <eoi> END      (or PROMPT_UNCOND instead of prompt + caption)
+Text targets: und -> caption and END; gen -> `<eoi>` and END. Code targets: gen image positions.
+Generation prompts (`understanding_prompt`, `generation_prompt`) are these very sequences cut where the
+model's answer starts, built by the same `write_sequence`.
 
 Which images a sample contributes (the rule for tiles and for samples longer than the sequence):
   1. one tile: that image, no markers;
@@ -20,54 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.folding import Fold
-from model.special_tokens import BOI, BOS, EOI, EOS, IMG, PAD, PROMPT_GEN, PROMPT_UNCOND, PROMPT_UND, THUMBNAIL, TILE
+from model.template import LayoutIds
 from pipeline.tokenshard import TokenSample
-from synergen.errors import ConfigMismatchError, ShardError
+from synergen.errors import ShardError
+
+__all__ = ["IGNORE", "LayoutIds", "SequenceSpec", "Sequence", "Layout", "plan_lengths", "plan_layout", "layout_of",
+           "build_sequence", "write_sequence", "understanding_prompt", "generation_prompt"]
 
 IGNORE = -100  # label of positions that are not text targets (transformers convention)
-
-
-@dataclass(frozen=True)
-class LayoutIds:
-    """The token ids a sequence layout needs, taken once from the run's text tokenizer."""
-
-    bos: int
-    eos: int
-    pad: int
-    boi: int
-    eoi: int
-    img: int
-    tile: int
-    thumbnail: int
-    prompt_und: tuple[int, ...]
-    prompt_gen: tuple[int, ...]
-    prompt_uncond: tuple[int, ...]
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer) -> "LayoutIds":
-        """Ids from a transformers tokenizer with `model.special_tokens.ALL_SPECIAL_TOKENS` added.
-
-        The LLM's own BOS/EOS/PAD are used when it has them (see model.special_tokens)."""
-
-        def tok_id(token: str, own: int | None = None) -> int:
-            if own is not None:
-                return int(own)
-            i = tokenizer.convert_tokens_to_ids(token)
-            if i is None or i == tokenizer.unk_token_id or i < 0:
-                raise ConfigMismatchError(f"text tokenizer has no {token!r} token; add model.special_tokens.ALL_SPECIAL_TOKENS "
-                                          "to it (tokenizer.add_special_tokens) before building the loader")
-            return int(i)
-
-        def enc(text: str) -> tuple[int, ...]:
-            return tuple(int(i) for i in tokenizer.encode(text, add_special_tokens=False))
-
-        return cls(
-            bos=tok_id(BOS, getattr(tokenizer, "bos_token_id", None)),
-            eos=tok_id(EOS, getattr(tokenizer, "eos_token_id", None)),
-            pad=tok_id(PAD, getattr(tokenizer, "pad_token_id", None)),
-            boi=tok_id(BOI), eoi=tok_id(EOI), img=tok_id(IMG), tile=tok_id(TILE), thumbnail=tok_id(THUMBNAIL),
-            prompt_und=enc(PROMPT_UND), prompt_gen=enc(PROMPT_GEN), prompt_uncond=enc(PROMPT_UNCOND),
-        )
 
 
 @dataclass(frozen=True)
@@ -134,7 +97,7 @@ def plan_lengths(facts: np.ndarray, task: str, uncond: np.ndarray, spec: Sequenc
     length = np.zeros(len(facts), np.int64)
     if task == "gen":  # generation has one image; if a thumbnail is present it is the whole image
         text_part = np.where(uncond, len(ids.prompt_uncond), len(ids.prompt_gen) + text)
-        n = 1 + text_part + (groups + 2) + 1
+        n = len(ids.start) + text_part + len(ids.turn) + (groups + 2) + len(ids.end)
         ok = (n_images > 0) & (n <= spec.seq_len)
         view[ok], length[ok] = VIEW_FIRST, n[ok]
         return length, view
@@ -145,7 +108,7 @@ def plan_lengths(facts: np.ndarray, task: str, uncond: np.ndarray, spec: Sequenc
         i = int(np.argmax(wrong))
         raise ShardError(f"sample {facts['key'][i].decode()!r}: {int(n_images[i])} images but {int(n_tiles[i])} tiles and "
                          f"thumbnail={bool(facts['thumbnail'][i])}; its shard disagrees with its metadata, re-tokenize it")
-    base = 1 + len(ids.prompt_und) + text + 1
+    base = len(ids.start) + len(ids.prompt_und) + len(ids.turn) + text + len(ids.end)
     first = (n_images > 0) & ((n_tiles == 1) | (n_tiles <= spec.max_tiles))
     m = np.where(n_tiles == 1, 1, n_tiles + (has_thumb & spec.thumbnail))
     n1 = base + m * (groups + 2) + np.where(n_tiles == 1, 0, m)  # <boi> IMG* <eoi>, plus a marker per image
@@ -226,13 +189,13 @@ def write_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout,
             labels[t:t + n] = tokens
         t += n
 
-    input_ids[0] = ids.bos
-    t = 1
+    text(ids.start)
     if task == "und":
         n_tiles = len(layout.images) - (layout.kind == "tiles+thumbnail")
         for j, i in enumerate(layout.images):
             image(i, None if layout.kind == "single" else (ids.tile if j < n_tiles else ids.thumbnail), target=False)
         text(ids.prompt_und)
+        text(ids.turn)
         text(sample.text_ids, target=True)
     else:
         if uncond:
@@ -240,10 +203,40 @@ def write_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout,
         else:
             text(ids.prompt_gen)
             text(sample.text_ids)
+        text(ids.turn)
         for i in layout.images:
             image(i, None, target=True)
-    input_ids[t] = ids.eos
-    labels[t] = ids.eos
-    t += 1
+    text(ids.end, target=True)
     if t != layout.length:
         raise AssertionError(f"sample {sample.key!r}: built {t} positions, planned {layout.length}")  # an invariant, not data validation
+
+
+# ---- generation prompts: the training sequences above, cut where the model's answer starts -------------
+
+
+def _prompt_sample(codes: np.ndarray, text_ids, tiles: tuple[int, int], thumbnail: bool) -> TokenSample:
+    """A TokenSample holding `codes [n_images, groups, k]` and `text_ids`, as `pipeline.tokenize` writes one."""
+    return TokenSample(key="prompt", codes=codes, text_ids=np.asarray(text_ids, np.int64),
+                       meta={"tiles": list(tiles), "thumbnail": thumbnail})
+
+
+def understanding_prompt(ids: LayoutIds, n_images: int, groups: int, fold: Fold, tiles: tuple[int, int] = (1, 1),
+                         thumbnail: bool = False, max_tiles: int | None = None) -> np.ndarray:
+    """Ids of an understanding prompt over one image as tokenized (`n_images` = tiles [+ thumbnail], each of
+    `groups` fold groups, `<img>` at image positions): the und sequence up to its first caption token.
+    `max_tiles` is the stage's (default: every tile given)."""
+    spec = SequenceSpec(10**9, max_tiles or tiles[0] * tiles[1], thumbnail, fold)
+    sample = _prompt_sample(np.zeros((n_images, groups, fold.size), np.int64), [], tiles, thumbnail)
+    layout = plan_layout(sample, "und", False, spec, ids)
+    seq = build_sequence(sample, "und", False, layout, ids)
+    return seq.input_ids[: int(np.argmax(seq.labels != IGNORE))]
+
+
+def generation_prompt(ids: LayoutIds, caption_ids, uncond: bool = False) -> np.ndarray:
+    """Ids of a text-to-image prompt: the gen sequence of `caption_ids` (or the unconditional prompt) up to
+    and including `<boi>`; the image follows."""
+    fold = Fold(1, 1)
+    sample = _prompt_sample(np.zeros((1, 1, 1), np.int64), caption_ids, (1, 1), False)
+    spec = SequenceSpec(10**9, 1, False, fold)
+    seq = build_sequence(sample, "gen", uncond, plan_layout(sample, "gen", uncond, spec, ids), ids)
+    return seq.input_ids[: int(np.argmax(seq.image_mask))]

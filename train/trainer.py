@@ -12,12 +12,14 @@ only (the model's progressive stage decides which). The same code runs single-pr
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import os
 import queue
 import random
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from model.batch import PackedBatch
+from synergen import storage
 from train import checkpoint
 from train.config import TrainConfig, save_config
 from train.metrics import MetricsWriter, StepMeter, step_record
@@ -51,11 +54,15 @@ class StepData(Protocol):
 class TrainResult:
     """What a run did: its last step, per-step records (this process's view), and where things are."""
 
-    output_dir: Path
+    output_dir: str  # local path or URL, as configured
     first_step: int
     last_step: int
     records: list[dict[str, Any]] = field(default_factory=list)
-    export_dir: Path | None = None
+    export_dir: str | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        return storage.join(self.output_dir, "metrics.jsonl")
 
 
 # ---- set-up ---------------------------------------------------------------------------------------
@@ -84,19 +91,26 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return has
 
 
-def build_model(cfg: TrainConfig):
-    """The SynerGen-VL model from a preset name (plus the tokenizer's ids) or a saved model dir."""
+def build_model(cfg: TrainConfig, tokenizer=None):
+    """The SynerGen-VL model from a preset name (plus the tokenizer's ids) or a saved model folder (local or URL),
+    with the run's template and loss reduction when the config sets them."""
     from model.config import PRESETS, config_ids_from_tokenizer, preset_config
     from model.modeling import SynerGenVLForCausalLM
 
     if cfg.model in PRESETS:
         overrides = dict(cfg.model_overrides)
-        if cfg.tokenizer:
-            from transformers import AutoTokenizer
-
-            overrides = {**config_ids_from_tokenizer(AutoTokenizer.from_pretrained(cfg.tokenizer)), **overrides}
-        return SynerGenVLForCausalLM(preset_config(cfg.model, **overrides))
-    return SynerGenVLForCausalLM.from_pretrained(cfg.model)
+        if tokenizer is None and cfg.tokenizer:
+            tokenizer = load_tokenizer(cfg)
+        if tokenizer is not None:
+            overrides = {**config_ids_from_tokenizer(tokenizer), **overrides}
+        model = SynerGenVLForCausalLM(preset_config(cfg.model, **overrides))
+    else:
+        model = SynerGenVLForCausalLM.from_pretrained(cfg.model)
+    for key in ("sequence_template", "loss_reduction"):
+        if getattr(cfg, key) is not None:
+            setattr(model.config, key, getattr(cfg, key))
+    log.info("sequence template %s, loss reduction %s", model.config.sequence_template, model.config.loss_reduction)
+    return model
 
 
 class LoaderSteps:
@@ -123,27 +137,83 @@ class LoaderSteps:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
+    """The run's text tokenizer (a local folder or a URL); a model folder from `synergen init` holds one."""
+    from pipeline.text_tokenizer import load_text_tokenizer
     from train.config import TrainConfigError
 
     if not cfg.tokenizer:
-        raise TrainConfigError("tokenizer: the loader needs the text tokenizer the shards were made with; set `tokenizer: DIR`")
-    return AutoTokenizer.from_pretrained(cfg.tokenizer)
+        raise TrainConfigError("tokenizer: the loader needs the text tokenizer the shards were made with; set `tokenizer: DIR` "
+                               "(the folder `synergen init` wrote holds it)")
+    return load_text_tokenizer(cfg.tokenizer)
 
 
-def build_data(cfg: TrainConfig, model, rank: int, world_size: int) -> LoaderSteps:
-    """The streaming mixture over the manifest's catalogs, as this rank's per-task batches each step."""
+def build_data(cfg: TrainConfig, model, rank: int, world_size: int, tokenizer=None) -> LoaderSteps:
+    """The streaming mixture over the manifest's catalogs, as this rank's per-task batches each step.
+
+    The model and the tokenizer must agree on every special-token id and on BOS (`check_model_tokenizer`); the
+    catalogs must name the tokenizer's vocabulary (the loader checks its hash). The model config records the
+    stage's tiling, so generation preprocesses images as the data was."""
+    from model.template import check_model_tokenizer
     from pipeline.tokenshard import vocab_hash
     from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
     from train.mixture import MixtureManifest
 
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg)
+    ids = check_model_tokenizer(model.config, tokenizer, cfg.model, cfg.tokenizer)
     manifest = MixtureManifest.load(cfg.mixture, data_root=cfg.data_root)
-    tokenizer = load_tokenizer(cfg)
+    model.config.max_tiles, model.config.thumbnail = int(manifest.max_tiles), bool(manifest.thumbnail)
     spec = ModelDataSpec(model.config.fold_geometry, model.config.codebook_size, vocab_hash(tokenizer))
     loader_cfg = LoaderConfig(rank=rank, world_size=world_size, seed=cfg.seed, **cfg.data_options)
-    dataset = StreamingMixture(manifest, spec, tokenizer, loader_cfg)
+    dataset = StreamingMixture(manifest, spec, tokenizer, loader_cfg, layout_ids=ids)
     return LoaderSteps(StreamingLoader(dataset, num_workers=cfg.num_workers))
+
+
+@dataclass
+class RunFolders:
+    """Where a run writes: `output_dir` (local or remote) and, for a remote one, the local folder that stages
+    checkpoints and metrics before they are uploaded (`TrainConfig.local_dir`, default a temp folder named
+    after the output, the same on every rank of a node)."""
+
+    output: str
+    local: str
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "RunFolders":
+        out = str(cfg.output_dir)
+        if storage.is_local(out):
+            return cls(out, storage.local_path(out))
+        local = cfg.local_dir or os.path.join(tempfile.gettempdir(), f"synergen-run-{hashlib.sha256(out.encode()).hexdigest()[:12]}")
+        return cls(out, local)
+
+    @property
+    def remote(self) -> bool:
+        return not storage.is_local(self.output)
+
+    @property
+    def checkpoints(self) -> str:
+        return storage.join(self.output, "checkpoints")
+
+    def start(self, resume: bool) -> None:
+        """Rank 0: create the local folder; when resuming a remote run, fetch its metrics to append to."""
+        os.makedirs(self.local, exist_ok=True)
+        remote_metrics = storage.join(self.output, "metrics.jsonl")
+        if self.remote and resume and storage.exists(remote_metrics):
+            storage.write_bytes(os.path.join(self.local, "metrics.jsonl"), storage.read_bytes(remote_metrics))
+
+    def sync(self) -> None:
+        """Rank 0: upload the metrics and TensorBoard events (a remote run; a local one writes them in place)."""
+        if not self.remote:
+            return
+        path = os.path.join(self.local, "metrics.jsonl")
+        if os.path.exists(path):
+            storage.write_bytes(storage.join(self.output, "metrics.jsonl"), Path(path).read_bytes())
+        if os.path.isdir(os.path.join(self.local, "tb")):
+            storage.publish_dir(os.path.join(self.local, "tb"), storage.join(self.output, "tb"))
+
+    @property
+    def checkpoint_staging(self) -> str:
+        return os.path.join(self.local, "checkpoints")
 
 
 def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
@@ -249,15 +319,15 @@ def train(cfg: TrainConfig, resume: bool = False, *, model=None, data: StepData 
     """
     cfg = cfg.resolved()
     rank, world = init_distributed()
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
+    run = RunFolders.of(cfg)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "train_config.yaml")
+        run.start(resume)
+        save_config(cfg, storage.join(run.output, "train_config.yaml"))
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
+    tokenizer = load_tokenizer(cfg) if cfg.tokenizer else None
     if model is None:
-        model = build_model(cfg)
+        model = build_model(cfg, tokenizer)
     model.set_stage(cfg.stage)
     from model.modeling import packed_attention_for
 
@@ -268,22 +338,22 @@ def train(cfg: TrainConfig, resume: bool = False, *, model=None, data: StepData 
     n_all = sum(p.numel() for p in model.parameters())
     log.info("stage %s: %d of %d parameters trainable (%.1f%%)", cfg.stage, n_train, n_all, 100 * n_train / n_all)
     if data is None:
-        data = build_data(cfg, model, rank, world)
+        data = build_data(cfg, model, rank, world, tokenizer)
     tasks = tuple(getattr(data, "tasks", TASKS))
     engine = build_engine(cfg, model, tasks)
 
     start = 0
     seed_everything(cfg.seed * 1000 + rank + 1)  # per-rank streams (dropout, sampling) differ
     if resume:
-        state = checkpoint.load_latest(engine, ckpt_dir)
+        state = checkpoint.load_latest(engine, run.checkpoints, run.checkpoint_staging)
         if state is not None:
             start = int(state["step"])
             loader_state = checkpoint.restore_client_state(state, rank, world)
             data.load_state_dict(loader_state)
         else:
-            log.info("--resume: no checkpoint in %s yet, starting at step 0", ckpt_dir)
-    writer = MetricsWriter(out, enabled=rank == 0, resume_step=start)
-    result = TrainResult(output_dir=out, first_step=start + 1, last_step=start)
+            log.info("--resume: no checkpoint in %s yet, starting at step 0", run.checkpoints)
+    writer = MetricsWriter(Path(run.local), enabled=rank == 0, resume_step=start)
+    result = TrainResult(output_dir=run.output, first_step=start + 1, last_step=start)
     stream = Prefetcher(data)
     loader_state: dict[str, Any] = {}
     try:
@@ -317,13 +387,16 @@ def train(cfg: TrainConfig, resume: bool = False, *, model=None, data: StepData 
             if on_step is not None:
                 on_step(record)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                checkpoint.save(engine, ckpt_dir, step, loader_state, {"stage": cfg.stage}, keep_last=cfg.keep_last)
+                checkpoint.save(engine, run.checkpoints, step, loader_state, {"stage": cfg.stage}, keep_last=cfg.keep_last,
+                                local_dir=run.checkpoint_staging)
+                if rank == 0:
+                    run.sync()
     finally:
         stream.close()
         writer.close()
+    if rank == 0:
+        run.sync()
     if cfg.export and result.last_step == cfg.steps:
-        result.export_dir = checkpoint.export_model(engine, out / "model")
-        if rank == 0 and cfg.tokenizer:
-            load_tokenizer(cfg).save_pretrained(str(out / "model"))
-        log.info("exported the model in transformers format to %s", out / "model")
+        result.export_dir = checkpoint.export_model(engine, storage.join(run.output, "model"), tokenizer)
+        log.info("exported the model in transformers format to %s", result.export_dir)
     return result
