@@ -1,4 +1,4 @@
-"""Mixture manifests, weight resolution, the sampler's per-batch guarantee, the shipped manifests, `synergen mix`."""
+"""Mixture manifests, weight resolution, the shipped manifests, `synergen mix`."""
 
 from __future__ import annotations
 
@@ -12,44 +12,13 @@ from typer.testing import CliRunner
 from pipeline.tokenshard import write_catalog
 from synergen.cli import app
 from synergen.errors import ManifestError
-from train.mixture import MixtureManifest, MixtureSampler, SourceSize, plan_mixture, plan_warnings, resolve_weights
+from train.mixture import MixtureManifest, SourceSize, plan_mixture, plan_warnings, resolve_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _manifest(**task) -> MixtureManifest:
     return MixtureManifest.model_validate({"name": "m", "tasks": {"und": {"global_batch": 10, **task}}})
-
-
-def test_sampler_meets_token_shares_within_one_sample_every_batch():
-    rng = np.random.default_rng(0)
-    weights = {"coyo": 0.3, "laion": 0.5, "tiny": 0.2}
-    mean_len = {"coyo": 300, "laion": 40, "tiny": 5}  # very different costs per sample
-    sampler = MixtureSampler(weights)
-    for _ in range(20):
-        sampler.start_batch()
-        heads = {n: int(rng.integers(1, 2 * m)) for n, m in mean_len.items()}
-        longest = 0
-        for _ in range(200):
-            n = sampler.pick(heads)
-            sampler.record(n, heads[n])
-            longest = max(longest, heads[n])
-            heads[n] = int(rng.integers(1, 2 * mean_len[n]))
-        total = sum(sampler.taken.values())
-        for n, w in weights.items():
-            assert abs(sampler.taken[n] - w * total) <= longest
-
-
-def test_sampler_in_samples_is_exact_per_batch():
-    sampler = MixtureSampler({"a": 3, "b": 1})
-    for _ in range(3):
-        sampler.start_batch()
-        picks = []
-        for _ in range(8):
-            picks.append(sampler.pick({"a": 1, "b": 1}))
-            sampler.record(picks[-1], 1)
-        assert sampler.taken == {"a": 6, "b": 2}
-        assert picks.index("b") < 4  # interleaved, not all of a first
 
 
 def test_natural_temperature_and_schedule_weights():

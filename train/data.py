@@ -59,7 +59,7 @@ from model.folding import Fold
 from pipeline.tokenshard import (INDEX_SUFFIX, TokenSample, build_shard_index, decode_token_sample, parse_shard_index,
                                  read_catalog, read_shard_index)
 from synergen.errors import ConfigMismatchError, ShardError, SynergenError
-from train.mixture import MixtureManifest, SourceSize, resolve_weights
+from train.mixture import MixLedger, MixtureManifest, SourceSize, merge_by_credit, resolve_weights
 from train.packing import pack, packing_efficiency
 from train.sequence import VIEW_DROPPED, LayoutIds, SequenceSpec, layout_of, plan_lengths
 
@@ -601,9 +601,8 @@ def _uncond(seed: int, name: str, epoch: int, pos: np.ndarray, prob: float) -> n
 class Planner:
     """Computes each step's global batches (per task) from the cursors and the shards' indices; identical everywhere.
 
-    Sampling is `train.mixture.MixtureSampler`'s weighted fair queueing, vectorised: a source's samples
-    finish at cumsum(cost) / weight, and the batch takes the globally smallest finish times (ties to the
-    source listed first), which is the order the sequential sampler picks them in."""
+    Sampling is weighted fair queueing with each source's credit carried across batches
+    (`train.mixture.merge_by_credit`, `MixLedger`)."""
 
     def __init__(self, manifest: MixtureManifest, sources: dict[str, Source], store: ShardStore, seq: SequenceSpec,
                  ids: LayoutIds, seed: int, shuffle_shards: int, readahead: int):
@@ -617,10 +616,14 @@ class Planner:
         self.orders = {n: SourceOrder(s, seed, shuffle_shards) for n, s in sources.items() if s.size.samples > 0}
         self.cursors: dict[str, SourceCursor] = {n: SourceCursor() for n in sources}
         self.carried: dict[str, dict] = {}  # cursors of sources not in this manifest (kept for a switch back)
+        self.ledger = MixLedger()
+        self.online = None  # train.reweight.OnlineWeights when a task reweights online
         self._groups: dict[str, OrderedDict[tuple[int, int], GroupPlan]] = {n: OrderedDict() for n in sources}
         self._weights_cache: dict[tuple[str, int], dict[str, float]] = {}
 
     def weights(self, task: str, step: int) -> dict[str, float]:
+        if self.online is not None and task in self.online.tasks:
+            return self.online.weights(task, step)
         key = (task, self.manifest.segment(step))
         if key not in self._weights_cache:
             sizes = {n: self.sources[n].size for n in self.manifest.tasks[task].sources}
@@ -700,17 +703,20 @@ class Planner:
             # may have more to give, so gather more and merge again (rare: only when lengths run far from average)
             need = {n: min(B, int(2 * w * B) + 8) for n, w in weights.items()}
             while True:
-                streams, cand = [], []
+                streams, costs = [], []
                 for si, n in enumerate(names):
                     st = self._upcoming(n, need[n])
                     ok = np.flatnonzero(st["view"] != VIEW_DROPPED)[:need[n]]
-                    cost = st["length"][ok] if tspec.unit == "tokens" else np.ones(len(ok), np.int64)
-                    finish = np.cumsum(cost) / weights[n]  # the same floats as MixtureSampler's (taken + cost) / weight
                     streams.append((st, ok))
-                    cand.append((finish, np.full(len(ok), si), np.arange(len(ok))))
-                finish, src, k = (np.concatenate(x) for x in zip(*cand))
-                take = np.lexsort((k, src, finish))[:B]
-                counts = np.bincount(src[take], minlength=len(names))
+                    costs.append(st["length"][ok].tolist() if tspec.unit == "tokens" else [1] * len(ok))
+                src = np.array(merge_by_credit(costs, [weights[n] for n in names], [self.ledger.credit(task, n) for n in names], B),
+                               np.int64)
+                counts = np.bincount(src, minlength=len(names))
+                # the k-th pick of source s is row k of its candidates, after those of the sources before it
+                k = np.zeros(len(src), np.int64)
+                for si in range(len(names)):
+                    k[src == si] = np.arange(counts[si])
+                take = np.concatenate([[0], np.cumsum([len(ok) for _, ok in streams])])[src] + k
                 short = [n for si, n in enumerate(names) if counts[si] == len(streams[si][1]) and need[n] < B]
                 if not short:
                     break
@@ -730,14 +736,18 @@ class Planner:
                 if int(st["epoch"][cut - 1]) != cur.epoch:
                     log.info("source %s starts epoch %d", n, int(st["epoch"][cut - 1]))
                 cur.epoch, cur.pos = int(st["epoch"][cut - 1]), int(st["pos"][cut - 1]) + 1
+            taken_len = {n: int(streams[si][0]["length"][streams[si][1][:counts[si]]].sum()) for si, n in enumerate(names)}
+            self.ledger.advance(task, weights, taken_len if tspec.unit == "tokens" else {n: int(counts[si]) for si, n in enumerate(names)},
+                                {n: int(counts[si]) for si, n in enumerate(names)}, taken_len)
             # gather in batch order: candidate i of source s is row `ok[k]` of its stream
             for f in PLAN_FIELDS:
                 if f == "source":
-                    batch[f] = src[take]
+                    batch[f] = src
                     continue
                 col = np.concatenate([streams[si][0][f][streams[si][1]] for si in range(len(names))])
                 batch[f] = col[take]
             batch["names"] = names
+            batch["weights"] = weights
             out[task] = batch
         return out
 
@@ -747,10 +757,11 @@ class Planner:
         for n, c in self.cursors.items():
             sources[n] = {**c.as_dict(), "fingerprint": self.sources[n].fingerprint, "size": self.sources[n].size.samples}
         return {"version": STATE_VERSION, "step": step, "seed": self.seed, "mixture": self.manifest.mixture_id(step),
-                "sources": sources}
+                "sources": sources, "mix": self.ledger.state()}
 
     def load(self, state: dict) -> None:
         self.carried = {}
+        self.ledger.load(state.get("mix"))  # absent in states saved before credit was carried: start at 0
         for n, s in state["sources"].items():
             if n not in self.sources:
                 self.carried[n] = s
@@ -907,10 +918,12 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                 "rows": int(batch.input_ids.shape[0]),
                 "packing_efficiency": packing_efficiency(batch),
                 "uncond": int(p["uncond"][mine].sum()),
+                "weights": dict(p["weights"]),
             }
         state = planner.state(step + 1)
         report["sources"] = {n: {k: s[k] for k in ("epoch", "pos", "dropped", "skipped")} for n, s in state["sources"].items()
                              if n in self.sources}
+        report["cumulative"] = state["mix"]  # per task and source: samples, tokens drawn since step 0, credit, weight
         report["skipped_shards"] = sorted(store.skipped)
         # this process's own I/O and CPU time, cumulative: decodes equal the samples it yields, whatever ranks x workers
         report["io"] = {"rank": c.rank, "worker": worker, "decoded": store.decoded, "read_bytes": store.read_bytes,

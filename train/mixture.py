@@ -6,10 +6,16 @@ are set: explicit numbers, `natural` (by size) or `temperature` (size ** alpha).
 explicit weights from a step on; the loader keeps each source's cursor across such changes, so a
 source never repeats a sample within its epoch because the weights moved.
 
-`MixtureSampler` fills a global batch sample by sample, always taking the source that is furthest
-behind its share once its next sample is counted (weighted fair queueing). In tokens, a 4,096-code
-image and a 20-token caption are then weighed by what they cost, and every source's share of the
-batch is met to within one sample.
+The loader fills each global batch by worst-case weighted fair queueing over the whole run
+(`merge_by_credit`): the next sample comes from the source, among those owed something, whose next
+sample would finish first,
+and each source's credit (what it is owed) is carried from batch to batch in the loader state
+(`MixLedger`). In tokens, a 4,096-code image and a 20-token caption are weighed by what they cost;
+every source's share of each batch, and its cumulative share of the run at every step, is met to
+within one sample (or one sample's tokens), including across weight changes, resume and world sizes.
+
+Weights can also move during training: a task's `reweight:` block selects a policy of `train.reweight`
+(online reweighting from the per-source training losses).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -179,29 +186,83 @@ def resolve_weights(manifest: MixtureManifest, task: str, step: int, sizes: dict
     return {n: w / total for n, w in raw.items()}
 
 
-class MixtureSampler:
-    """Picks, sample by sample, the source of the next sample of a global batch (deterministic, stateless across batches).
+class MixLedger:
+    """Each source's running credit and cumulative draws, per task: the part of the loader state the sampler carries.
 
-    Weighted fair queueing: take the source whose count (samples or tokens) would be smallest relative to
-    its weight once its next sample is added. Each source then ends every batch within one sample of
-    its share. Ties go to the source listed first.
+    Credit is what a source is owed, in the task's unit: after every global batch of total T (samples or
+    tokens) each source with weight w gains w * T and pays for what it was given, so credit = sum over steps
+    of w(step) * T(step) minus what it drew. Carrying it from batch to batch is what keeps every source's
+    cumulative draw within one sample (or one sample's tokens) of its share for the whole run, through weight
+    changes (schedule, online reweighting), resume and any number of ranks. Weights are kept with it only
+    to be reported (metrics, `mix --run`); the planner reads them from the manifest or the weight channel.
     """
 
-    def __init__(self, weights: dict[str, float]):
-        if not weights or any(w <= 0 for w in weights.values()):
-            raise ManifestError(f"sampler weights must be positive, got {weights}")
-        self.weights = dict(weights)
-        self.taken = {n: 0 for n in weights}
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, dict]] = {}  # task -> source -> {credit, samples, tokens, weight}
 
-    def start_batch(self) -> None:
-        self.taken = {n: 0 for n in self.weights}
+    def _entry(self, task: str, name: str) -> dict:
+        return self.entries.setdefault(task, {}).setdefault(name, {"credit": 0.0, "samples": 0, "tokens": 0, "weight": 0.0})
 
-    def pick(self, next_cost: dict[str, int]) -> str:
-        """Source to draw from, given the cost (1, or the sample's tokens) of each source's next sample."""
-        return min(self.weights, key=lambda n: (self.taken[n] + next_cost[n]) / self.weights[n])
+    def credit(self, task: str, name: str) -> float:
+        return float(self.entries.get(task, {}).get(name, {}).get("credit", 0.0))
 
-    def record(self, source: str, cost: int) -> None:
-        self.taken[source] += cost
+    def advance(self, task: str, weights: dict[str, float], unit_cost: dict[str, int], samples: dict[str, int],
+                tokens: dict[str, int]) -> None:
+        """Book one global batch: `unit_cost[n]` units, `samples[n]` samples and `tokens[n]` tokens drawn from source n."""
+        total = sum(unit_cost.values())
+        for n, w in weights.items():
+            e = self._entry(task, n)
+            e["credit"] = e["credit"] + w * total - unit_cost.get(n, 0)
+            e["samples"] += samples.get(n, 0)
+            e["tokens"] += tokens.get(n, 0)
+            e["weight"] = w
+        for n, e in self.entries.get(task, {}).items():  # a source out of the mixture keeps its credit, at weight 0
+            if n not in weights:
+                e["weight"] = 0.0
+
+    def state(self) -> dict:
+        return {t: {n: dict(e) for n, e in es.items()} for t, es in self.entries.items()}
+
+    def load(self, state: dict | None) -> None:
+        self.entries = {t: {n: dict(e) for n, e in es.items()} for t, es in (state or {}).items()}
+
+
+def merge_by_credit(costs: list[list[int]], weights: list[float], credits: list[float], batch: int) -> list[int]:
+    """The sources of a global batch's samples, in batch order: worst-case weighted fair queueing (WF2Q).
+
+    `costs[i]` are the costs (1, or the sample's tokens) of source i's next candidates, `credits[i]` what it
+    is owed. Before each pick, a source's credit is its carried credit plus weight x what the batch has
+    drawn so far minus what it drew itself. Among the sources owed something (credit >= 0), the one whose
+    next sample would finish first, (cost - credit) / weight, is served (ties to the source listed first).
+    Serving only sources that are owed keeps each one from running ahead by more than one sample; serving
+    the earliest finish keeps it from falling behind by more: the cumulative draw stays within one sample
+    (or one sample's tokens) of weight x total, batch after batch. A source whose candidates run out is no
+    longer served (the caller gathers more and merges again)."""
+    n = len(costs)
+    nxt = [0] * n
+    own = [0.0] * n  # drawn by each source in this batch
+    drawn = 0.0  # drawn by all in this batch
+    eps = 1e-9 * max(1.0, max((max(c) for c in costs if c), default=1))
+    out = []
+    for _ in range(batch):
+        best, best_key = -1, None
+        for i in range(n):
+            if nxt[i] >= len(costs[i]):
+                continue
+            d = credits[i] + weights[i] * drawn - own[i]
+            eligible = d >= -eps
+            # an ineligible source only when none is eligible (credits of sources out of the mixture sum != 0)
+            key = (not eligible, (costs[i][nxt[i]] - d) / weights[i] if eligible else -d / weights[i])
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        if best < 0:
+            break
+        c = costs[best][nxt[best]]
+        own[best] += c
+        drawn += c
+        nxt[best] += 1
+        out.append(best)
+    return out
 
 
 # ---- the plan printed by `synergen mix` -------------------------------------------------------------------
