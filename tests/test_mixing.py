@@ -11,7 +11,7 @@ import pytest
 
 from tests.test_data import model_spec, tokenizer, write_source  # noqa: F401 - tokenizer is a fixture
 from train.data import LoaderConfig, StreamingLoader, StreamingMixture
-from train.mixture import MixtureManifest, merge_by_credit
+from train.mixture import MixtureManifest, merge_by_credit, plan_mixture
 
 UND = ("u_a", "u_b", "u_c", "u_d")
 GEN = ("g_a", "g_b", "g_c", "g_d")
@@ -145,3 +145,28 @@ def test_merge_keeps_random_costs_within_one_sample_through_weight_changes():
         worst = max(worst, float(np.abs(drawn - owed).max()))
         assert np.all(np.abs(drawn - owed) <= 300), (step, drawn - owed)
     assert worst > 100
+
+
+@pytest.mark.parametrize("und_unit, gen_unit", [("samples", "tokens"), ("tokens", "samples")])
+def test_plan_matches_the_loader_within_one_percent(shards, tokenizer, tmp_path, und_unit, gen_unit):  # noqa: F811
+    """`plan_mixture` with the loader's lengths and <UNCOND> rate against what the loader's planner draws."""
+    from train.sequence import LayoutIds
+
+    mf = mixture(shards, 12, und_unit, gen_unit).model_copy(update={"uncond_prob": 0.3, "seq_len": 36})
+    steps = 300
+    plans, _ = plan_mixture(mf, steps, LayoutIds.from_tokenizer(tokenizer))
+    planner = dataset(mf, tokenizer, tmp_path)._planner()
+    for step in range(steps):
+        planner.plan_step(step)
+    state = planner.state(steps)
+    planner.store.close()
+    dropped = 0
+    for p in plans:
+        got = state["mix"][p.task][p.source]
+        cur = state["sources"][p.source]
+        dropped += cur["dropped"]
+        epochs = cur["epoch"] + cur["pos"] / cur["size"]
+        assert got["samples"] == pytest.approx(p.samples, rel=0.01), p
+        assert got["tokens"] == pytest.approx(p.tokens, rel=0.01), p
+        assert epochs == pytest.approx(p.epochs, rel=0.01), p
+    assert dropped > 0  # samples too long for seq_len are passed over, and the plan's epochs count them

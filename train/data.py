@@ -59,7 +59,7 @@ from model.folding import Fold
 from pipeline.tokenshard import (INDEX_SUFFIX, TokenSample, build_shard_index, decode_token_sample, parse_shard_index,
                                  read_catalog, read_shard_index)
 from synergen.errors import ConfigMismatchError, ShardError, SynergenError
-from train.mixture import MixLedger, MixtureManifest, SourceSize, merge_by_credit, resolve_weights
+from train.mixture import MixLedger, MixtureManifest, SourceSize, merge_by_credit, online_weights, resolve_weights
 from train.packing import pack, packing_efficiency
 from train.sequence import VIEW_DROPPED, LayoutIds, SequenceSpec, layout_of, plan_lengths
 
@@ -849,6 +849,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
             for seg in range(len(manifest.schedule) + 1):
                 step = 0 if seg == 0 else manifest.schedule[seg - 1].at_step
                 resolve_weights(manifest, task, step, {n: self.sources[n].size for n in manifest.tasks[task].sources})
+        self.online = online_weights(manifest, {n: s.size for n, s in self.sources.items()})  # None unless a task reweights
         self._state: dict | None = None
 
     # -- state
@@ -857,7 +858,9 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         c = self.config
         store = ShardStore(c.cache_dir or os.path.join(tempfile.gettempdir(), "synergen-shards"), c.cache_bytes,
                            c.on_bad_shard, dict(c.storage_options))
-        return Planner(self.manifest, self.sources, store, self.seq, self.ids, c.seed, c.shuffle_shards, c.readahead)
+        planner = Planner(self.manifest, self.sources, store, self.seq, self.ids, c.seed, c.shuffle_shards, c.readahead)
+        planner.online = self.online
+        return planner
 
     def state_dict(self) -> dict:
         """The state this dataset will start from (after load_state_dict), else the fresh state."""

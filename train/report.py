@@ -41,6 +41,34 @@ def plot_losses(runs: dict[str, Path], png: Path) -> Path:
     return png
 
 
+def plot_plan_vs_run(rows, png: Path) -> Path:
+    """Planned beside realised per source (`train.mixture.compare_run` rows): samples, tokens and epochs, as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{r.plan.task}/{r.plan.source}" for r in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.2 * len(rows) + 3), 3.6), dpi=100)
+    for ax, (what, planned, got) in zip(axes, (
+            ("samples", [r.plan.samples for r in rows], [r.samples for r in rows]),
+            ("tokens", [r.plan.tokens for r in rows], [r.tokens for r in rows]),
+            ("epochs", [r.plan.epochs for r in rows], [r.epochs for r in rows]))):
+        ax.bar(x - 0.2, planned, 0.4, label="planned")
+        ax.bar(x + 0.2, got, 0.4, label="realised")
+        ax.set_title(what)
+        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
