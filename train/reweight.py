@@ -257,7 +257,7 @@ class ReweightHook:
         self.policy = {t: initial_state(online.initial[t]) for t in self.specs}
         self.window: dict[str, dict[str, list[float]]] = {t: {} for t in self.specs}
         self.history: dict[str, list[list]] = {t: [] for t in self.specs}  # [update step, applies at loader step, weights]
-        self.seconds = 0.0  # time spent in after_step, for the overhead figure
+        self.seconds = 0.0  # time the last after_step took (the policies' overhead on that step)
 
     @classmethod
     def attach(cls, data, grad_accum: int) -> "ReweightHook | None":
@@ -296,7 +296,7 @@ class ReweightHook:
             done[task] = weights
             log.info("reweight %s after step %d (applies from step %d): %s", task, step, sched.applies_at(step) + 1,
                      {n: round(w, 4) for n, w in weights.items()})
-        self.seconds += time.perf_counter() - t0
+        self.seconds = time.perf_counter() - t0
         return done
 
     def state(self) -> dict:
