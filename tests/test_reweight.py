@@ -22,10 +22,13 @@ from tests.test_data import write_source as write_data_source
 from tests.test_train import clean_env
 from tests.train_corpus import make_tokenizer, write_source, write_train_config
 from train.checkpoint import MARKER, list_tags
+from train.config import TrainConfig
 from train.data import LoaderConfig, StreamingLoader, StreamingMixture
 from train.metrics import read_metrics
 from train.mixture import MixtureManifest
+from train.report import plot_weights
 from train.reweight import ReweightSpec, initial_state, project, update
+from train.trainer import train
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -107,11 +110,10 @@ def reweight_corpus(tmp_path_factory):
     (root / "static.yaml").write_text(yaml.safe_dump(base))
     corpus = {"tokenizer": str(root / "tokenizer"), "mixture": str(root / "static.yaml")}
     ref = root / "ref"
-    res = subprocess.run([str(BIN / "synergen"), "train", str(write_train_config(root / "ref.yaml", corpus, ref, steps=6, save_every=6))],
-                         env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    train(TrainConfig.load(str(write_train_config(root / "ref.yaml", corpus, ref, steps=6, save_every=6))))
     online = json.loads(json.dumps(base))
-    online["tasks"]["und"]["reweight"] = {"policy": "exp3", "every": 2, "warmup": 1, "lag": 1, "floor": 0.1, "max_change": 0.2, "eta": 5}
+    # exp3's exploration keeps 3 arms uniform for its first 3 updates (eps = min(1/K, sqrt(ln K / (K t)))): update every step
+    online["tasks"]["und"]["reweight"] = {"policy": "exp3", "every": 1, "warmup": 1, "lag": 1, "floor": 0.1, "max_change": 0.2, "eta": 5}
     online["tasks"]["gen"]["reweight"] = {"policy": "doremi", "every": 3, "lag": 2, "floor": 0.1, "eta": 20,
                                           "reference": str(ref / "metrics.jsonl")}
     (root / "online.yaml").write_text(yaml.safe_dump(online))
@@ -133,11 +135,13 @@ def test_two_ranks_compute_the_same_weights_under_the_deepspeed_launcher(tmp_pat
     loaders = client["loader_states"]
     assert len(loaders) == 2 and loaders[0]["mix"] == loaders[1]["mix"]  # both ranks' planners: same weights, same credit
     history = client["reweight"]["history"]
-    assert [h[0] for h in history["und"]] == [3, 5, 7] and [h[0] for h in history["gen"]] == [3, 6]
-    # the weights the loader sampled with at the last step are the last update that was due (after 5: 5 + 1 + 1 <= 8)
+    assert [h[0] for h in history["und"]] == list(range(2, 9)) and [h[0] for h in history["gen"]] == [3, 6]
+    # the weights the loader sampled with at the last step are the last update that was due: after 6 (6 + 1 + lag 1 = 8)
     last = weights_by_step(tmp_path / "two")[8]
-    assert {k.split("/")[-1]: v for k, v in last.items() if "/und/" in k} == pytest.approx(history["und"][1][2])
-    assert history["und"][-1][2] != {"cap_a": 1 / 3, "cap_b": 1 / 3, "cap_c": 1 / 3}
+    assert {k.split("/")[-1]: v for k, v in last.items() if "/und/" in k} == history["und"][4][2]
+    assert {k.split("/")[-1]: v for k, v in last.items() if "/gen/" in k} == history["gen"][0][2]  # after 3 (3 + 1 + lag 2 <= 8)
+    assert history["und"][4][2] != pytest.approx({"cap_a": 1 / 3, "cap_b": 1 / 3, "cap_c": 1 / 3})
+    assert history["gen"][0][2] != pytest.approx({"gen_a": 0.5, "gen_b": 0.5})
 
 
 def test_sigkilled_run_resumes_with_the_same_batches_and_weight_trajectory(tmp_path, reweight_corpus):
@@ -166,6 +170,8 @@ def test_sigkilled_run_resumes_with_the_same_batches_and_weight_trajectory(tmp_p
         assert {k: v for k, v in rb.items() if k.startswith("weight/")} == {k: v for k, v in ra.items() if k.startswith("weight/")}
     trajectory = [tuple(sorted(w.items())) for w in weights_by_step(tmp_path / "full").values()]
     assert len(set(trajectory)) >= 4  # the weights did move, several times
+    png = plot_weights({"full": tmp_path / "full/metrics.jsonl"}, tmp_path / "weights.png")  # as in the demo report
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # `synergen mix --run` sets the plan (at the starting weights) beside what the run drew
     from typer.testing import CliRunner
