@@ -245,30 +245,37 @@ def merge_by_credit(costs: list[list[int]], weights: list[float], credits: list[
     the earliest finish keeps it from falling behind by more: the cumulative draw stays within one sample
     (or one sample's tokens) of weight x total, batch after batch. A source whose candidates run out is no
     longer served (the caller gathers more and merges again)."""
+    import heapq
+
     n = len(costs)
     nxt = [0] * n
     own = [0.0] * n  # drawn by each source in this batch
     drawn = 0.0  # drawn by all in this batch
     eps = 1e-9 * max(1.0, max((max(c) for c in costs if c), default=1))
+    # In virtual time (what the batch has drawn), source i is owed something from start = (own - credit) / weight on,
+    # and its next sample finishes at (own + cost - credit) / weight; both move only when i is served. Sources
+    # wait in `later` (by start) until owed, then in `ready` (by finish, then list order): O(log n) per pick.
+    later = [((own[i] - credits[i] - eps) / weights[i], i) for i in range(n) if costs[i]]
+    ready: list[tuple[float, int]] = []
+    heapq.heapify(later)
     out = []
     for _ in range(batch):
-        best, best_key = -1, None
-        for i in range(n):
-            if nxt[i] >= len(costs[i]):
-                continue
-            d = credits[i] + weights[i] * drawn - own[i]
-            eligible = d >= -eps
-            # an ineligible source only when none is eligible (credits of sources out of the mixture sum != 0)
-            key = (not eligible, (costs[i][nxt[i]] - d) / weights[i] if eligible else -d / weights[i])
-            if best_key is None or key < best_key:
-                best, best_key = i, key
-        if best < 0:
+        while later and later[0][0] <= drawn:
+            _, i = heapq.heappop(later)
+            heapq.heappush(ready, ((own[i] + costs[i][nxt[i]] - credits[i]) / weights[i], i))
+        if ready:
+            _, i = heapq.heappop(ready)
+        elif later:  # none owed (credits of sources out of the mixture do not sum to 0): the one owed soonest
+            _, i = heapq.heappop(later)
+        else:
             break
-        c = costs[best][nxt[best]]
-        own[best] += c
+        c = costs[i][nxt[i]]
+        own[i] += c
         drawn += c
-        nxt[best] += 1
-        out.append(best)
+        nxt[i] += 1
+        out.append(i)
+        if nxt[i] < len(costs[i]):
+            heapq.heappush(later, ((own[i] - credits[i] - eps) / weights[i], i))
     return out
 
 

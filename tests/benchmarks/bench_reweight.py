@@ -162,9 +162,9 @@ def main() -> None:
     cfg = DemoConfig(out=str(out), n_images=args.images)
     eval_file = out / "eval_rows.json"
     if not eval_file.exists():
-        eval_rows = prepare_data(cfg, out, {})
-        split_sources(out / "tokens")
-        eval_file.write_text(json.dumps(eval_rows))
+        eval_file.write_text(json.dumps(prepare_data(cfg, out, {})))
+    if not (out / "tokens" / "gen" / "shuffled").exists():
+        print("sources:", split_sources(out / "tokens"), flush=True)
     eval_rows = json.loads(eval_file.read_text())
     (out / "heldout.yaml").write_text(yaml.safe_dump(manifest("heldout")))
     policies = {
