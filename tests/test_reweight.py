@@ -178,6 +178,10 @@ def test_sigkilled_run_resumes_with_the_same_batches_and_weight_trajectory(tmp_p
 
     from synergen.cli import app
 
-    out = CliRunner().invoke(app, ["mix", "--run", str(tmp_path / "full")], terminal_width=220)
+    out = CliRunner().invoke(app, ["mix", "--run", str(tmp_path / "full")], env={"COLUMNS": "250"})
     assert out.exit_code == 0, out.output
-    assert "cap_a" in out.output and "reweighted online (exp3" in out.output and (tmp_path / "full/mix_plan_vs_run.png").exists()
+    assert "cap_a" in out.output and "reweighted online (exp3" in out.output
+    assert (tmp_path / "full/mix_plan_vs_run.png").read_bytes()[:4] == b"\x89PNG"
+    realised = read_metrics(tmp_path / "full/metrics.jsonl")[-1]["mixture"]["cumulative"]["und"]["cap_a"]["samples"]
+    row = next(line for line in out.output.splitlines() if " cap_a " in line)
+    assert f" {realised:,} " in row  # the realised column is the loader's own count
