@@ -132,11 +132,11 @@ def test_merge_keeps_random_costs_within_one_sample_through_weight_changes():
             w = w / w.sum()
         active = [i for i in range(5) if w[i] > 0]
         costs = [rng.integers(1, 300, 64).tolist() for _ in active]
-        picks = merge_by_credit(costs, [w[i] for i in active], [credit[i] for i in active], 16)
+        picks, rows = merge_by_credit(costs, [w[i] for i in active], [credit[i] for i in active], 16)
+        flat = [c for cs in costs for c in cs]
         got = np.zeros(5)
-        for j, p in enumerate(picks):
-            i = active[p]
-            got[i] += costs[p][picks[:j].count(p)]
+        for p, r in zip(picks.tolist(), rows.tolist()):
+            got[active[p]] += flat[r]
         total = got.sum()
         for i in active:
             credit[i] += w[i] * total - got[i]

@@ -709,14 +709,8 @@ class Planner:
                     ok = np.flatnonzero(st["view"] != VIEW_DROPPED)[:need[n]]
                     streams.append((st, ok))
                     costs.append(st["length"][ok].tolist() if tspec.unit == "tokens" else [1] * len(ok))
-                src = np.array(merge_by_credit(costs, [weights[n] for n in names], [self.ledger.credit(task, n) for n in names], B),
-                               np.int64)
+                src, take = merge_by_credit(costs, [weights[n] for n in names], [self.ledger.credit(task, n) for n in names], B)
                 counts = np.bincount(src, minlength=len(names))
-                # the k-th pick of source s is row k of its candidates, after those of the sources before it
-                k = np.zeros(len(src), np.int64)
-                for si in range(len(names)):
-                    k[src == si] = np.arange(counts[si])
-                take = np.concatenate([[0], np.cumsum([len(ok) for _, ok in streams])])[src] + k
                 short = [n for si, n in enumerate(names) if counts[si] == len(streams[si][1]) and need[n] < B]
                 if not short:
                     break

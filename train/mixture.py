@@ -234,8 +234,10 @@ class MixLedger:
         self.entries = {t: {n: dict(e) for n, e in es.items()} for t, es in (state or {}).items()}
 
 
-def merge_by_credit(costs: list[list[int]], weights: list[float], credits: list[float], batch: int) -> list[int]:
-    """The sources of a global batch's samples, in batch order: worst-case weighted fair queueing (WF2Q).
+def merge_by_credit(costs: list[list[int]], weights: list[float], credits: list[float], batch: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A global batch by worst-case weighted fair queueing (WF2Q): (source index [n], row [n]) in batch order, where
+    row is the sample's index in all candidates concatenated (source 0's, then source 1's, ...).
 
     `costs[i]` are the costs (1, or the sample's tokens) of source i's next candidates, `credits[i]` what it
     is owed. Before each pick, a source's credit is its carried credit plus weight x what the batch has
@@ -258,7 +260,8 @@ def merge_by_credit(costs: list[list[int]], weights: list[float], credits: list[
     later = [((own[i] - credits[i] - eps) / weights[i], i) for i in range(n) if costs[i]]
     ready: list[tuple[float, int]] = []
     heapq.heapify(later)
-    out = []
+    offset = np.concatenate([[0], np.cumsum([len(c) for c in costs])]).tolist()
+    out, rows = [], []
     for _ in range(batch):
         while later and later[0][0] <= drawn:
             _, i = heapq.heappop(later)
@@ -272,11 +275,12 @@ def merge_by_credit(costs: list[list[int]], weights: list[float], credits: list[
         c = costs[i][nxt[i]]
         own[i] += c
         drawn += c
+        rows.append(offset[i] + nxt[i])
         nxt[i] += 1
         out.append(i)
         if nxt[i] < len(costs[i]):
             heapq.heappush(later, ((own[i] - credits[i] - eps) / weights[i], i))
-    return out
+    return np.array(out, np.int64), np.array(rows, np.int64)
 
 
 # ---- the plan printed by `synergen mix` -------------------------------------------------------------------
