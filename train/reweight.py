@@ -302,17 +302,23 @@ class ReweightHook:
     def state(self) -> dict:
         return json.loads(json.dumps({"policy": self.policy, "window": self.window, "history": self.history}))
 
-    def load(self, state: dict | None) -> None:
-        """Continue from a checkpoint's state and republish its updates (those already applied and those pending)."""
-        if not state:
-            return
-        for task in self.specs:
-            if task in state["policy"]:
+    def load(self, state: dict | None, step: int) -> None:
+        """Continue after trainer step `step` from a checkpoint's state: republish its updates (applied and pending).
+
+        A checkpoint without a policy state (saved before the manifest reweighted) starts the policy at the
+        starting weights; the updates the loader would wait for (update steps up to `step`) then carry those."""
+        for task, spec in self.specs.items():
+            if state and task in state.get("policy", {}):
                 self.policy[task] = state["policy"][task]
                 self.window[task] = state["window"].get(task, {})
                 self.history[task] = state["history"].get(task, [])
-                for step, _, weights in self.history[task]:
-                    self.online.publish(task, step, weights)
+            done = {h[0] for h in self.history[task]}
+            for s, _, weights in self.history[task]:
+                self.online.publish(task, s, weights)
+            sched = spec.update_steps()
+            for s in range(max(1, step - spec.lag - spec.every), step + 1):
+                if sched.is_update(s) and s not in done:
+                    self.online.publish(task, s, self.policy[task]["weights"])
 
     def close(self) -> None:
         self.online.close()

@@ -283,7 +283,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, model=None, data: StepData 
             loader_state = checkpoint.restore_client_state(state, rank, world)
             data.load_state_dict(loader_state)
             if reweight is not None:
-                reweight.load(state.get("reweight"))
+                reweight.load(state.get("reweight"), start)
         else:
             log.info("--resume: no checkpoint in %s yet, starting at step 0", ckpt_dir)
     writer = MetricsWriter(out, enabled=rank == 0, resume_step=start)
