@@ -27,7 +27,7 @@ from train.data import LoaderConfig, StreamingLoader, StreamingMixture
 from train.metrics import read_metrics
 from train.mixture import MixtureManifest
 from train.report import plot_weights
-from train.reweight import ReweightSpec, initial_state, project, update
+from train.reweight import ReweightHook, ReweightSpec, initial_state, project, update
 from train.trainer import train
 
 BIN = Path(sys.executable).parent
@@ -89,6 +89,17 @@ def test_updates_apply_at_step_plus_one_plus_lag_without_repeats_or_skips(tmp_pa
         cur = [sb.report["sources"][n]["epoch"] * 17 + sb.report["sources"][n]["pos"] for sb in out]
         assert drawn == cur
     assert out[-1].report["cumulative"]["und"]["u_c"]["samples"] - out[8].report["cumulative"]["und"]["u_c"]["samples"] > 15
+
+    # resuming at step 9 from a checkpoint without policy state: the hook publishes the starting weights for the
+    # updates the loader would otherwise wait for (after step 8), instead of leaving it blocked
+    ds2 = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=3, max_steps=12, cache_dir=str(tmp_path / "c")))
+    ReweightHook(ds2.online, mf).load(None, 9)
+    loader = StreamingLoader(ds2)
+    loader.load_state_dict(out[8].state)
+    resumed = list(loader)
+    ds2.online.close()
+    assert [sb.step for sb in resumed] == [9, 10, 11]
+    assert all(sb.report["tasks"]["und"]["weights"] == pytest.approx({n: 1 / 3 for n in names}) for sb in resumed)
 
 
 # ---- real runs -------------------------------------------------------------------------------------
