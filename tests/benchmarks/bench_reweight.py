@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1600)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--policies", default="static,exp3,doremi")
+    ap.add_argument("--eta", type=float, default=10.0, help="both policies' step size (1 barely moves the weights here)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -169,8 +170,8 @@ def main() -> None:
     (out / "heldout.yaml").write_text(yaml.safe_dump(manifest("heldout")))
     policies = {
         "static": None,
-        "exp3": {"policy": "exp3", "every": 10, "warmup": 30, "lag": 2, "floor": 0.05, "max_change": 0.1, "eta": 1.0},
-        "doremi": {"policy": "doremi", "every": 10, "warmup": 30, "lag": 2, "floor": 0.05, "max_change": 0.1, "eta": 1.0,
+        "exp3": {"policy": "exp3", "every": 10, "warmup": 30, "lag": 2, "floor": 0.05, "max_change": 0.1, "eta": args.eta},
+        "doremi": {"policy": "doremi", "every": 10, "warmup": 30, "lag": 2, "floor": 0.05, "max_change": 0.1, "eta": args.eta,
                    "reference": str(out / "runs" / "static" / "metrics.jsonl")},
     }
     results_file = out / "reweight.json"
