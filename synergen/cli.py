@@ -214,7 +214,7 @@ def mix(
     from rich.table import Table
 
     from synergen.errors import SynergenError
-    from train.mixture import MixtureManifest, compare_run, plan_mixture, plan_warnings, run_layout_ids
+    from train.mixture import compare_run, plan_manifest, plan_warnings
 
     console = Console()
     if (run is None) == (mixture is None) or (run is None and steps is None):
@@ -226,8 +226,7 @@ def mix(
             plans = [r.plan for r in rows]
             warnings: list[str] = []
         else:
-            manifest = MixtureManifest.load(mixture, data_root=data_root)
-            plans, warnings = plan_mixture(manifest, steps, run_layout_ids(tokenizer))
+            manifest, plans, warnings = plan_manifest(mixture, steps, tokenizer, data_root)
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

@@ -395,6 +395,14 @@ def plan_mixture(manifest: MixtureManifest, steps: int, ids, storage_options: di
     return plans, warnings
 
 
+def plan_manifest(url: str, steps: int, tokenizer_dir: str | None, data_root: str | None = None
+                  ) -> tuple[MixtureManifest, list[SourcePlan], list[str]]:
+    """`synergen mix MIXTURE`: load the manifest and plan it over `steps` with the tokenizer's prompt lengths."""
+    manifest = MixtureManifest.load(url, data_root=data_root)
+    plans, warnings = plan_mixture(manifest, steps, run_layout_ids(tokenizer_dir))
+    return manifest, plans, warnings
+
+
 def plan_warnings(plans: list[SourcePlan], max_epochs: float) -> list[str]:
     out = []
     for p in plans:
