@@ -93,7 +93,7 @@ def test_updates_apply_at_step_plus_one_plus_lag_without_repeats_or_skips(tmp_pa
     # resuming at step 9 from a checkpoint without policy state: the hook publishes the starting weights for the
     # updates the loader would otherwise wait for (after step 8), instead of leaving it blocked
     ds2 = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=3, max_steps=12, cache_dir=str(tmp_path / "c")))
-    ReweightHook(ds2.online, mf).load(None, 9)
+    ReweightHook(ds2.online).load(None, 9)
     loader = StreamingLoader(ds2)
     loader.load_state_dict(out[8].state)
     resumed = list(loader)

@@ -249,7 +249,7 @@ class OnlineWeights:
 class ReweightHook:
     """Feeds each step's reduced per-source losses to the policies and publishes their updates to the loader."""
 
-    def __init__(self, online: OnlineWeights, manifest):
+    def __init__(self, online: OnlineWeights):
         self.online = online
         self.specs = online.specs
         self.reference = {t: ReferenceLosses(s.reference, list(online.initial[t])) for t, s in self.specs.items()
@@ -269,7 +269,7 @@ class ReweightHook:
         if grad_accum != 1:
             raise ManifestError(f"mixture {dataset.manifest.name!r} reweights online, which counts trainer steps as loader "
                                 f"steps: set grad_accum 1 (it is {grad_accum}; Table 8 uses none)")
-        return cls(online, dataset.manifest)
+        return cls(online)
 
     def after_step(self, step: int, source_loss: dict[str, list[float]]) -> dict[str, dict[str, float]]:
         """Add step `step`'s losses ({source: [sum, n]}, summed over ranks) to the window; update where due.
