@@ -204,35 +204,60 @@ def inspect_cmd(
 
 @app.command("mix")
 def mix(
-    mixture: str = typer.Argument(..., help="Mixture manifest (manifests/mixtures/NAME.yaml, local or s3://)."),
-    steps: int = typer.Option(..., "--steps", min=1, help="Training steps to plan for."),
+    mixture: str = typer.Argument(None, help="Mixture manifest (manifests/mixtures/NAME.yaml, local or s3://); not with --run."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Loader steps (global batches) to plan for."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="The text tokenizer the shards were made with (sets prompt lengths)."),
     data_root: str = typer.Option(None, "--data-root", help="Resolve relative catalogs against this instead of the manifest's data_root."),
     max_epochs: float = typer.Option(4.0, "--max-epochs", help="Warn about sources that would repeat more than this many epochs."),
+    run: str = typer.Option(None, "--run", help="A training run's output folder: plan its mixture over the steps it ran and "
+                                                "show planned vs realised per source, with a plot (RUN/mix_plan_vs_run.png)."),
 ) -> None:
-    """Print samples and tokens drawn per source, epochs per source, and warnings (empty, missing, repeating)."""
+    """Print samples, tokens and epochs per source as the loader will draw them (its own sequence lengths and
+    <UNCOND> rate), with warnings (empty, missing, repeating); or, with --run, planned beside realised."""
     from rich.console import Console
     from rich.table import Table
 
     from synergen.errors import SynergenError
-    from train.mixture import MixtureManifest, plan_mixture, plan_warnings
+    from train.mixture import compare_run, plan_manifest, plan_warnings
 
     console = Console()
+    if (run is None) == (mixture is None) or (run is None and steps is None):
+        console.print("[red]error:[/red] give MIXTURE --steps N --tokenizer DIR, or --run OUT")
+        raise typer.Exit(2)
     try:
-        manifest = MixtureManifest.load(mixture, data_root=data_root)
-        plans, warnings = plan_mixture(manifest, steps)
+        if run is not None:
+            rows, steps, manifest, png = compare_run(run)
+            plans = [r.plan for r in rows]
+            warnings: list[str] = []
+        else:
+            manifest, plans, warnings = plan_manifest(mixture, steps, tokenizer, data_root)
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     table = Table(title=f"{manifest.name} (stage {manifest.stage}): {steps:,} steps, seq {manifest.seq_len}, "
                         f"max tiles {manifest.max_tiles}{' + thumbnail' if manifest.thumbnail else ''}")
-    for col in ("task", "source", "size (samples)", "size (tokens)", "samples drawn", "tokens drawn (est.)", "epochs"):
+    cols = ["task", "source", "size (samples)", "size (tokens)", "samples drawn", "tokens drawn", "epochs"]
+    if run is not None:
+        cols = ["task", "source", "samples planned", "realised", "tokens planned", "realised", "epochs planned", "realised",
+                "worst diff"]
+    for col in cols:
         table.add_column(col, justify="left" if col in ("task", "source") else "right")
-    for p in plans:
-        epochs = "-" if p.missing or not p.size.samples else f"{p.epochs:.2f}"
-        table.add_row(p.task, p.source, f"{p.size.samples:,}", f"{p.size.tokens:,}", f"{p.samples:,.0f}", f"{p.tokens:,.0f}", epochs)
+    if run is None:
+        for p in plans:
+            epochs = "-" if p.missing or not p.size.samples else f"{p.epochs:.2f}"
+            table.add_row(p.task, p.source, f"{p.size.samples:,}", f"{p.size.tokens:,}", f"{p.samples:,.0f}", f"{p.tokens:,.0f}", epochs)
+    else:
+        for r in rows:
+            p = r.plan
+            diffs = [abs(got - want) / want for want, got in ((p.samples, r.samples), (p.tokens, r.tokens), (p.epochs, r.epochs)) if want]
+            table.add_row(p.task, p.source, f"{p.samples:,.0f}", f"{r.samples:,}", f"{p.tokens:,.0f}", f"{r.tokens:,}",
+                          f"{p.epochs:.3f}", f"{r.epochs:.3f}", f"{max(diffs, default=0):.2%}")
     console.print(table)
     for task, spec in manifest.tasks.items():
-        console.print(f"{task}: {spec.global_batch:,} samples per global batch, weights in {spec.unit} ({spec.weighting})")
+        online = f", reweighted online ({spec.reweight.policy}; planned at the starting weights)" if spec.reweight else ""
+        console.print(f"{task}: {spec.global_batch:,} samples per global batch, weights in {spec.unit} ({spec.weighting}){online}")
+    if run is not None:
+        console.print(f"plot: {png}")
     for w in warnings + plan_warnings(plans, max_epochs):
         console.print(f"[yellow]warning:[/yellow] {w}")
 

@@ -1,55 +1,24 @@
-"""Mixture manifests, weight resolution, the sampler's per-batch guarantee, the shipped manifests, `synergen mix`."""
+"""Mixture manifests, weight resolution, the shipped manifests, `synergen mix`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.tokenshard import write_catalog
 from synergen.cli import app
 from synergen.errors import ManifestError
-from train.mixture import MixtureManifest, MixtureSampler, SourceSize, plan_mixture, plan_warnings, resolve_weights
+from tests.test_data import tokenizer, write_source  # noqa: F401 - tokenizer is a fixture
+from train.mixture import MixtureManifest, SourceSize, plan_mixture, plan_warnings, resolve_weights
+from train.sequence import LayoutIds
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _manifest(**task) -> MixtureManifest:
     return MixtureManifest.model_validate({"name": "m", "tasks": {"und": {"global_batch": 10, **task}}})
-
-
-def test_sampler_meets_token_shares_within_one_sample_every_batch():
-    rng = np.random.default_rng(0)
-    weights = {"coyo": 0.3, "laion": 0.5, "tiny": 0.2}
-    mean_len = {"coyo": 300, "laion": 40, "tiny": 5}  # very different costs per sample
-    sampler = MixtureSampler(weights)
-    for _ in range(20):
-        sampler.start_batch()
-        heads = {n: int(rng.integers(1, 2 * m)) for n, m in mean_len.items()}
-        longest = 0
-        for _ in range(200):
-            n = sampler.pick(heads)
-            sampler.record(n, heads[n])
-            longest = max(longest, heads[n])
-            heads[n] = int(rng.integers(1, 2 * mean_len[n]))
-        total = sum(sampler.taken.values())
-        for n, w in weights.items():
-            assert abs(sampler.taken[n] - w * total) <= longest
-
-
-def test_sampler_in_samples_is_exact_per_batch():
-    sampler = MixtureSampler({"a": 3, "b": 1})
-    for _ in range(3):
-        sampler.start_batch()
-        picks = []
-        for _ in range(8):
-            picks.append(sampler.pick({"a": 1, "b": 1}))
-            sampler.record(picks[-1], 1)
-        assert sampler.taken == {"a": 6, "b": 2}
-        assert picks.index("b") < 4  # interleaved, not all of a first
 
 
 def test_natural_temperature_and_schedule_weights():
@@ -96,43 +65,27 @@ def test_shipped_manifests_mirror_the_paper():
     assert set(demo.tasks) == {"und", "gen"}
 
 
-def _catalog(root: str, name: str, task: str, samples: list[int], groups: int = 256) -> None:
-    rows = [{"path": f"{name}-{i}.tar", "source": name, "task": task, "samples": n, "image_tokens": n * groups, "codes": n * groups * 16,
-             "text_tokens": n * 20, "bytes": 1, "sha256": "0" * 64, "vq_model": "emu3", "codebook_size": 32768, "fold": "2x8",
-             "text_tokenizer": "t", "vocab_hash": "h"} for i, n in enumerate(samples)]
-    write_catalog(f"{root}/{task}/{name}", rows)
-
-
-def test_mix_plan_counts_epochs_and_warns(tmp_path):
+def test_mix_plan_counts_epochs_and_warns(tmp_path, tokenizer):  # noqa: F811
     root = str(tmp_path / "tokens")
-    _catalog(root, "big", "gen", [1000, 1000])
-    _catalog(root, "small", "gen", [50])
-    _catalog(root, "empty", "gen", [])
-    m = MixtureManifest.model_validate({"name": "p", "data_root": root, "tasks": {"gen": {"global_batch": 100, "sources": {
-        "big": {"catalogs": ["gen/big"], "weight": 1}, "small": {"catalogs": ["gen/small"], "weight": 1},
-        "empty": {"catalogs": ["gen/empty"], "weight": 1}, "gone": {"catalogs": ["gen/gone"], "weight": 1}}}}})
-    plans, warnings = plan_mixture(m, steps=40)
+    write_source(root, "big", "gen", [100, 100], tokenizer, seed=1)
+    write_source(root, "small", "gen", [5], tokenizer, seed=2)
+    write_source(root, "empty", "gen", [], tokenizer)
+    m = MixtureManifest.model_validate({"name": "p", "data_root": root, "seq_len": 64, "tasks": {"gen": {"global_batch": 10, "sources": {
+        "big": {"catalogs": ["big"], "weight": 1}, "small": {"catalogs": ["small"], "weight": 1},
+        "empty": {"catalogs": ["empty"], "weight": 1}, "gone": {"catalogs": ["gone"], "weight": 1}}}}})
+    plans, warnings = plan_mixture(m, steps=40, ids=LayoutIds.from_tokenizer(tokenizer))
     by = {p.source: p for p in plans}
-    assert by["big"].samples == pytest.approx(2000) and by["big"].epochs == pytest.approx(1.0)
-    assert by["small"].samples == pytest.approx(2000) and by["small"].epochs == pytest.approx(40.0)
+    assert by["big"].samples == pytest.approx(200) and by["big"].epochs == pytest.approx(1.0)
+    assert by["small"].samples == pytest.approx(200) and by["small"].epochs == pytest.approx(40.0)
     text = "\n".join(plan_warnings(plans, max_epochs=4))
     assert "small: will repeat 40.0 times" in text and "empty: empty" in text and "gone: catalog missing" in text
     assert "big" not in text
 
     p = tmp_path / "p.yaml"
-    p.write_text(yaml.safe_dump(m.model_dump(mode="json")))
-    result = CliRunner().invoke(app, ["mix", str(p), "--steps", "40"], terminal_width=200)
+    p.write_text(yaml.safe_dump(m.model_dump(mode="json", exclude_none=True)))
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    result = CliRunner().invoke(app, ["mix", str(p), "--steps", "40", "--tokenizer", str(tmp_path / "tok")], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert "2,000" in result.output and "40.00" in result.output and "will repeat" in result.output
-
-
-def test_mix_plan_in_tokens_draws_fewer_long_samples(tmp_path):
-    root = str(tmp_path / "tokens")
-    _catalog(root, "long", "gen", [1000], groups=256)
-    _catalog(root, "short", "gen", [1000], groups=4)
-    m = MixtureManifest.model_validate({"name": "t", "data_root": root, "tasks": {"gen": {"global_batch": 100, "unit": "tokens",
-        "sources": {"long": {"catalogs": ["gen/long"], "weight": 1}, "short": {"catalogs": ["gen/short"], "weight": 1}}}}})
-    plans, _ = plan_mixture(m, steps=10)
-    by = {p.source: p for p in plans}
-    assert by["long"].tokens == pytest.approx(by["short"].tokens) and by["short"].samples > 5 * by["long"].samples
-    assert by["long"].samples + by["short"].samples == pytest.approx(1000)
+    assert "40.00" in result.output and "will repeat" in result.output
+    result = CliRunner().invoke(app, ["mix", str(p), "--steps", "40"], terminal_width=200)
+    assert result.exit_code == 2 and "--tokenizer" in result.output and "Traceback" not in result.output

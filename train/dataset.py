@@ -28,7 +28,7 @@ import torch
 
 from model.batch import PackedBatch
 from synergen.errors import ConfigMismatchError, ShardError, SynergenError
-from train.mixture import MixtureManifest, resolve_weights
+from train.mixture import MixtureManifest, online_weights, resolve_weights
 from train.packing import pack, packing_efficiency
 from train.plan import STATE_VERSION, Planner, assign_ranks
 from train.sequence import LayoutIds, SequenceSpec, layout_of
@@ -145,6 +145,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         # a collective only in skip mode: with on_bad_shard='error' a bad shard already stopped the rank that saw it
         self.skip = _agree(found, c.world_size) if c.on_bad_shard == "skip" else set()
         self.prepared_io = {"index_bytes": self.store.index_bytes, "indices_rebuilt": self.store.rebuilt}
+        self.online = online_weights(manifest, {n: s.size for n, s in self.sources.items()})  # None unless a task reweights
         self._state: dict | None = None
 
     def _load_tables(self, retry_bad: bool = False) -> dict[str, SourceTable]:
@@ -159,7 +160,9 @@ class StreamingMixture(torch.utils.data.IterableDataset):
     def _planner(self) -> Planner:
         if self._tables is None:
             self._tables = self._load_tables()
-        return Planner(self.manifest, self.sources, self._tables, self.seq, self.ids, self.config.seed, self.skip)
+        planner = Planner(self.manifest, self.sources, self._tables, self.seq, self.ids, self.config.seed, self.skip)
+        planner.online = self.online
+        return planner
 
     def state_dict(self) -> dict:
         """The state this dataset will start from (after load_state_dict), else the fresh state."""
@@ -240,10 +243,12 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                 "rows": int(batch.input_ids.shape[0]),
                 "packing_efficiency": packing_efficiency(batch),
                 "uncond": int(p["uncond"][mine[task]].sum()),
+                "weights": dict(p["weights"]),
             }
         state = planner.state(step + 1)
         report["sources"] = {n: {k: s[k] for k in ("epoch", "pos", "dropped", "skipped")} for n, s in state["sources"].items()
                              if n in self.sources}
+        report["cumulative"] = state["mix"]  # per task and source: samples, tokens drawn since step 0, credit, weight
         report["skipped_shards"] = skipped
         report["unread_samples"] = unread
         # this process's own I/O and CPU time, cumulative: decodes equal the samples it yields, whatever ranks x workers

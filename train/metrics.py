@@ -1,7 +1,7 @@
 """Training metrics: what one step measured, reduced over ranks, written to JSONL and TensorBoard.
 
 Per step: loss per task (and its text/image parts), loss per source, tokens/s, samples/s, the share of
-step time spent waiting for data, lr, grad norm, and the loader's realised mixture. Rank 0 writes
+step time spent waiting for data, lr, grad norm, the loader's realised mixture and the weights it sampled with. Rank 0 writes
 `OUTPUT/metrics.jsonl` (one JSON object per logged step) and TensorBoard events under `OUTPUT/tb/`.
 """
 
@@ -100,8 +100,12 @@ class StepMeter:
 
 
 def step_record(step: int, reduced: dict[str, Any], step_time: float, lr: float, grad_norm: float | None,
-                mixture: dict[str, Any] | None) -> dict[str, Any]:
-    """The flat JSON record of one step (what goes to JSONL and, numbers only, to TensorBoard)."""
+                mixture: dict[str, Any] | None, reweight: Any = None) -> dict[str, Any]:
+    """The flat JSON record of one step (what goes to JSONL and, numbers only, to TensorBoard).
+
+    `weight/TASK/SOURCE` are the weights the loader sampled the step's batch with (static, scheduled or online);
+    with online reweighting (`reweight`, a `train.reweight.ReweightHook`) `reweight_s` is the time the policies
+    took after this step (their overhead)."""
     rec: dict[str, Any] = {"step": step, "time_s": step_time, "lr": lr, "grad_norm": grad_norm}
     losses = []
     for task, (s, n) in sorted(reduced["task_loss"].items()):
@@ -122,6 +126,11 @@ def step_record(step: int, reduced: dict[str, Any], step_time: float, lr: float,
     rec["data_wait_fraction"] = reduced["data_wait"] / step_time if step_time > 0 else 0.0
     if mixture:
         rec["mixture"] = mixture
+        for task, t in sorted(mixture.get("tasks", {}).items()):
+            for source, w in sorted(t.get("weights", {}).items()):
+                rec[f"weight/{task}/{source}"] = w
+    if reweight is not None:
+        rec["reweight_s"] = reweight.seconds
     return rec
 
 

@@ -6,10 +6,16 @@ are set: explicit numbers, `natural` (by size) or `temperature` (size ** alpha).
 explicit weights from a step on; the loader keeps each source's cursor across such changes, so a
 source never repeats a sample within its epoch because the weights moved.
 
-`MixtureSampler` fills a global batch sample by sample, always taking the source that is furthest
-behind its share once its next sample is counted (weighted fair queueing). In tokens, a 4,096-code
-image and a 20-token caption are then weighed by what they cost, and every source's share of the
-batch is met to within one sample.
+The loader fills each global batch by worst-case weighted fair queueing over the whole run
+(`merge_by_credit`): the next sample comes from the source, among those owed something, whose next
+sample would finish first,
+and each source's credit (what it is owed) is carried from batch to batch in the loader state
+(`MixLedger`). In tokens, a 4,096-code image and a 20-token caption are weighed by what they cost;
+every source's share of each batch, and its cumulative share of the run at every step, is met to
+within one sample (or one sample's tokens), including across weight changes, resume and world sizes.
+
+Weights can also move during training: a task's `reweight:` block selects a policy of `train.reweight`
+(online reweighting from the per-source training losses).
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from synergen.errors import ManifestError, ShardError
+from train.reweight import ReweightSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +59,12 @@ class TaskSpec(BaseModel):
     weighting: Literal["explicit", "natural", "temperature"] = "explicit"
     alpha: float = Field(default=0.5, gt=0, le=1)  # temperature exponent: weight = size ** alpha
     sources: dict[str, SourceSpec] = Field(min_length=1)
+    reweight: ReweightSpec | None = None  # online reweighting from the training losses (train.reweight)
 
     @model_validator(mode="after")
     def _weights_present(self) -> "TaskSpec":
+        if self.reweight is not None and self.reweight.floor * len(self.sources) > 1:
+            raise ValueError(f"reweight.floor {self.reweight.floor} x {len(self.sources)} sources is more than 1; lower the floor")
         if self.weighting == "explicit":
             missing = [n for n, s in self.sources.items() if s.weight is None]
             if missing:
@@ -99,6 +110,9 @@ class MixtureManifest(BaseModel):
                 unknown = set(ws) - set(self.tasks[task].sources)
                 if unknown:
                     raise ValueError(f"schedule at step {e.at_step}: unknown sources {sorted(unknown)} in task {task!r}")
+                if self.tasks[task].reweight is not None:
+                    raise ValueError(f"schedule at step {e.at_step}: task {task!r} reweights online; drop its schedule entries "
+                                     "or its `reweight:` block")
                 if self.tasks[task].weighting != "explicit":
                     raise ValueError(f"schedule at step {e.at_step}: task {task!r} uses {self.tasks[task].weighting} weights; "
                                      "a schedule needs `weighting: explicit`")
@@ -179,81 +193,186 @@ def resolve_weights(manifest: MixtureManifest, task: str, step: int, sizes: dict
     return {n: w / total for n, w in raw.items()}
 
 
-class MixtureSampler:
-    """Picks, sample by sample, the source of the next sample of a global batch (deterministic, stateless across batches).
+class MixLedger:
+    """Each source's running credit and cumulative draws, per task: the part of the loader state the sampler carries.
 
-    Weighted fair queueing: take the source whose count (samples or tokens) would be smallest relative to
-    its weight once its next sample is added. Each source then ends every batch within one sample of
-    its share. Ties go to the source listed first.
+    Credit is what a source is owed, in the task's unit: after every global batch of total T (samples or
+    tokens) each source with weight w gains w * T and pays for what it was given, so credit = sum over steps
+    of w(step) * T(step) minus what it drew. Carrying it from batch to batch is what keeps every source's
+    cumulative draw within one sample (or one sample's tokens) of its share for the whole run, through weight
+    changes (schedule, online reweighting), resume and any number of ranks. Weights are kept with it only
+    to be reported (metrics, `mix --run`); the planner reads them from the manifest or the weight channel.
     """
 
-    def __init__(self, weights: dict[str, float]):
-        if not weights or any(w <= 0 for w in weights.values()):
-            raise ManifestError(f"sampler weights must be positive, got {weights}")
-        self.weights = dict(weights)
-        self.taken = {n: 0 for n in weights}
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, dict]] = {}  # task -> source -> {credit, samples, tokens, weight}
 
-    def start_batch(self) -> None:
-        self.taken = {n: 0 for n in self.weights}
+    def _entry(self, task: str, name: str) -> dict:
+        return self.entries.setdefault(task, {}).setdefault(name, {"credit": 0.0, "samples": 0, "tokens": 0, "weight": 0.0})
 
-    def pick(self, next_cost: dict[str, int]) -> str:
-        """Source to draw from, given the cost (1, or the sample's tokens) of each source's next sample."""
-        return min(self.weights, key=lambda n: (self.taken[n] + next_cost[n]) / self.weights[n])
+    def credit(self, task: str, name: str) -> float:
+        return float(self.entries.get(task, {}).get(name, {}).get("credit", 0.0))
 
-    def record(self, source: str, cost: int) -> None:
-        self.taken[source] += cost
+    def advance(self, task: str, weights: dict[str, float], unit_cost: dict[str, int], samples: dict[str, int],
+                tokens: dict[str, int]) -> None:
+        """Book one global batch: `unit_cost[n]` units, `samples[n]` samples and `tokens[n]` tokens drawn from source n."""
+        total = sum(unit_cost.values())
+        for n, w in weights.items():
+            e = self._entry(task, n)
+            e["credit"] = e["credit"] + w * total - unit_cost.get(n, 0)
+            e["samples"] += samples.get(n, 0)
+            e["tokens"] += tokens.get(n, 0)
+            e["weight"] = w
+        for n, e in self.entries.get(task, {}).items():  # a source out of the mixture keeps its credit, at weight 0
+            if n not in weights:
+                e["weight"] = 0.0
+
+    def state(self) -> dict:
+        return {t: {n: dict(e) for n, e in es.items()} for t, es in self.entries.items()}
+
+    def load(self, state: dict | None) -> None:
+        self.entries = {t: {n: dict(e) for n, e in es.items()} for t, es in (state or {}).items()}
+
+
+def merge_by_credit(costs: list[list[int]], weights: list[float], credits: list[float], batch: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A global batch by worst-case weighted fair queueing (WF2Q): (source index [n], row [n]) in batch order, where
+    row is the sample's index in all candidates concatenated (source 0's, then source 1's, ...).
+
+    `costs[i]` are the costs (1, or the sample's tokens) of source i's next candidates, `credits[i]` what it
+    is owed. Before each pick, a source's credit is its carried credit plus weight x what the batch has
+    drawn so far minus what it drew itself. Among the sources owed something (credit >= 0), the one whose
+    next sample would finish first, (cost - credit) / weight, is served (ties to the source listed first).
+    Serving only sources that are owed keeps each one from running ahead by more than one sample; serving
+    the earliest finish keeps it from falling behind by more: the cumulative draw stays within one sample
+    (or one sample's tokens) of weight x total, batch after batch. A source whose candidates run out is no
+    longer served (the caller gathers more and merges again)."""
+    import heapq
+
+    n = len(costs)
+    nxt = [0] * n
+    own = [0.0] * n  # drawn by each source in this batch
+    drawn = 0.0  # drawn by all in this batch
+    eps = 1e-9 * max(1.0, max((max(c) for c in costs if c), default=1))
+    # In virtual time (what the batch has drawn), source i is owed something from start = (own - credit) / weight on,
+    # and its next sample finishes at (own + cost - credit) / weight; both move only when i is served. Sources
+    # wait in `later` (by start) until owed, then in `ready` (by finish, then list order): O(log n) per pick.
+    later = [((own[i] - credits[i] - eps) / weights[i], i) for i in range(n) if costs[i]]
+    ready: list[tuple[float, int]] = []
+    heapq.heapify(later)
+    offset = np.concatenate([[0], np.cumsum([len(c) for c in costs])]).tolist()
+    out, rows = [], []
+    for _ in range(batch):
+        while later and later[0][0] <= drawn:
+            _, i = heapq.heappop(later)
+            heapq.heappush(ready, ((own[i] + costs[i][nxt[i]] - credits[i]) / weights[i], i))
+        if ready:
+            _, i = heapq.heappop(ready)
+        elif later:  # none owed (credits of sources out of the mixture do not sum to 0): the one owed soonest
+            _, i = heapq.heappop(later)
+        else:
+            break
+        c = costs[i][nxt[i]]
+        own[i] += c
+        drawn += c
+        rows.append(offset[i] + nxt[i])
+        nxt[i] += 1
+        out.append(i)
+        if nxt[i] < len(costs[i]):
+            heapq.heappush(later, ((own[i] - credits[i] - eps) / weights[i], i))
+    return np.array(out, np.int64), np.array(rows, np.int64)
 
 
 # ---- the plan printed by `synergen mix` -------------------------------------------------------------------
 
-# Positions a sample's sequence adds around its image and caption (<s>, </s>, <boi>, <eoi>) plus a prompt
-# of about this many tokens; the plan is an estimate, the loader reports the realised counts.
-SEQUENCE_OVERHEAD = 16
-
 
 @dataclass
 class SourcePlan:
+    """What a source gives over the planned steps; `usable` is the expected fraction of its samples that fit."""
+
     task: str
     source: str
     size: SourceSize
     samples: float = 0.0
     tokens: float = 0.0
+    usable: float = 1.0
     missing: str = ""
 
     @property
     def epochs(self) -> float:
-        return self.samples / self.size.samples if self.size.samples else math.inf
+        """Passes over the source: drawn samples plus those passed over because they do not fit, over its size."""
+        if not self.size.samples:
+            return math.inf
+        return self.samples / (self.size.samples * self.usable) if self.usable > 0 else math.inf
 
 
-def source_sizes(manifest: MixtureManifest, task: str, storage_options: dict | None = None) -> tuple[dict[str, SourceSize], dict[str, str]]:
-    """Sizes of a task's sources from their catalogs, and the reason for each source that could not be read."""
-    from pipeline.tokenshard import read_catalog
+@dataclass(frozen=True)
+class SourceLengths:
+    """A source's size and, from its shards' indices, the loader's sequence lengths: mean length and fraction usable,
+    expected over the `<UNCOND>` draw (generation samples lose their caption with the manifest's uncond_prob)."""
 
-    sizes, missing = {}, {}
+    size: SourceSize
+    mean_length: float
+    usable: float
+
+
+def source_lengths(manifest: MixtureManifest, task: str, ids, storage_options: dict | None = None
+                   ) -> tuple[dict[str, SourceLengths], dict[str, str]]:
+    """Every source of a task, measured with the loader's own `train.sequence.plan_lengths` over its shard indices
+    (the `.idx.npy` sidecars, else a scan of the tar); and the reason for each source that could not be read."""
+    from model.folding import Fold
+    from pipeline.tokenshard import build_shard_index, read_catalog, read_shard_index
+    from train.sequence import VIEW_DROPPED, SequenceSpec, plan_lengths
+
+    out, missing = {}, {}
     for name, src in manifest.tasks[task].sources.items():
         samples = tokens = 0
+        total_len = total_ok = 0.0
         for url in manifest.catalog_urls(src):
+            folder = url.rsplit("/", 1)[0] if url.endswith(".parquet") else url.rstrip("/")
             try:
-                rows = read_catalog(url, storage_options)
-            except ShardError as e:
-                missing[name] = str(e)
-                continue
-            for r in rows:
-                if src.select is None or r["source"] == src.select:
+                rows = [r for r in read_catalog(url, storage_options) if src.select is None or r["source"] == src.select]
+                for r in rows:
+                    shard = f"{folder}/{r['path']}"
+                    index = read_shard_index(shard, storage_options)
+                    if index is None:
+                        import fsspec
+
+                        with fsspec.open(shard, "rb", **(storage_options or {})) as f:
+                            index = build_shard_index(f.read(), shard)
+                    spec = SequenceSpec(manifest.seq_len, manifest.max_tiles, manifest.thumbnail, Fold.parse(r["fold"]))
+                    p = manifest.uncond_prob if task == "gen" else 0.0
+                    for drop, prob in ((False, 1 - p), (True, p)):
+                        if prob <= 0:
+                            continue
+                        length, view = plan_lengths(index, task, np.full(len(index), drop), spec, ids)
+                        ok = view != VIEW_DROPPED
+                        total_len += prob * float(length[ok].sum())
+                        total_ok += prob * float(ok.sum())
                     samples += int(r["samples"])
                     tokens += int(r["image_tokens"]) + int(r["text_tokens"])
-        sizes[name] = SourceSize(samples, tokens)
-    return sizes, missing
+            except (ShardError, FileNotFoundError) as e:
+                missing[name] = str(e)
+        size = SourceSize(samples, tokens)
+        out[name] = SourceLengths(size, total_len / total_ok if total_ok else 0.0, total_ok / samples if samples else 0.0)
+    return out, missing
 
 
-def plan_mixture(manifest: MixtureManifest, steps: int, storage_options: dict | None = None) -> tuple[list[SourcePlan], list[str]]:
-    """Expected samples and tokens per source over `steps` steps (schedule included), and warnings."""
+def plan_mixture(manifest: MixtureManifest, steps: int, ids, storage_options: dict | None = None
+                 ) -> tuple[list[SourcePlan], list[str]]:
+    """Expected samples, tokens and epochs per source over `steps` loader steps (schedule included), and warnings.
+
+    The loader meets every source's cumulative share to within one sample, so in samples the plan is the
+    share times the steps' samples; in tokens a source's samples are its token share over its mean sequence
+    length. Lengths are the loader's own (`source_lengths`), so the plan matches a run to well within 1% once
+    sources have passed an epoch or so. Online reweighting (`reweight:`) is planned at the starting weights."""
     plans: list[SourcePlan] = []
     warnings: list[str] = []
     bounds = [0, *[e.at_step for e in manifest.schedule if e.at_step < steps], steps]
     for task, spec in manifest.tasks.items():
-        sizes, missing = source_sizes(manifest, task, storage_options)
-        by_name = {n: SourcePlan(task, n, sizes[n], missing=missing.get(n, "")) for n in spec.sources}
+        lengths, missing = source_lengths(manifest, task, ids, storage_options)
+        sizes = {n: lengths[n].size for n in spec.sources}
+        by_name = {n: SourcePlan(task, n, sizes[n], usable=lengths[n].usable, missing=missing.get(n, "")) for n in spec.sources}
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             if hi <= lo:
                 continue
@@ -262,9 +381,10 @@ def plan_mixture(manifest: MixtureManifest, steps: int, storage_options: dict | 
             except ManifestError as e:
                 warnings.append(str(e))
                 continue
-            avg = {n: sizes[n].tokens / sizes[n].samples + SEQUENCE_OVERHEAD for n in weights}
+            weights = {n: w for n, w in weights.items() if lengths[n].usable > 0}
+            avg = {n: lengths[n].mean_length for n in weights}
             if spec.unit == "samples":
-                per_step = {n: spec.global_batch * w for n, w in weights.items()}
+                per_step = {n: spec.global_batch * w / sum(weights.values()) for n, w in weights.items()}
             else:  # token shares w_n: samples n_n proportional to w_n / avg_n, summing to the batch
                 denom = sum(w / avg[n] for n, w in weights.items())
                 per_step = {n: spec.global_batch * (w / avg[n]) / denom for n, w in weights.items()}
@@ -275,6 +395,14 @@ def plan_mixture(manifest: MixtureManifest, steps: int, storage_options: dict | 
     return plans, warnings
 
 
+def plan_manifest(url: str, steps: int, tokenizer_dir: str | None, data_root: str | None = None
+                  ) -> tuple[MixtureManifest, list[SourcePlan], list[str]]:
+    """`synergen mix MIXTURE`: load the manifest and plan it over `steps` with the tokenizer's prompt lengths."""
+    manifest = MixtureManifest.load(url, data_root=data_root)
+    plans, warnings = plan_mixture(manifest, steps, run_layout_ids(tokenizer_dir))
+    return manifest, plans, warnings
+
+
 def plan_warnings(plans: list[SourcePlan], max_epochs: float) -> list[str]:
     out = []
     for p in plans:
@@ -282,7 +410,81 @@ def plan_warnings(plans: list[SourcePlan], max_epochs: float) -> list[str]:
             out.append(f"{p.task}/{p.source}: catalog missing ({p.missing})")
         elif p.size.samples == 0:
             out.append(f"{p.task}/{p.source}: empty (its catalogs list no samples); it is left out of the mixture")
+        elif p.usable == 0:
+            out.append(f"{p.task}/{p.source}: no sample fits the sequence length; it is left out of the mixture")
         elif p.epochs > max_epochs:
             out.append(f"{p.task}/{p.source}: will repeat {p.epochs:.1f} times (more than {max_epochs:g} epochs); "
                        "lower its weight or add data")
     return out
+
+
+@dataclass
+class SourceRealised:
+    """A source's plan beside what a run's loader drew (from the run's last metrics record with a mixture report)."""
+
+    plan: SourcePlan
+    samples: int
+    tokens: int
+    epochs: float
+
+
+def compare_run(run_dir: str) -> tuple[list[SourceRealised], int, MixtureManifest, "Path"]:
+    """Plan the run's mixture over the loader steps it trained and set the realised draws beside it.
+
+    Reads `RUN/train_config.yaml` (mixture, data_root, tokenizer) and `RUN/metrics.jsonl`; plots planned vs
+    realised to `RUN/mix_plan_vs_run.png`; returns the rows, the loader steps compared, the manifest and the plot."""
+    from pathlib import Path
+
+    from train.config import TrainConfig
+    from train.metrics import read_metrics
+
+    run = Path(run_dir)
+    cfg_path, metrics_path = run / "train_config.yaml", run / "metrics.jsonl"
+    for p in (cfg_path, metrics_path):
+        if not p.exists():
+            raise ManifestError(f"{p} does not exist; --run takes the output folder of a `synergen train` run")
+    cfg = TrainConfig.load(str(cfg_path))
+    records = [r for r in read_metrics(metrics_path) if r.get("mixture", {}).get("cumulative")]
+    if not records:
+        raise ManifestError(f"{metrics_path} has no step with the loader's cumulative mixture report; "
+                            "it was written by an older synergen, rerun the training")
+    last = records[-1]
+    loader_steps = int(last["step"]) * cfg.grad_accum
+    manifest = MixtureManifest.load(cfg.mixture, data_root=cfg.data_root)
+    plans, _ = plan_mixture(manifest, loader_steps, run_layout_ids(cfg.tokenizer), cfg.data_options.get("storage_options"))
+    cum, cursors = last["mixture"]["cumulative"], last["mixture"]["sources"]
+    rows = []
+    for p in plans:
+        got = cum.get(p.task, {}).get(p.source, {"samples": 0, "tokens": 0})
+        cur = cursors.get(p.source, {"epoch": 0, "pos": 0})
+        epochs = cur["epoch"] + cur["pos"] / p.size.samples if p.size.samples else 0.0
+        rows.append(SourceRealised(p, int(got["samples"]), int(got["tokens"]), epochs))
+    from train.report import plot_plan_vs_run
+
+    return rows, loader_steps, manifest, plot_plan_vs_run(rows, run / "mix_plan_vs_run.png")
+
+
+def run_layout_ids(tokenizer_dir: str):
+    """The sequence layout ids of the run's text tokenizer (what the loader builds sequences with)."""
+    from transformers import AutoTokenizer
+
+    from train.sequence import LayoutIds
+
+    if not tokenizer_dir:
+        raise ManifestError("the plan needs the text tokenizer the shards were made with (prompt lengths); pass --tokenizer DIR")
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"tokenizer {tokenizer_dir}: cannot load it ({e}); pass the folder of the run's tokenizer") from None
+    return LayoutIds.from_tokenizer(tok)
+
+
+def online_weights(manifest: MixtureManifest, sizes: dict[str, SourceSize]):
+    """The loader's view of online reweighting (`train.reweight.OnlineWeights`), or None when no task reweights."""
+    from train.reweight import OnlineWeights
+
+    specs = {t: s.reweight for t, s in manifest.tasks.items() if s.reweight is not None}
+    if not specs:
+        return None
+    initial = {t: resolve_weights(manifest, t, 0, {n: sizes[n] for n in manifest.tasks[t].sources}) for t in specs}
+    return OnlineWeights(initial, specs)

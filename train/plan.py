@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from synergen.errors import ConfigMismatchError, ShardError
-from train.mixture import MixtureManifest, resolve_weights
+from train.mixture import MixLedger, MixtureManifest, merge_by_credit, resolve_weights
 from train.sequence import VIEW_DROPPED, LayoutIds, SequenceSpec, plan_lengths
 from train.shard_store import SourceTable
 from train.source_order import ORDER, SourceOrder
@@ -83,9 +83,8 @@ def assign_ranks(length: np.ndarray, world_size: int) -> np.ndarray:
 class Planner:
     """Computes each step's global batches (per task) from the cursors and the source tables; identical everywhere.
 
-    Sampling is `train.mixture.MixtureSampler`'s weighted fair queueing, vectorised: a source's samples
-    finish at cumsum(cost) / weight, and the batch takes the globally smallest finish times (ties to the
-    source listed first), which is the order the sequential sampler picks them in.
+    Sampling is weighted fair queueing with each source's credit carried across batches
+    (`train.mixture.merge_by_credit`, `MixLedger`).
 
     `skip` is the set of shard sha256s whose samples are passed over: decided once for all ranks (see
     `train.dataset`), recorded in the state, never changed by what one process fails to read."""
@@ -102,6 +101,8 @@ class Planner:
         self.orders = {n: SourceOrder(n, s.size.samples, seed) for n, s in sources.items() if s.size.samples > 0}
         self.cursors: dict[str, SourceCursor] = {n: SourceCursor() for n in sources}
         self.carried: dict[str, dict] = {}  # cursors of sources not in this manifest (kept for a switch back)
+        self.ledger = MixLedger()
+        self.online = None  # train.reweight.OnlineWeights when a task reweights online
         self._blocks: dict[str, OrderedDict[tuple[int, int], BlockPlan]] = {n: OrderedDict() for n in sources}
         self._weights_cache: dict[tuple[str, int], dict[str, float]] = {}
         self._mixture_ids: dict[int, str] = {}
@@ -114,6 +115,8 @@ class Planner:
         return self._mixture_ids[seg]
 
     def weights(self, task: str, step: int) -> dict[str, float]:
+        if self.online is not None and task in self.online.tasks:
+            return self.online.weights(task, step)
         key = (task, self.manifest.segment(step))
         if key not in self._weights_cache:
             sizes = {n: self.sources[n].size for n in self.manifest.tasks[task].sources}
@@ -178,17 +181,14 @@ class Planner:
             # may have more to give, so gather more and merge again (rare: only when lengths run far from average)
             need = {n: min(B, int(2 * w * B) + 8) for n, w in weights.items()}
             while True:
-                streams, cand = [], []
+                streams, costs = [], []
                 for si, n in enumerate(names):
                     st = self._upcoming(n, need[n])
                     ok = np.flatnonzero(st["view"] != VIEW_DROPPED)[:need[n]]
-                    cost = st["length"][ok] if tspec.unit == "tokens" else np.ones(len(ok), np.int64)
-                    finish = np.cumsum(cost) / weights[n]  # the same floats as MixtureSampler's (taken + cost) / weight
                     streams.append((st, ok))
-                    cand.append((finish, np.full(len(ok), si), np.arange(len(ok))))
-                finish, src, k = (np.concatenate(x) for x in zip(*cand))
-                take = np.lexsort((k, src, finish))[:B]
-                counts = np.bincount(src[take], minlength=len(names))
+                    costs.append(st["length"][ok].tolist() if tspec.unit == "tokens" else [1] * len(ok))
+                src, take = merge_by_credit(costs, [weights[n] for n in names], [self.ledger.credit(task, n) for n in names], B)
+                counts = np.bincount(src, minlength=len(names))
                 short = [n for si, n in enumerate(names) if counts[si] == len(streams[si][1]) and need[n] < B]
                 if not short:
                     break
@@ -208,14 +208,18 @@ class Planner:
                 if int(st["epoch"][cut - 1]) != cur.epoch:
                     log.info("source %s starts epoch %d", n, int(st["epoch"][cut - 1]))
                 cur.epoch, cur.pos = int(st["epoch"][cut - 1]), int(st["pos"][cut - 1]) + 1
+            taken_len = {n: int(streams[si][0]["length"][streams[si][1][:counts[si]]].sum()) for si, n in enumerate(names)}
+            self.ledger.advance(task, weights, taken_len if tspec.unit == "tokens" else {n: int(counts[si]) for si, n in enumerate(names)},
+                                {n: int(counts[si]) for si, n in enumerate(names)}, taken_len)
             # gather in batch order: candidate i of source s is row `ok[k]` of its stream
             for f in PLAN_FIELDS:
                 if f == "source":
-                    batch[f] = src[take]
+                    batch[f] = src
                     continue
                 col = np.concatenate([streams[si][0][f][streams[si][1]] for si in range(len(names))])
                 batch[f] = col[take]
             batch["names"] = names
+            batch["weights"] = weights
             out[task] = batch
         return out
 
@@ -225,7 +229,8 @@ class Planner:
         for n, c in self.cursors.items():
             sources[n] = {**c.as_dict(), "fingerprint": self.sources[n].fingerprint, "size": self.sources[n].size.samples}
         return {"version": STATE_VERSION, "step": step, "seed": self.seed, "order": ORDER,
-                "mixture": self.mixture_id(step), "sources": sources, "skip": sorted(self.skip)}
+                "mixture": self.mixture_id(step), "sources": sources, "skip": sorted(self.skip),
+                "mix": self.ledger.state()}
 
     def load(self, state: dict, migrate_order: bool = False) -> None:
         """Continue from `state`: the same order (else ConfigMismatchError, or with `migrate_order` every source
@@ -237,6 +242,7 @@ class Planner:
                                       "name other samples; resume with the loader that saved it, or set data_options "
                                       "migrate_order: true to start every source's next epoch in the new order")
         self.carried = {}
+        self.ledger.load(state.get("mix"))  # absent in states saved before credit was carried: start at 0
         for n, s in state["sources"].items():
             if n not in self.sources:
                 self.carried[n] = s

@@ -1,5 +1,5 @@
-"""The demo's report: one HTML page with the loss curves (PNG), stage statistics, samples beside targets,
-and the learning check's figures against chance. Written to `OUT/report/index.html`."""
+"""The demo's report: one HTML page with the loss curves and the mixture weights per step (PNG), stage statistics,
+samples beside targets, and the learning check's figures against chance. Written to `OUT/report/index.html`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,65 @@ def plot_losses(runs: dict[str, Path], png: Path) -> Path:
     return png
 
 
+def plot_weights(runs: dict[str, Path], png: Path) -> Path:
+    """The weight each source was sampled with at every step (`weight/TASK/SOURCE` of metrics.jsonl), runs one after
+    the other on the step axis: static weights are flat lines, a schedule steps, online reweighting moves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    offset = 0
+    for name, path in runs.items():
+        recs = read_metrics(path)
+        steps = [offset + r["step"] for r in recs]
+        keys = sorted({k for r in recs for k in r if k.startswith("weight/")})
+        for key in keys:
+            ax.plot(steps, [r.get(key, float("nan")) for r in recs], label=f"{name}: {key[len('weight/'):]}")
+        if recs:
+            offset = steps[-1]
+            ax.axvline(offset, color="grey", lw=0.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("sampling weight")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def plot_plan_vs_run(rows, png: Path) -> Path:
+    """Planned beside realised per source (`train.mixture.compare_run` rows): samples, tokens and epochs, as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{r.plan.task}/{r.plan.source}" for r in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.2 * len(rows) + 3), 3.6), dpi=100)
+    for ax, (what, planned, got) in zip(axes, (
+            ("samples", [r.plan.samples for r in rows], [r.samples for r in rows]),
+            ("tokens", [r.plan.tokens for r in rows], [r.tokens for r in rows]),
+            ("epochs", [r.plan.epochs for r in rows], [r.epochs for r in rows]))):
+        ax.bar(x - 0.2, planned, 0.4, label="planned")
+        ax.bar(x + 0.2, got, 0.4, label="realised")
+        ax.set_title(what)
+        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -56,6 +115,7 @@ def write_report(out: Path, stats: dict[str, Any]) -> Path:
     rep.mkdir(parents=True, exist_ok=True)
     train = stats["train"]
     plot_losses({name: Path(s["metrics"]) for name, s in train.items()}, rep / "loss.png")
+    plot_weights({name: Path(s["metrics"]) for name, s in train.items()}, rep / "weights.png")
     ev = stats["eval"]
     targets = rep / "targets"
     targets.mkdir(exist_ok=True)
@@ -81,6 +141,7 @@ def write_report(out: Path, stats: dict[str, Any]) -> Path:
             ("generated captions: colour / shape alone", f"{ev['caption_colour']:.0%} / {ev['caption_shape']:.0%}"),
         ]),
         "<h2>Loss curves</h2><img src='loss.png' alt='loss curves'>",
+        "<h2>Mixture weights per step</h2><img src='weights.png' alt='sampling weight of each source per step'>",
         "<h2>Stages</h2>",
         "<h3>Ingest (local web -> raw shards, Ray)</h3>",
         _table([("rows in", ing.get("rows_in")), ("ok", ing.get("ok")), ("failed", ing.get("failed")),

@@ -34,6 +34,7 @@ from synergen import storage
 from train import checkpoint
 from train.config import TrainConfig, save_config
 from train.metrics import MetricsWriter, StepMeter, step_record
+from train.reweight import ReweightHook
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +342,7 @@ def train(cfg: TrainConfig, resume: bool = False, *, model=None, data: StepData 
         data = build_data(cfg, model, rank, world, tokenizer)
     tasks = tuple(getattr(data, "tasks", TASKS))
     engine = build_engine(cfg, model, tasks)
+    reweight = ReweightHook.attach(data, cfg.grad_accum)  # None unless the mixture reweights online
 
     start = 0
     seed_everything(cfg.seed * 1000 + rank + 1)  # per-rank streams (dropout, sampling) differ
@@ -350,6 +352,8 @@ def train(cfg: TrainConfig, resume: bool = False, *, model=None, data: StepData 
             start = int(state["step"])
             loader_state = checkpoint.restore_client_state(state, rank, world)
             data.load_state_dict(loader_state)
+            if reweight is not None:
+                reweight.load(state.get("reweight"), start)
         else:
             log.info("--resume: no checkpoint in %s yet, starting at step 0", run.checkpoints)
     writer = MetricsWriter(Path(run.local), enabled=rank == 0, resume_step=start)
@@ -379,7 +383,10 @@ def train(cfg: TrainConfig, resume: bool = False, *, model=None, data: StepData 
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else own_norm
             step_time = time.perf_counter() - t0
-            record = step_record(step, meter.reduce(), step_time, lr, grad_norm, mixture)
+            reduced = meter.reduce()
+            if reweight is not None:
+                reweight.after_step(step, reduced["source_loss"])
+            record = step_record(step, reduced, step_time, lr, grad_norm, mixture, reweight)
             result.records.append(record)
             result.last_step = step
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -387,11 +394,14 @@ def train(cfg: TrainConfig, resume: bool = False, *, model=None, data: StepData 
             if on_step is not None:
                 on_step(record)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                checkpoint.save(engine, run.checkpoints, step, loader_state, {"stage": cfg.stage}, keep_last=cfg.keep_last,
+                extra = {"stage": cfg.stage, **({"reweight": reweight.state()} if reweight is not None else {})}
+                checkpoint.save(engine, run.checkpoints, step, loader_state, extra, keep_last=cfg.keep_last,
                                 local_dir=run.checkpoint_staging)
                 if rank == 0:
                     run.sync()
     finally:
+        if reweight is not None:
+            reweight.close()  # before the prefetcher: its planner may be waiting for an update that will not come
         stream.close()
         writer.close()
     if rank == 0:
