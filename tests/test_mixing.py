@@ -5,6 +5,7 @@ a resume and a change of world size; and `synergen mix` plans what the loader th
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -68,7 +69,6 @@ def test_cumulative_shares_stay_within_one_sample_every_step(shards, tokenizer, 
     for step in range(200):
         if step == 130:  # resume from a JSON checkpoint of the loader state, in a fresh planner
             state = json.loads(json.dumps(planner.state(step)))
-            planner.store.close()
             planner = ds._planner()
             planner.load(state)
         plan = planner.plan_step(step)
@@ -84,7 +84,6 @@ def test_cumulative_shares_stay_within_one_sample_every_step(shards, tokenizer, 
                 gap = abs(drawn[task][n] - owed[task][n])
                 worst[task] = max(worst[task], gap / longest[task])
                 assert gap <= longest[task] + 1e-6, (task, n, step, drawn[task][n], owed[task][n], longest[task])
-    planner.store.close()
     # every source was drawn, even at weight 0.01 in a batch of 4 (the per-batch sampler never drew it)
     assert all(v > 0 for t in drawn for v in drawn[t].values())
     assert max(worst.values()) > 0.2  # the bound is met with little room: the check is not vacuous
@@ -159,7 +158,6 @@ def test_plan_matches_the_loader_within_one_percent(shards, tokenizer, tmp_path,
     for step in range(steps):
         planner.plan_step(step)
     state = planner.state(steps)
-    planner.store.close()
     dropped = 0
     for p in plans:
         got = state["mix"][p.task][p.source]
@@ -168,5 +166,9 @@ def test_plan_matches_the_loader_within_one_percent(shards, tokenizer, tmp_path,
         epochs = cur["epoch"] + cur["pos"] / cur["size"]
         assert got["samples"] == pytest.approx(p.samples, rel=0.01), p
         assert got["tokens"] == pytest.approx(p.tokens, rel=0.01), p
-        assert epochs == pytest.approx(p.epochs, rel=0.01), p
+        # the plan's `usable` is an expectation over the <UNCOND> draw; a 40-sample source drawn ~500 times realises it
+        # with binomial noise, so epochs may differ from the plan by that noise (3 sigma) on top of the 1%
+        q = 1 - p.usable
+        noise = 3 * math.sqrt(q * (1 - q) / max(1.0, epochs * cur["size"])) / max(p.usable, 1e-9)
+        assert epochs == pytest.approx(p.epochs, rel=0.01 + noise), p
     assert dropped > 0  # samples too long for seq_len are passed over, and the plan's epochs count them
