@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.netguard import url_hash
-from synergen.errors import ManifestError, SynergenError
+from synergen.errors import ManifestError, SynergenError, explain_validation
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,6 @@ class SourceManifest(BaseModel):
         return self
 
 
-_FIXES = {
-    "extra_forbidden": "remove it, or fix its spelling (see the fields of pipeline/sources.py:SourceManifest)",
-    "missing": "add it",
-    "literal_error": "use one of the allowed values",
-}
 
 
 def load_source_manifest(path: str) -> SourceManifest:
@@ -120,12 +115,7 @@ def load_source_manifest(path: str) -> SourceManifest:
     try:
         return SourceManifest.model_validate(raw)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            key = ".".join(str(x) for x in e["loc"]) or "(manifest)"
-            fix = _FIXES.get(e["type"], "fix the value")
-            lines.append(f"  key {key!r}: {e['msg']} (got {e.get('input')!r}); fix: {fix}")
-        raise ManifestError(f"{path}: invalid source manifest\n" + "\n".join(lines)) from None
+        raise ManifestError(explain_validation(err, SourceManifest, path, "source manifest")) from None
 
 
 def expand_url_lists(patterns: list[str]) -> list[str]:

@@ -49,7 +49,7 @@ def test_natural_temperature_and_schedule_weights():
 def test_bad_manifest_names_file_and_key(tmp_path, bad, match):
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump({"name": "bad", **bad}))
-    with pytest.raises(ManifestError, match=rf"bad\.yaml.*{match}"):
+    with pytest.raises(ManifestError, match=rf"bad\.yaml[\s\S]*{match}"):
         MixtureManifest.load(str(p))
 
 

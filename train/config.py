@@ -14,7 +14,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from synergen.errors import SynergenError
+from synergen.errors import SynergenError, explain_validation
 
 
 class TrainConfigError(SynergenError):
@@ -109,7 +109,7 @@ class TrainConfig(BaseModel):
         try:
             return cls(**raw)
         except ValidationError as e:
-            raise TrainConfigError(f"train config {path}:\n{_explain(e)}") from None
+            raise TrainConfigError(explain_validation(e, TrainConfig, str(path), "train config")) from None
 
     def deepspeed_config(self, n_tasks: int, bf16: bool) -> dict[str, Any]:
         """The DeepSpeed JSON with the batch geometry, clipping and precision this run dictates.
@@ -142,20 +142,6 @@ class TrainConfig(BaseModel):
         ds.setdefault("wall_clock_breakdown", False)
         ds["zero_allow_untested_optimizer"] = True
         return ds
-
-
-def _explain(e: ValidationError) -> str:
-    lines = []
-    for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            fix = f"unknown key; valid keys: {', '.join(TrainConfig.model_fields)}"
-        elif err["type"] == "missing":
-            fix = "required; add it"
-        else:
-            fix = err["msg"]
-        lines.append(f"  {key}: {fix}")
-    return "\n".join(lines)
 
 
 def save_config(cfg: TrainConfig, url: str) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from synergen.errors import ManifestError, ShardError
+from synergen.errors import ManifestError, ShardError, explain_validation
 from train.reweight import ReweightSpec
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ class MixtureManifest(BaseModel):
         try:
             manifest = cls.model_validate(raw)
         except ValidationError as e:
-            errs = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-            raise ManifestError(f"mixture manifest {url}: {errs}") from None
+            raise ManifestError(explain_validation(e, cls, url, "mixture manifest")) from None
         if data_root is not None:
             manifest = manifest.model_copy(update={"data_root": data_root})
         return manifest
