@@ -239,19 +239,6 @@ def vocab_hash(tokenizer) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def iter_token_shard_fast(url: str, data: bytes) -> Iterator[TokenSample]:
-    """`iter_token_shard` over a shard already in memory, walking the tar headers directly (~2x faster).
-
-    Plain ustar members (what `TokenShardWriter` writes) are walked by hand; anything else (long names,
-    pax headers, links) goes through tarfile. Truncation raises ShardError naming the shard.
-    """
-    view = memoryview(data)
-    for name, start, size in _tar_members(url, data):
-        key, _, ext = name.partition(".")
-        if ext in (MEMBER, MEMBER_ZST):
-            yield decode_token_sample(bytes(view[start:start + size]), key=key)
-
-
 # ---- per-sample index: where each sample lies in the tar and what its sequence needs -------------------
 # `NNNNN.tar.idx.npy` beside each shard (written by TokenShardWriter.publish before the tar is renamed into
 # place, so a published tar always has its index; its sha256 goes in the catalog): one row per sample, in tar
