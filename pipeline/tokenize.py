@@ -270,7 +270,8 @@ class EncodeImages:
         from pipeline.tiling import psnr
 
         torch = self.torch
-        pix = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        # np.array copies: arguments from the object store are read-only, which torch.from_numpy warns about
+        pix = torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         t0 = time.perf_counter()
         codes = self.vq.encode(pix.to(self.device))  # [b, gh, gw]
         if self.device == "cuda":
