@@ -104,7 +104,7 @@ def tokenize_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from pipeline.tokenize import QualityGateError, QualityThresholds, TokenizeConfig, run_tokenize
+    from pipeline.tokenize import QualityGateError, QualityThresholds, TokenizeConfig, UnfinishedShardsError, run_tokenize
     from synergen.errors import SynergenError
 
     console = Console()
@@ -119,6 +119,9 @@ def tokenize_cmd(
     except QualityGateError as e:
         console.print(f"[red]quality gate:[/red] {e}")
         raise typer.Exit(3) from None
+    except UnfinishedShardsError as e:  # a scheduler must not call a partial job a success
+        console.print(f"[red]unfinished:[/red] {e}")
+        raise typer.Exit(4) from None
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

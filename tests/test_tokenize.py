@@ -216,3 +216,31 @@ def test_raw_shard_emptied_by_ingest_filters_is_published_empty_once(ray_cluster
     assert s["tokenized"] == 4 and s["shards_written_now"] == 2
     again = run_tokenize(cfg(raw, out))
     assert again["shards_written_now"] == 0 and again["shards_skipped"] == 2
+
+
+def test_unfinished_shard_exits_nonzero_naming_it_and_rerun_finishes(ray_cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from synergen.cli import app
+
+    raw, out = tmp_path / "raw", tmp_path / "tok"
+    info = write_raw_shards(str(raw), 3, 3, seed=7)
+    good = (raw / "00001.tar").read_bytes()
+    (raw / "00001.tar").write_bytes(b"this is not a tar archive" * 40)  # truncated upload, disk error...
+    args = ["tokenize", "--raw", str(raw), "--out", str(out), "--task", "gen", "--vq", REPO_VQ, "--tokenizer",
+            REPO_TOKENIZER, "--fold", "2x4", "--image-size", "64", "--min-distinct-codes", "24",
+            "--min-entropy-bits", "3.5", "--max-flagged-share", "0"]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    text = " ".join(res.output.split())
+    assert res.exit_code == 4, res.output
+    assert "00001.tar" in text and "re-run" in text and "Traceback" not in res.output
+    assert [r["path"] for r in read_catalog(str(out))] == ["00000.tar", "00002.tar"]  # the others are published
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["unfinished_shards"] == ["00001.tar"] and summary["tokenized"] == 6
+    (raw / "00001.tar").write_bytes(good)
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["shards_written_now"] == 1 and summary["shards_skipped"] == 2 and summary["unfinished_shards"] == []
+    keys = [x.key for x in read_all(str(out))]
+    assert sorted(keys) == sorted(info["captions"])
