@@ -22,13 +22,11 @@ from tests.test_data import write_source as write_data_source
 from tests.test_train import clean_env
 from tests.train_corpus import make_tokenizer, write_source, write_train_config
 from train.checkpoint import MARKER, list_tags
-from train.config import TrainConfig
 from train.data import LoaderConfig, StreamingLoader, StreamingMixture
 from train.metrics import read_metrics
 from train.mixture import MixtureManifest
 from train.report import plot_weights
 from train.reweight import ReweightHook, ReweightSpec, initial_state, project, update
-from train.trainer import train
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +118,13 @@ def reweight_corpus(tmp_path_factory):
         "gen": {"global_batch": 4, "sources": {n: {"catalogs": [n], "weight": 1} for n in ("gen_a", "gen_b")}}}}
     (root / "static.yaml").write_text(yaml.safe_dump(base))
     corpus = {"tokenizer": str(root / "tokenizer"), "mixture": str(root / "static.yaml")}
+    # the reference run's per-source losses, written as a run writes them: gen_a's reference is far below any loss the
+    # online run can have (large excess), gen_b's far above (no excess), so doremi must move weight to gen_a whatever
+    # samples the shuffle puts first (a real static run's losses differ from the online run's only by noise)
     ref = root / "ref"
-    train(TrainConfig.load(str(write_train_config(root / "ref.yaml", corpus, ref, steps=6, save_every=6))))
+    ref.mkdir()
+    (ref / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "source_loss/gen_a": 0.0, "source_loss/gen_b": 1e3}) + "\n"
+                                               for s in range(1, 7)))
     online = json.loads(json.dumps(base))
     # exp3's exploration keeps 3 arms uniform for its first 3 updates (eps = min(1/K, sqrt(ln K / (K t)))): update every step
     online["tasks"]["und"]["reweight"] = {"policy": "exp3", "every": 1, "warmup": 1, "lag": 1, "floor": 0.1, "max_change": 0.2, "eta": 5}
