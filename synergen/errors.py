@@ -31,10 +31,13 @@ def explain_validation(err, model: type, source: str, what: str) -> str:
             fix = "add it"
         elif e["type"] in ("literal_error", "enum"):
             fix = f"use one of the allowed values ({e['msg'].split('Input should be ')[-1]})"
+        elif e["type"] in ("value_error", "assertion_error"):
+            fix = ""  # our validators' messages say the fix themselves
         else:
             fix = "fix the value"
-        got = "" if e["type"] == "missing" else f" (got {e.get('input')!r:.80})"
-        lines.append(f"  key {key!r}: {e['msg']}{got}; fix: {fix}")
+        msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        got = "" if e["type"] in ("missing", "value_error", "assertion_error") else f" (got {e.get('input')!r:.80})"
+        lines.append(f"  key {key!r}: {msg}{got}" + (f"; fix: {fix}" if fix else ""))
     return "\n".join(lines)
 
 

@@ -216,7 +216,7 @@ def test_dockerfile_installs_the_project_like_a_local_install():
     assert dockerfile_arg("RAY_VERSION") in reqs["ray"].specifier
     assert "default" in reqs["ray"].extras, "`ray job submit` and KubeRay's submitter need ray[default]"
     assert re.search(r'pip install --index-url \$\{TORCH_INDEX_URL\} "torch==\$\{TORCH_VERSION\}"', DOCKERFILE)
-    assert re.search(r"^RUN pip install \. ", DOCKERFILE, re.M)
+    assert re.search(r"^RUN pip install (-c requirements\.lock )?\. ", DOCKERFILE, re.M)
     for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
         pkg = pattern.rstrip("*")
         assert f"COPY {pkg} ./{pkg}" in DOCKERFILE, f"package {pkg} is not copied into the image"

@@ -38,7 +38,8 @@ def test_a_shard_one_node_cannot_see_is_skipped_by_every_rank(tmp_path):
     shutil.copytree(seen, blind)
     for f in ("gen_a-00001.tar", "gen_a-00001.tar.idx.npy"):  # gone from rank 1's view only (same catalog)
         (tmp_path / "node1" / "gen_a" / f).unlink()
-    mp.start_processes(_rank, args=([seen, blind], str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork")
+    # spawn, not fork: a forked child would inherit any process group an earlier test left in this pytest process
+    mp.start_processes(_rank, args=([seen, blind], str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     r0["state"].pop("mixture"), r1["state"].pop("mixture")  # the mixture id names its data root, which differs here
     assert r0["state"] == r1["state"] and r0["plans"] == r1["plans"]  # one plan, one state
