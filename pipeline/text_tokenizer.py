@@ -3,7 +3,7 @@
 The demo BPE (model/assets/demo_tokenizer) is trained on the demo corpus's captions with the model's
 special tokens (`model.special_tokens.ALL_SPECIAL_TOKENS`) and saved as a transformers
 `PreTrainedTokenizerFast` folder, so the same loading code serves the demo and a real LLM tokenizer.
-`vocab_hash` (defined once, in `pipeline.tokenshard`) fingerprints the vocabulary for the catalog.
+`vocab_hash` (defined once, in `pipeline.token_shards`) fingerprints the vocabulary for the catalog.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from model.special_tokens import ALL_SPECIAL_TOKENS, BOS, EOS, PAD
-from pipeline.tokenshard import vocab_hash
+from pipeline.catalog import vocab_hash
 from synergen.errors import SynergenError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def write_demo_tokenizer(out: str, n_captions: int = 3000, seed: int = 0, vocab_
     """Train the demo BPE on the demo corpus's captions and save it to `out` (a local folder)."""
     import random
 
-    from pipeline.democorpus import caption, sample_scene
+    from synergen.demo.corpus import caption, sample_scene
 
     rng = random.Random(seed)
     captions = [caption(sample_scene(rng)) for _ in range(n_captions)]

@@ -74,7 +74,7 @@ def ingest(
     if summary["shards_failed"]:
         console.print(f"[yellow]{len(summary['shards_failed'])} shard(s) failed all retries; re-run the same command to retry them[/yellow]")
 
-# ---- tokenize, vq-train, inspect (pipeline/tokenize.py, pipeline/vq_train.py, pipeline/inspect.py) ----
+# ---- tokenize, vq-train, inspect (pipeline/tokenization.py, synergen/demo/vq_train.py, pipeline/inspection.py) ----
 
 
 @app.command("tokenize")
@@ -104,7 +104,7 @@ def tokenize_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from pipeline.tokenize import QualityGateError, QualityThresholds, TokenizeConfig, UnfinishedShardsError, run_tokenize
+    from pipeline.tokenization import QualityGateError, QualityThresholds, TokenizeConfig, UnfinishedShardsError, run_tokenize
     from synergen.errors import SynergenError
 
     console = Console()
@@ -157,7 +157,7 @@ def vq_train_cmd(
 ) -> None:
     """Train the tiny Emu3VQVAE (and the demo BPE) on the demo corpus: minutes on 2 CPU cores."""
     from pipeline.text_tokenizer import write_demo_tokenizer
-    from pipeline.vq_train import VQTrainConfig, train_demo_vq
+    from synergen.demo.vq_train import VQTrainConfig, train_demo_vq
 
     report = train_demo_vq(VQTrainConfig(out=out, steps=steps, image_size=image_size, codebook_size=codebook_size, seed=seed,
                                        batch_size=batch_size, lr=lr, l1_weight=l1_weight, edge_weight=edge_weight, init=init))
@@ -179,7 +179,7 @@ def inspect_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.inspect import summarize, write_html
+    from pipeline.inspection import summarize, write_html
     from synergen.errors import SynergenError
 
     console = Console()
@@ -413,7 +413,7 @@ def init_cmd(
     console.print(table)
 
 
-# ---- demo (train/demo.py): the whole system end to end on the embedded corpus ----
+# ---- demo (synergen/demo/run.py): the whole system end to end on the embedded corpus ----
 
 
 @app.command("demo")
@@ -423,7 +423,7 @@ def demo_cmd(
     loss_reduction: str = typer.Option("modality_mean", "--loss-reduction", help="modality_mean (default) or token_sum (Eq. 4)"),
 ) -> None:
     """Generate the demo corpus, serve it locally, ingest, tokenize, train, generate, and write the report."""
-    from train.demo import DemoConfig, run_demo
+    from synergen.demo.run import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, loss_reduction=loss_reduction, **({} if steps is None else {"steps": steps}))
     report = run_demo(cfg, echo=typer.echo)

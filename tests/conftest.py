@@ -97,7 +97,7 @@ def ray_cluster(s3_server):
 @pytest.fixture()
 def web(tmp_path):
     """A local web server over a fresh folder; tests write the files it serves into `web.root`."""
-    from pipeline.localweb import LocalWeb
+    from synergen.demo.localweb import LocalWeb
 
     root = tmp_path / "www"
     root.mkdir()

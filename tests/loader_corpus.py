@@ -10,7 +10,8 @@ import pytest
 
 from model.folding import Fold
 from model.special_tokens import ALL_SPECIAL_TOKENS, PROMPT_UND
-from pipeline.tokenshard import TokenSample, TokenShardWriter, vocab_hash, write_catalog
+from pipeline.token_shards import TokenSample, TokenShardWriter
+from pipeline.catalog import vocab_hash, write_catalog
 from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
 from train.mixture import MixtureManifest
 

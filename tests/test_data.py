@@ -13,7 +13,8 @@ import yaml
 
 from loader_corpus import CODEBOOK, FOLD, as_bytes, make_corpus, make_tokenizer, manifest, model_spec, stream, write_source
 from model.folding import Fold
-from pipeline.tokenshard import TokenSample, TokenShardWriter, vocab_hash
+from pipeline.token_shards import TokenSample, TokenShardWriter
+from pipeline.catalog import vocab_hash
 from synergen.errors import ConfigMismatchError, ShardError
 from train.data import ModelDataSpec, StreamingMixture
 from train.mixture import MixtureManifest
@@ -209,7 +210,7 @@ def test_torch_dataloader_workers_yield_the_same_stream(corpus, tokenizer):
 def test_header_walk_matches_tarfile_and_catches_truncation(corpus):
     import fsspec
 
-    from pipeline.tokenshard import build_shard_index, iter_token_shard
+    from pipeline.token_shards import build_shard_index, iter_token_shard
 
     url = f"{corpus}/cap_a/cap_a-00000.tar"
     data = fsspec.open(url, "rb").open().read()
@@ -222,7 +223,7 @@ def test_header_walk_matches_tarfile_and_catches_truncation(corpus):
 def test_index_sidecar_is_written_on_publish_and_equals_a_header_scan(tmp_path, tokenizer):
     import fsspec
 
-    from pipeline.tokenshard import INDEX_SUFFIX, build_shard_index, read_shard_index
+    from pipeline.token_shards import INDEX_SUFFIX, build_shard_index, read_shard_index
 
     write_source(str(tmp_path), "cap", "und", [5], tokenizer, seed=5, tiles=True)
     url = f"{tmp_path}/cap/cap-00000.tar"
@@ -243,7 +244,7 @@ def test_index_sidecar_is_written_on_publish_and_equals_a_header_scan(tmp_path, 
 def test_missing_or_wrong_index_is_rebuilt_and_named(corpus, tokenizer, tmp_path, caplog):
     import shutil
 
-    from pipeline.tokenshard import INDEX_SUFFIX, read_shard_index
+    from pipeline.token_shards import INDEX_SUFFIX, read_shard_index
 
     root = tmp_path / "copy"
     shutil.copytree(corpus, root)

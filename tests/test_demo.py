@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from train.demo import DemoConfig, named_object, run_demo
+from synergen.demo.run import DemoConfig, named_object, run_demo
 from train.metrics import read_metrics
 
 

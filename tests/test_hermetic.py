@@ -38,7 +38,7 @@ time.sleep(0.2)
 for ip in ("169.254.169.254", "198.51.100.7"):  # canaries: prove a connection would be counted
     socket.create_connection((ip, 80), timeout=2).close()
 from pathlib import Path
-from train.demo import DemoConfig, prepare_data, train_demo_model
+from synergen.demo.run import DemoConfig, prepare_data, train_demo_model
 t0 = time.time()
 cfg = DemoConfig(out=sys.argv[1], n_images=16, n_eval=2, steps=2, stage1_share=0.5, warmup_steps=1)
 Path(cfg.out).mkdir(parents=True)

@@ -135,7 +135,7 @@ def submit(head: RayHead, script: str, *args: str, timeout: float = 240, diagnos
 
 
 def test_ingest_and_tokenize_jobs_submitted_to_a_ray_head_run_to_completion(ray_head, s3, web, tmp_path):
-    from pipeline.democorpus import write_demo_corpus, write_url_list
+    from synergen.demo.corpus import write_demo_corpus, write_url_list
 
     rows = write_demo_corpus(web.root, n=8, seed=3, size=256)  # served as /files/NAME
     urls = write_url_list(rows, web.base, str(tmp_path / "urls.parquet"))

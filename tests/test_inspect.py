@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from model.folding import Fold, unfold_codes
 from model.vq import VQTokenizer
-from pipeline.inspect import render_sample, summarize, write_html
+from pipeline.inspection import render_sample, summarize, write_html
 from pipeline.tiling import to_images
-from pipeline.tokenshard import iter_token_shard
+from pipeline.token_shards import iter_token_shard
 from synergen.cli import app
 from tokenize_helpers import REPO_TOKENIZER, REPO_VQ
 
@@ -24,10 +24,11 @@ def dataset(tmp_path_factory):
     import random
 
     from model.folding import fold_codes
-    from pipeline.democorpus import caption, render, sample_scene
+    from synergen.demo.corpus import caption, render, sample_scene
     from pipeline.text_tokenizer import load_text_tokenizer
     from pipeline.tiling import tile_image, to_pixels
-    from pipeline.tokenshard import TokenSample, TokenShardWriter, vocab_hash, write_catalog
+    from pipeline.token_shards import TokenSample, TokenShardWriter
+    from pipeline.catalog import vocab_hash, write_catalog
 
     root = tmp_path_factory.mktemp("inspect")
     vq, tok, rng = VQTokenizer.from_pretrained(REPO_VQ), load_text_tokenizer(REPO_TOKENIZER), random.Random(7)

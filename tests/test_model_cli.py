@@ -54,9 +54,9 @@ def test_generate_cli_makes_images_from_captions_and_captions_from_images(tmp_pa
 
 
 def test_an_image_to_caption_is_tiled_and_laid_out_as_tokenize_and_the_loader_did(tmp_path):
-    from pipeline.tokenize import PrepareImages
+    from pipeline.tokenization import PrepareImages
     from pipeline.tiling import to_pixels
-    from pipeline.tokenshard import TokenSample
+    from pipeline.token_shards import TokenSample
     from train.generate import TrainedModel
     from train.sequence import SequenceSpec, build_sequence, plan_layout
 

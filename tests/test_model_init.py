@@ -20,7 +20,7 @@ from model.from_llm import CHECK_PROMPTS, text_batch
 from model.modeling import SynerGenVLForCausalLM
 from model.special_tokens import MODEL_SPECIAL_TOKENS, PROMPT_UND
 from model.template import check_model_tokenizer
-from pipeline.tokenshard import TokenSample
+from pipeline.token_shards import TokenSample
 from synergen.cli import app
 from synergen.errors import ConfigMismatchError
 from train.sequence import IGNORE, SequenceSpec, build_sequence, generation_prompt, plan_layout, understanding_prompt

@@ -25,7 +25,7 @@ from train.checkpoint import MARKER, list_tags
 from train.data import LoaderConfig, StreamingLoader, StreamingMixture
 from train.metrics import read_metrics
 from train.mixture import MixtureManifest
-from train.report import plot_weights
+from synergen.demo.report import plot_weights
 from train.reweight import ReweightHook, ReweightSpec, initial_state, project, update
 
 BIN = Path(sys.executable).parent

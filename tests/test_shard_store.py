@@ -14,7 +14,8 @@ import pytest
 import zstandard
 
 from loader_corpus import as_bytes, make_corpus, make_tokenizer, manifest, stream, write_source
-from pipeline.tokenshard import CATALOG_NAME, INDEX_SUFFIX, TokenSample, decode_token_sample, encode_token_sample, read_shard_index
+from pipeline.token_shards import INDEX_SUFFIX, TokenSample, decode_token_sample, encode_token_sample, read_shard_index
+from pipeline.catalog import CATALOG_NAME
 from synergen.errors import ShardError
 
 

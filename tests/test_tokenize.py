@@ -19,8 +19,9 @@ import webdataset as wds
 from model.folding import Fold, fold_codes, unfold_codes
 from model.vq import VQTokenizer, tiny_emu3_config
 from pipeline.text_tokenizer import load_text_tokenizer
-from pipeline.tokenize import QualityThresholds, TokenizeConfig, run_tokenize
-from pipeline.tokenshard import decode_token_sample, read_catalog
+from pipeline.tokenization import QualityThresholds, TokenizeConfig, run_tokenize
+from pipeline.token_shards import decode_token_sample
+from pipeline.catalog import read_catalog
 from tokenize_helpers import REPO_TOKENIZER, REPO_VQ, write_raw_shards
 
 # Thresholds for the demo VQ on 64-px images (its shards measure ~150 distinct codes, ~6 bits, >20 dB).

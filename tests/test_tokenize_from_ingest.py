@@ -4,10 +4,11 @@ to moto S3, then tokenized from S3 (generation) and from a local copy (understan
 import fsspec
 import numpy as np
 
-from pipeline.democorpus import write_demo_corpus, write_url_list
+from synergen.demo.corpus import write_demo_corpus, write_url_list
 from pipeline.ingest import run_ingest
-from pipeline.tokenize import QualityThresholds, TokenizeConfig, run_tokenize
-from pipeline.tokenshard import iter_token_shard, read_catalog
+from pipeline.tokenization import QualityThresholds, TokenizeConfig, run_tokenize
+from pipeline.token_shards import iter_token_shard
+from pipeline.catalog import read_catalog
 from tokenize_helpers import REPO_TOKENIZER, REPO_VQ
 
 

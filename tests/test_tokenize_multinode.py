@@ -10,8 +10,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.tokenize import QualityThresholds, TokenizeConfig, run_tokenize
-from pipeline.tokenshard import iter_token_shard, read_catalog
+from pipeline.tokenization import QualityThresholds, TokenizeConfig, run_tokenize
+from pipeline.token_shards import iter_token_shard
+from pipeline.catalog import read_catalog
 from synergen.local_ray import LOOPBACK_ONLY_ENV
 from tokenize_helpers import REPO_TOKENIZER, REPO_VQ, write_raw_shards
 

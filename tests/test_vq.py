@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from model.vq import VQTokenizer, tiny_emu3_config
-from pipeline.democorpus import render, sample_scene
+from synergen.demo.corpus import render, sample_scene
 from pipeline.tiling import psnr, resize_center_crop, to_images, to_pixels
 from synergen.errors import ConfigMismatchError, SynergenError
 from tokenize_helpers import REPO_VQ
@@ -43,7 +43,7 @@ def test_demo_vq_facts_and_shapes(vq):
 
 def colour_of(img):
     """Nearest palette colour with the most pixels (the corpus's classifier, minus its shape heuristics)."""
-    from pipeline.democorpus import BACKGROUND, COLOURS
+    from synergen.demo.corpus import BACKGROUND, COLOURS
 
     x = np.asarray(img.convert("RGB"), dtype=np.float32)  # [64, 64, 3]
     palette = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.democorpus import caption, render, sample_scene
+from synergen.demo.corpus import caption, render, sample_scene
 
 REPO_VQ = "model/assets/demo_vq"
 REPO_TOKENIZER = "model/assets/demo_tokenizer"

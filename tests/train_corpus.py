@@ -12,7 +12,8 @@ import numpy as np
 import yaml
 
 from model.special_tokens import ALL_SPECIAL_TOKENS, PROMPT_GEN, PROMPT_UND
-from pipeline.tokenshard import TokenSample, TokenShardWriter, vocab_hash, write_catalog
+from pipeline.token_shards import TokenSample, TokenShardWriter
+from pipeline.catalog import vocab_hash, write_catalog
 
 CODEBOOK = 64
 GRID = (8, 8)

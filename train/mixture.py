@@ -320,7 +320,8 @@ def source_lengths(manifest: MixtureManifest, task: str, ids, storage_options: d
     """Every source of a task, measured with the loader's own `train.sequence.plan_lengths` over its shard indices
     (the `.idx.npy` sidecars, else a scan of the tar); and the reason for each source that could not be read."""
     from model.folding import Fold
-    from pipeline.tokenshard import build_shard_index, read_catalog, read_shard_index
+    from pipeline.token_shards import build_shard_index, read_shard_index
+    from pipeline.catalog import read_catalog
     from train.sequence import VIEW_DROPPED, SequenceSpec, plan_lengths
 
     out, missing = {}, {}
@@ -458,7 +459,7 @@ def compare_run(run_dir: str) -> tuple[list[SourceRealised], int, MixtureManifes
         cur = cursors.get(p.source, {"epoch": 0, "pos": 0})
         epochs = cur["epoch"] + cur["pos"] / p.size.samples if p.size.samples else 0.0
         rows.append(SourceRealised(p, int(got["samples"]), int(got["tokens"]), epochs))
-    from train.report import plot_plan_vs_run
+    from synergen.demo.report import plot_plan_vs_run
 
     return rows, loader_steps, manifest, plot_plan_vs_run(rows, run / "mix_plan_vs_run.png")
 

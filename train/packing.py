@@ -14,7 +14,7 @@ import torch
 
 from model.batch import PackedBatch
 from synergen.errors import SynergenError
-from pipeline.tokenshard import TokenSample
+from pipeline.token_shards import TokenSample
 from train.sequence import IGNORE, Layout, LayoutIds, write_sequence
 
 

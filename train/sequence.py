@@ -24,7 +24,7 @@ import numpy as np
 
 from model.folding import Fold
 from model.template import LayoutIds
-from pipeline.tokenshard import TokenSample
+from pipeline.token_shards import TokenSample
 from synergen.errors import ShardError
 
 __all__ = ["IGNORE", "LayoutIds", "SequenceSpec", "Sequence", "Layout", "plan_lengths", "plan_layout", "layout_of",
@@ -68,14 +68,14 @@ class Layout:
     length: int
 
 
-# What the layout rule needs of a sample, as rows of `pipeline.tokenshard` index (one row per sample): the
+# What the layout rule needs of a sample, as rows of `pipeline.token_shards` index (one row per sample): the
 # planner decides every sample's layout from these rows alone, without decoding the sample.
 VIEW_DROPPED, VIEW_FIRST, VIEW_THUMBNAIL = 0, 1, 2
 
 
 def sample_facts(sample: TokenSample) -> np.ndarray:
     """A decoded sample as a one-row index (the fields `plan_lengths` reads)."""
-    from pipeline.tokenshard import facts_row, index_rows
+    from pipeline.token_shards import facts_row, index_rows
 
     return index_rows([facts_row(sample.key, 0, 0, 0, list(sample.codes.shape), int(sample.text_ids.size), sample.meta)])
 
@@ -215,7 +215,7 @@ def write_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout,
 
 
 def _prompt_sample(codes: np.ndarray, text_ids, tiles: tuple[int, int], thumbnail: bool) -> TokenSample:
-    """A TokenSample holding `codes [n_images, groups, k]` and `text_ids`, as `pipeline.tokenize` writes one."""
+    """A TokenSample holding `codes [n_images, groups, k]` and `text_ids`, as `pipeline.tokenization` writes one."""
     return TokenSample(key="prompt", codes=codes, text_ids=np.asarray(text_ids, np.int64),
                        meta={"tiles": list(tiles), "thumbnail": thumbnail})
 

@@ -31,7 +31,7 @@ from typing import Literal, NamedTuple
 import fsspec
 import numpy as np
 
-from pipeline.tokenshard import (INDEX_SUFFIX, TokenSample, _index_dtype, build_shard_index, decode_token_sample, index_bytes,
+from pipeline.token_shards import (INDEX_SUFFIX, TokenSample, _index_dtype, build_shard_index, decode_token_sample, index_bytes,
                                  parse_shard_index, sample_checksum)
 from synergen.errors import ShardError
 from train.sources import Shard, Source
@@ -95,7 +95,7 @@ class IndexRow(NamedTuple):
 class SourceTable:
     """Index rows of every sample of a source, in catalog order (shard after shard), and where each shard starts."""
 
-    rows: np.ndarray  # memory-mapped; fields of pipeline.tokenshard's index (zeros for a shard this machine could not index)
+    rows: np.ndarray  # memory-mapped; fields of pipeline.token_shards's index (zeros for a shard this machine could not index)
     starts: np.ndarray  # [n_shards + 1] int64
     problems: dict[int, str]  # shard index -> why this machine could not index it (on_bad_shard='skip')
 

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from model.folding import Fold
-from pipeline.tokenshard import read_catalog
+from pipeline.catalog import read_catalog
 from synergen.errors import ConfigMismatchError, SynergenError
 from train.mixture import MixtureManifest, SourceSize
 

@@ -155,7 +155,7 @@ def build_data(cfg: TrainConfig, model, rank: int, world_size: int, tokenizer=No
     catalogs must name the tokenizer's vocabulary (the loader checks its hash). The model config records the
     stage's tiling, so generation preprocesses images as the data was."""
     from model.template import check_model_tokenizer
-    from pipeline.tokenshard import vocab_hash
+    from pipeline.catalog import vocab_hash
     from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
     from train.mixture import MixtureManifest
 

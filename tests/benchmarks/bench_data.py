@@ -60,7 +60,8 @@ def tokenizer():
 def write_corpus(root: str, shards: int, per_shard: int) -> None:
     import numpy as np
 
-    from pipeline.tokenshard import TokenSample, TokenShardWriter, vocab_hash, write_catalog
+    from pipeline.token_shards import TokenSample, TokenShardWriter
+    from pipeline.catalog import vocab_hash, write_catalog
 
     vh = vocab_hash(tokenizer())
     rng = np.random.default_rng(0)
@@ -91,7 +92,7 @@ def run_webdataset(root: str) -> dict:
 
     import webdataset as wds
 
-    from pipeline.tokenshard import decode_token_sample
+    from pipeline.token_shards import decode_token_sample
 
     urls = sorted(glob.glob(f"{root}/*/*.tar"))
     t0 = time.perf_counter()
@@ -111,7 +112,7 @@ def run_webdataset(root: str) -> dict:
 def loader(root: str, workers: int, max_steps: int, global_batch: int, tok, rank: int = 0, world: int = 1,
            sources: tuple[str, ...] = ("src_a", "src_b"), cache_dir: str = ""):
     from model.folding import Fold
-    from pipeline.tokenshard import vocab_hash
+    from pipeline.catalog import vocab_hash
     from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
     from train.mixture import MixtureManifest
 

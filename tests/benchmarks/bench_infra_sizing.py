@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/benchmarks/bench_infra_sizing.py [--n 48] [--gpu-images-per-s 180]
 
-Measures, on one core (torch and PIL single-threaded), `pipeline.tokenize.PrepareImages` (decode, filter,
+Measures, on one core (torch and PIL single-threaded), `pipeline.tokenization.PrepareImages` (decode, filter,
 resize+crop for `gen`, InternVL tiling with 6 tiles + thumbnail for `und`, 512 px) on web-like JPEGs of
 typical LAION sizes, against a baseline of bare JPEG decode (the floor any pipeline pays). Where CUDA is
 present it also times the full-size Emu3 VQ encoder (random weights: the cost does not depend on them)
@@ -48,7 +48,7 @@ def per_s(fn, n: int) -> float:
 def bench_cpu(n: int) -> dict:
     import torch
 
-    from pipeline.tokenize import PrepareImages
+    from pipeline.tokenization import PrepareImages
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

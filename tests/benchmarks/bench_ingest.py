@@ -31,9 +31,9 @@ def main() -> None:
     from synergen.local_ray import init_ray
     from img2dataset import download
 
-    from pipeline.democorpus import write_demo_corpus, write_url_list
+    from synergen.demo.corpus import write_demo_corpus, write_url_list
     from pipeline.ingest import run_ingest
-    from pipeline.localweb import LocalWeb
+    from synergen.demo.localweb import LocalWeb
     from pipeline.sources import SourceManifest
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_reweight.py [--out /tmp/bench_reweight] [--steps 600]
 
-1. the demo's data: corpus -> local web -> Ray ingest -> tokenize (train.demo.prepare_data);
+1. the demo's data: corpus -> local web -> Ray ingest -> tokenize (synergen.demo.run.prepare_data);
 2. each task's token shards become two sources: `clean` (as tokenized) and `shuffled` (the same kind of samples with
    their captions permuted among them: the caption-image pairing is unlearnable), each with ~10% held out;
 3. three runs, same model, seed, steps and batches: static (natural weights, ~50/50), exp3 (ODM's bandit) and
@@ -27,8 +27,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline.tokenshard import TokenShardWriter, iter_token_shard, read_catalog, vocab_hash, write_catalog  # noqa: E402
-from train.demo import DemoConfig, evaluate, model_overrides, prepare_data  # noqa: E402
+from pipeline.token_shards import TokenShardWriter, iter_token_shard, write_catalog  # noqa: E402
+from pipeline.catalog import read_catalog, vocab_hash
+from synergen.demo.run import DemoConfig, evaluate, model_overrides, prepare_data  # noqa: E402
 
 TASKS = ("und", "gen")
 

@@ -4,7 +4,7 @@ through the trained demo VQ (codes of real images are far from uniform; random c
 Candidates (each with and without zstd):
   three  : KEY.json + KEY.vq.npy + KEY.txt.npy            (the logical fields as three members)
   npz    : KEY.npz holding codes, text ids and the json      (one member, numpy's zip container)
-  sgt    : KEY.sgt = magic | header json | raw codes | raw text ids  (one member; pipeline/tokenshard.py)
+  sgt    : KEY.sgt = magic | header json | raw codes | raw text ids  (one member; pipeline/token_shards.py)
 Baselines: the payload (codes as uint16 + text ids as int32 + compact json) and the raw JPEG shard
 (KEY.jpg/.txt/.json, as ingest writes it) of the same images.
 
@@ -34,10 +34,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from model.folding import Fold, fold_codes  # noqa: E402
 from model.vq import VQTokenizer  # noqa: E402
-from pipeline.democorpus import caption, render, sample_scene  # noqa: E402
+from synergen.demo.corpus import caption, render, sample_scene  # noqa: E402
 from pipeline.text_tokenizer import load_text_tokenizer  # noqa: E402
 from pipeline.tiling import resize_center_crop, to_pixels  # noqa: E402
-from pipeline.tokenshard import TokenSample, decode_token_sample, encode_token_sample  # noqa: E402
+from pipeline.token_shards import TokenSample, decode_token_sample, encode_token_sample  # noqa: E402
 
 
 def make_samples(n: int, size: int, fold: Fold) -> tuple[list[TokenSample], list[bytes]]:

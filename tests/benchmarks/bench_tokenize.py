@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from model.vq import VQTokenizer  # noqa: E402
-from pipeline.tokenize import QualityThresholds, TokenizeConfig, run_tokenize  # noqa: E402
+from pipeline.tokenization import QualityThresholds, TokenizeConfig, run_tokenize  # noqa: E402
 from tokenize_helpers import write_raw_shards  # noqa: E402
 
 VQ = str(REPO / "model/assets/demo_vq")

@@ -1,6 +1,6 @@
 """Tokenize driver cost vs job size: peak RSS and CPU seconds of the driver process (the one calling
 `run_tokenize`, imports and Ray's start excluded) against the number of shards and samples, for the driver-assembles baseline (the
-`ShardAssembler` version of pipeline/tokenize.py at commit 19720ca: every code passes through the driver) and
+`ShardAssembler` version of pipeline/tokenization.py at commit 19720ca: every code passes through the driver) and
 ours (shard tasks publish; the driver gets per-shard stats). Tiny demo VQ, 64-px generation images, local Ray.
 
 Each measurement runs in a fresh process (peak RSS is per process), baseline and ours alternating.
@@ -33,7 +33,7 @@ def one(impl: str, shards: int, per_shard: int, tmp: str) -> dict:
     if impl == "baseline":
         import tokenize_baseline as tk  # noqa: F401 (written by main() into tmp, on PYTHONPATH)
     else:
-        import pipeline.tokenize as tk
+        import pipeline.tokenization as tk
     logging.basicConfig(level=logging.WARNING)
     raw, out = f"{tmp}/raw_{shards}x{per_shard}", f"{tmp}/tok_{impl}_{shards}x{per_shard}"
     if not Path(raw).exists():
@@ -70,7 +70,7 @@ def main() -> None:
         print(json.dumps(one(impl, int(shards), int(per_shard), tmp)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        baseline = subprocess.run(["git", "-C", str(REPO), "show", f"{BASELINE_COMMIT}:pipeline/tokenize.py"],
+        baseline = subprocess.run(["git", "-C", str(REPO), "show", f"{BASELINE_COMMIT}:pipeline/tokenization.py"],
                                   check=True, capture_output=True, text=True).stdout
         Path(tmp, "tokenize_baseline.py").write_text(baseline)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), tmp, os.environ.get("PYTHONPATH", "")])}

@@ -8,7 +8,7 @@ the ratio, and the trainer's data-wait fraction of step time (goal: under 1%).
 
     .venv/bin/python tests/benchmarks/bench_train.py [--images 600] [--steps 40] [--out /tmp/bench_train]
 
-The data is the demo's: corpus -> local web -> Ray ingest -> tokenize (train.demo.prepare_data), tiny VQ at
+The data is the demo's: corpus -> local web -> Ray ingest -> tokenize (synergen.demo.run.prepare_data), tiny VQ at
 64 px, the demo model. At paper scale the gap grows: Emu3's full VQ takes ~30 s per 256-px image on 2 CPU
 cores (research/stack.md section 9), far more than the LLM step it would feed.
 """
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model.folding import Fold, fold_codes  # noqa: E402
 from model.vq import VQTokenizer  # noqa: E402
 from pipeline.tiling import resize_center_crop, to_pixels  # noqa: E402
-from train.demo import DemoConfig, model_overrides, prepare_data, train_config  # noqa: E402
+from synergen.demo.run import DemoConfig, model_overrides, prepare_data, train_config  # noqa: E402
 from train.trainer import LoaderSteps, build_data, build_model, train  # noqa: E402
 
 

@@ -1,15 +1,15 @@
 """`synergen demo`: the whole system end to end on the embedded shapes corpus, in minutes on a CPU.
 
 The steps, each a real stage of the system:
-  1. corpus    render the demo scenes (pipeline.democorpus); the last `n_eval` are held out of training
-  2. web       serve them from a local web server (pipeline.localweb) and write a LAION-style URL list
+  1. corpus    render the demo scenes (synergen.demo.corpus); the last `n_eval` are held out of training
+  2. web       serve them from a local web server (synergen.demo.localweb) and write a LAION-style URL list
   3. ingest    a local Ray cluster downloads them into raw WebDataset shards (pipeline.ingest)
-  4. tokenize  the tiny trained VQ and the demo BPE turn them into token shards for both tasks (pipeline.tokenize)
+  4. tokenize  the tiny trained VQ and the demo BPE turn them into token shards for both tasks (pipeline.tokenization)
   5. train     the tiny model through DeepSpeed on the demo mixture: stage 1 (image-side parameters), then
                all parameters (the demo's LLM starts random: there is no language to protect)
   6. evaluate  generate images from held-out captions and captions from held-out images; the learning
-               check scores both with the corpus's own classifier (pipeline.democorpus.classify_image)
-  7. report    an HTML page with the loss curves, stage statistics, samples beside targets (train.report)
+               check scores both with the corpus's own classifier (synergen.demo.corpus.classify_image)
+  7. report    an HTML page with the loss curves, stage statistics, samples beside targets (synergen.demo.report)
 """
 
 from __future__ import annotations
@@ -72,11 +72,11 @@ def prepare_data(cfg: DemoConfig, out: Path, stats: dict[str, Any], echo: Callab
     """Steps 1-4: corpus, local web, Ray ingest, tokenize both tasks into `out/tokens`; returns the held-out rows."""
     import ray
 
-    from pipeline.democorpus import write_demo_corpus, write_url_list
+    from synergen.demo.corpus import write_demo_corpus, write_url_list
     from pipeline.ingest import run_ingest
     from synergen.local_ray import init_ray
-    from pipeline.localweb import LocalWeb
-    from pipeline.tokenize import TokenizeConfig, run_tokenize
+    from synergen.demo.localweb import LocalWeb
+    from pipeline.tokenization import TokenizeConfig, run_tokenize
 
     stats.setdefault("timings_s", {})
 
@@ -142,7 +142,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = lambda s: None) -> P
     stats["timings_s"]["evaluate"] = round(time.time() - t0, 1)
 
     # 7. report
-    from train.report import write_report
+    from synergen.demo.report import write_report
 
     stats["timings_s"]["total"] = round(time.time() - t_all, 1)
     (out / "demo_stats.json").write_text(json.dumps(stats, indent=1, default=str))
@@ -229,7 +229,7 @@ def evaluate(cfg: DemoConfig, model_dir: Path, eval_rows: list[dict], image_dir:
     """Generate images from held-out captions and captions from held-out images; score both vs the targets."""
     from PIL import Image
 
-    from pipeline.democorpus import classify_image
+    from synergen.demo.corpus import classify_image
     from pipeline.tiling import resize_center_crop, to_images, to_pixels
     from train.generate import TrainedModel
 

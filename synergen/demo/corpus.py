@@ -3,7 +3,7 @@
 Each scene has one or two objects (shape, colour, position); the caption names each object's colour,
 shape and position, and a pair of identical objects is counted ("two red circles, on the left and on the
 right"). The images are real JPEGs at 256x256 (sizes a real min-side filter keeps), served by
-`pipeline.localweb.LocalWeb` so that the demo exercises real downloads.
+`synergen.demo.localweb.LocalWeb` so that the demo exercises real downloads.
 
 `classify_image` is the corpus's own judge for the demo's learning check: it names the dominant
 colour (nearest palette colour by pixel count) and shape (fill ratio of that colour's bounding box).

@@ -44,14 +44,8 @@ from model.folding import Fold, fold_codes
 from pipeline.ingest import shard_name  # the raw shards' naming contract (pipeline/rawshard.py once it exists)
 from pipeline.netguard import redact_url
 from pipeline.tiling import TooSmallError, resize_center_crop, tile_image
-from pipeline.tokenshard import (
-    CATALOG_NAME,
-    TokenSample,
-    TokenShardWriter,
-    codes_dtype,
-    vocab_hash,
-    write_catalog,
-)
+from pipeline.token_shards import TokenSample, TokenShardWriter, codes_dtype
+from pipeline.catalog import CATALOG_NAME, vocab_hash, write_catalog
 from synergen.errors import ShardError, SynergenError
 from synergen.local_ray import init_ray
 

@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from model.folding import Fold, unfold_codes
-from pipeline.tokenshard import CATALOG_NAME, iter_token_shard, read_catalog
+from pipeline.token_shards import iter_token_shard
+from pipeline.catalog import CATALOG_NAME, read_catalog
 from synergen.errors import ConfigMismatchError, SynergenError
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Token shards and their catalog: the writer and the reader of the format, side by side, with one spec.
+"""Token shards: the writer and the reader of the format, side by side, with one spec.
 
 Layout (one tar member per sample, so the tar overhead is paid once):
     KEY.sgt       or  KEY.sgt.zst   (whole member zstd-compressed, the frame with its content checksum)
@@ -12,10 +12,8 @@ One-line decoder with plain webdataset:
 The layout (one member per sample, zstd on by default in `synergen tokenize`) was chosen with the figures of
 tests/benchmarks/bench_shard_layout.py, recorded in README "Token shard layout".
 
-Catalog: `<out>/_catalog.parquet`, one row per published shard (CATALOG_SCHEMA): with the sha256 of the whole
-shard (audits) and of its per-sample index sidecar (below; each row holds the xxh3 of its sample's bytes, which
-readers check on every read). Shards are written whole to a temporary name and renamed on publish, so a reader
-never sees a partial shard.
+Its catalog (one row per shard) is `pipeline.catalog`. Shards are written whole to a temporary name and renamed
+on publish, so a reader never sees a partial shard.
 """
 
 from __future__ import annotations
@@ -32,8 +30,6 @@ from typing import Iterator
 
 import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import xxhash
 import zstandard
 
@@ -42,7 +38,6 @@ from synergen.errors import ShardError
 MAGIC = b"SGT1"
 MEMBER = "sgt"
 MEMBER_ZST = "sgt.zst"
-CATALOG_NAME = "_catalog.parquet"
 FORMAT_VERSION = 1
 
 
@@ -176,67 +171,6 @@ def iter_token_shard(url: str, data: bytes | None = None, storage_options: dict 
                 yield decode_token_sample(tar.extractfile(m).read(), key=key)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"token shard {url}: truncated or corrupt ({e}); re-tokenize it or skip it") from e
-
-
-CATALOG_SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),  # relative to the catalog's folder
-        ("source", pa.string()),
-        ("task", pa.string()),
-        ("samples", pa.int64()),
-        ("image_tokens", pa.int64()),  # LLM positions of images (fold groups)
-        ("codes", pa.int64()),
-        ("text_tokens", pa.int64()),
-        ("bytes", pa.int64()),
-        ("sha256", pa.string()),
-        ("index_sha256", pa.string()),  # of the `.idx.npy` sidecar (null in catalogs written before it existed)
-        ("vq_model", pa.string()),
-        ("codebook_size", pa.int64()),
-        ("fold", pa.string()),  # "2x8"
-        ("text_tokenizer", pa.string()),
-        ("vocab_hash", pa.string()),
-        ("pipeline_version", pa.string()),
-        ("code_entropy", pa.float64()),  # quality gate: bits of the shard's code histogram
-        ("distinct_codes", pa.int64()),
-        ("psnr", pa.float64()),  # reconstruction PSNR on a small sample (NaN if not measured)
-        ("flagged", pa.bool_()),
-    ]
-)
-
-
-def write_catalog(out_url: str, rows: list[dict], storage_options: dict | None = None) -> str:
-    """Write `<out>/_catalog.parquet` atomically from rows (missing quality fields default to null)."""
-    table = pa.Table.from_pylist([{k: r.get(k) for k in CATALOG_SCHEMA.names} for r in rows], schema=CATALOG_SCHEMA)
-    fs, path = fsspec.core.url_to_fs(out_url.rstrip("/"), **(storage_options or {}))
-    fs.makedirs(path, exist_ok=True)
-    tmp = f"{path}/_tmp.{uuid.uuid4().hex}.parquet"
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, f"{path}/{CATALOG_NAME}")
-    return f"{out_url.rstrip('/')}/{CATALOG_NAME}"
-
-
-def read_catalog(url: str, storage_options: dict | None = None) -> list[dict]:
-    """Rows of a catalog; `url` is the catalog file or its folder."""
-    if not url.endswith(".parquet"):
-        url = f"{url.rstrip('/')}/{CATALOG_NAME}"
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            return pq.read_table(f).to_pylist()
-    except FileNotFoundError:
-        raise ShardError(f"no catalog at {url}: run `synergen tokenize` for this dataset first") from None
-
-
-def vocab_hash(tokenizer) -> str:
-    """Fingerprint of a text tokenizer's vocabulary (token -> id, special tokens included): 16 hex digits.
-
-    The catalog stores it per shard and the loader compares it with the run's tokenizer, so text ids
-    written under one vocabulary are never read under another. Accepts a transformers tokenizer or a
-    `tokenizers.Tokenizer` (anything with `get_vocab()`).
-    """
-    vocab = tokenizer.get_vocab()
-    blob = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 # ---- per-sample index: where each sample lies in the tar and what its sequence needs -------------------

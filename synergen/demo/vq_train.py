@@ -9,7 +9,7 @@ blurred away) + codebook loss + 0.25 x commitment. Unused codes are re-seeded fr
 every `restart_every` steps (no codebook collapse). `init` fine-tunes a trained VQ instead of starting
 from random weights (the demo VQ is a chain of three runs: model/assets/demo_vq/README.md). Images are the demo corpus's 256-px JPEGs resized like the tokenize stage does
 (`pipeline.tiling.resize_center_crop`); the last `holdout` images are held out for the PSNR report.
-The report also states the round-trip accuracy of `pipeline.democorpus.classify_image` on unseen
+The report also states the round-trip accuracy of `synergen.demo.corpus.classify_image` on unseen
 single-object scenes (the demo's learning-check ceiling) next to its accuracy on the originals.
 """
 
@@ -30,7 +30,7 @@ from PIL import Image
 
 from model.vq import VQTokenizer, tiny_emu3_config
 from synergen.errors import ConfigMismatchError
-from pipeline.democorpus import SHAPES, COLOURS, POSITIONS, Scene, SceneObject, classify_image, render, write_demo_corpus
+from synergen.demo.corpus import SHAPES, COLOURS, POSITIONS, Scene, SceneObject, classify_image, render, write_demo_corpus
 from pipeline.tiling import psnr, resize_center_crop, to_images, to_pixels
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""The demo and its scaffolding: a synthetic shapes corpus, a local web server, a tiny VQ trainer, the run, its page."""
