@@ -34,7 +34,7 @@ import math
 import tarfile
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import fsspec
@@ -43,6 +43,7 @@ import numpy as np
 from model.folding import Fold, fold_codes
 from pipeline.ingest import shard_name  # the raw shards' naming contract (pipeline/rawshard.py once it exists)
 from pipeline.netguard import redact_url
+from pipeline.tokenization_config import QualityThresholds, TokenizeConfig  # noqa: F401 - part of this module's API
 from pipeline.tiling import TooSmallError, resize_center_crop, tile_image
 from pipeline.token_shards import TokenSample, TokenShardWriter, codes_dtype
 from pipeline.catalog import CATALOG_NAME, vocab_hash, write_catalog
@@ -70,54 +71,6 @@ class UnfinishedShardsError(SynergenError):
     def __init__(self, message: str, summary: dict):
         super().__init__(message)
         self.summary = summary
-
-
-@dataclass
-class QualityThresholds:
-    """A shard is flagged when any figure is below its threshold (psnr only where measured)."""
-
-    min_distinct_codes: int = 32
-    min_entropy_bits: float = 4.0
-    min_psnr_db: float = 14.0
-    max_flagged_share: float = 0.1
-
-
-@dataclass
-class TokenizeConfig:
-    """Everything `synergen tokenize` takes; defaults follow the paper (512-px tiles/images, fold 2x8)."""
-
-    raw: str
-    out: str
-    task: str  # "und" | "gen"
-    vq: str
-    tokenizer: str
-    fold: str = "2x8"
-    max_tiles: int = 6
-    thumbnail: bool = False
-    image_size: int = 512
-    min_side: int | None = None  # None: image_size // 2 (a smaller image would be upscaled more than 2x)
-    source: str | None = None  # None: the raw folder's name
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
-    # CPU share of each shard task (read, decode/tile, assemble, compress, publish). A task waiting on the
-    # encoders gives its CPU back to Ray, so the window below, not this, bounds how many run at once.
-    cpus_per_prepare: float = 0.5
-    concurrency: int = 1
-    batch_size: int = 16
-    # Shard tasks in flight; 0: enough to fill the cluster's CPUs beside the encoders, at least 2 per encoder.
-    shards_in_flight: int = 0
-    task_retries: int = 4  # retries of a shard task whose worker or node died (its errors are not retried)
-    compress: bool = True  # zstd per sample member: 0.28x the payload at 512 px (README: token shard layout)
-    psnr_images: int = 4
-    quality: QualityThresholds = field(default_factory=QualityThresholds)
-    ray_address: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.task not in ("und", "gen"):
-            raise SynergenError(f"--task {self.task!r}: use 'und' (understanding, tiled) or 'gen' (generation, one crop)")
-        Fold.parse(self.fold)
-        if self.min_side is None:
-            self.min_side = self.image_size // 2
 
 
 def _join(base: str, name: str) -> str:
@@ -523,8 +476,8 @@ def run_tokenize(cfg: TokenizeConfig, progress: Callable[[int, int, dict], None]
         "encoder_busy_fraction": busy, "encoder_seconds": encoder_s, "wall_s": wall_all,
         "shards_by_node": dict(nodes),
         "flagged_shards": flagged, "vq_model": vq_info["model_id"], "fold": cfg.fold,
-        "catalog": _join(cfg.out, CATALOG_NAME), "config": {k: v for k, v in asdict(cfg).items() if k != "quality"},
-        "quality": asdict(cfg.quality),
+        "catalog": _join(cfg.out, CATALOG_NAME), "config": cfg.model_dump(exclude={"quality"}),
+        "quality": cfg.quality.model_dump(),
     }
     with fsspec.open(_join(cfg.out, SUMMARY_NAME), "w") as f:
         json.dump(summary, f, indent=1)

@@ -10,6 +10,8 @@ import os
 
 import typer
 
+from pipeline.tokenization_config import TokenizeConfig
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="synergen: SynerGen-VL pretraining, from URL lists to a trained model.")
 
 
@@ -17,6 +19,66 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="synergen: Sy
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which would phone home
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def options_from(model: type, what: str, flags: dict[str, str] | None = None):
+    """The command's options are `model`'s fields (pydantic): their types, defaults and descriptions, so no default
+    is restated here; a nested model's fields are flat options. The command receives the validated model; values
+    that do not validate are reported like a bad config (each option, the value, the fix) with exit code 2."""
+    import functools
+    import inspect
+    import typing
+
+    from pydantic import BaseModel
+
+    flags = flags or {}
+
+    def cli_type(ann):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if typing.get_origin(ann) is typing.Literal or (args and typing.get_origin(args[0]) is typing.Literal):
+            return str  # pydantic checks the choice and names the allowed values
+        return typing.Optional[args[0]] if len(args) == 1 and type(None) in typing.get_args(ann) else ann
+
+    fields = []  # (parent or None, name, FieldInfo)
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            fields += [(name, sub, sf) for sub, sf in ann.model_fields.items()]
+        else:
+            fields.append((None, name, f))
+
+    def decorate(fn):
+        params = []
+        for _, name, f in fields:
+            flag = flags.get(name, f"--{name.replace('_', '-')}")
+            if f.annotation is bool and "/" not in flag:
+                flag = f"{flag}/--no-{flag[2:]}"
+            default = ... if f.is_required() else f.get_default(call_default_factory=True)
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=cli_type(f.annotation),
+                                            default=typer.Option(default, flag, help=f.description)))
+
+        @functools.wraps(fn)
+        def command(**given):
+            from synergen.errors import ConfigError, validated
+
+            values: dict = {}
+            for parent, name, _ in fields:
+                (values.setdefault(parent, {}) if parent else values)[name] = given[name]
+            try:
+                cfg = validated(model, f"synergen {fn.__name__.removesuffix('_cmd').replace('_', '-')}", what, **values)
+            except ConfigError as e:
+                from rich.console import Console
+
+                Console().print(f"[red]error:[/red] {e}")
+                raise typer.Exit(2) from None
+            return fn(cfg)
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # typer reads the signature above, not the wrapped function's
+        return command
+
+    return decorate
 
 
 # ---- stage commands: each block below is owned by its stage; add new commands in their own block ----
@@ -78,41 +140,18 @@ def ingest(
 
 
 @app.command("tokenize")
-def tokenize_cmd(
-    raw: str = typer.Option(..., "--raw", help="Raw shards folder (the ingest output): local path or s3://"),
-    out: str = typer.Option(..., "--out", help="Token shards folder: local path or s3://"),
-    task: str = typer.Option(..., "--task", help="und (tiled, understanding) or gen (one centre crop, generation)"),
-    vq: str = typer.Option(..., "--vq", help="Trained VQ checkpoint folder (e.g. model/assets/demo_vq) or s3:// URL"),
-    tokenizer: str = typer.Option(..., "--tokenizer", help="The LLM's text tokenizer folder (e.g. model/assets/demo_tokenizer)"),
-    fold: str = typer.Option("2x8", "--fold", help="Fold ROWSxCOLS (paper: 2x8)"),
-    max_tiles: int = typer.Option(6, "--max-tiles", help="Most dynamic-resolution tiles per image (und)"),
-    thumbnail: bool = typer.Option(False, "--thumbnail", help="Append a whole-image thumbnail when tiled (und)"),
-    image_size: int = typer.Option(512, "--image-size", help="Tile size (und) or image size (gen) in pixels"),
-    source: str = typer.Option(None, "--source", help="Source name for the catalog (default: the raw folder's name)"),
-    gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", help="GPUs per VQ actor (0: encode on CPU)"),
-    concurrency: int = typer.Option(1, "--concurrency", help="VQ encoder actors"),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per VQ forward"),
-    compress: bool = typer.Option(True, "--zstd/--no-zstd", help="zstd-compress each sample member (README: token shard layout)"),
-    min_distinct_codes: int = typer.Option(32, "--min-distinct-codes", help="Quality gate: distinct codes per shard"),
-    min_entropy_bits: float = typer.Option(4.0, "--min-entropy-bits", help="Quality gate: code histogram entropy per shard"),
-    min_psnr_db: float = typer.Option(14.0, "--min-psnr-db", help="Quality gate: reconstruction PSNR on a small sample"),
-    max_flagged_share: float = typer.Option(0.1, "--max-flagged-share", help="Exit non-zero when more shards than this share are flagged"),
-    ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)"),
-) -> None:
+@options_from(TokenizeConfig, "tokenize options", flags={"compress": "--zstd/--no-zstd"})
+def tokenize_cmd(cfg: TokenizeConfig) -> None:
     """Tokenize raw shards into VQ-token shards in fold order + _catalog.parquet; re-run to resume."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from pipeline.tokenization import QualityGateError, QualityThresholds, TokenizeConfig, UnfinishedShardsError, run_tokenize
+    from pipeline.tokenization import QualityGateError, UnfinishedShardsError, run_tokenize
     from synergen.errors import SynergenError
 
     console = Console()
     try:
-        cfg = TokenizeConfig(raw=raw, out=out, task=task, vq=vq, tokenizer=tokenizer, fold=fold, max_tiles=max_tiles,
-                             thumbnail=thumbnail, image_size=image_size, source=source, gpus_per_actor=gpus_per_actor,
-                             concurrency=concurrency, batch_size=batch_size, compress=compress, ray_address=ray_address,
-                             quality=QualityThresholds(min_distinct_codes, min_entropy_bits, min_psnr_db, max_flagged_share))
         with Progress(TextColumn("tokenize"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
             job = bar.add_task("shards", total=None)
             summary = run_tokenize(cfg, progress=lambda done, total, _: bar.update(job, completed=done, total=total))
@@ -125,7 +164,7 @@ def tokenize_cmd(
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    table = Table(title=f"tokenize -> {out}")
+    table = Table(title=f"tokenize -> {cfg.out}")
     table.add_column("count")
     table.add_column("value", justify="right")
     table.add_row("samples in", f"{summary['samples_in']:,}")

@@ -57,3 +57,17 @@ def _fields_at(model: type, loc: tuple) -> list[str]:
         if model is None:
             return []
     return list(getattr(model, "model_fields", {}))
+
+
+class ConfigError(SynergenError):
+    """Options given on the command line or to a job do not validate: names each option and the fix."""
+
+
+def validated(model: type, source: str, what: str, /, **values):
+    """`model(**values)`, or ConfigError with `explain_validation`'s lines (for values that come from a CLI)."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as err:
+        raise ConfigError(explain_validation(err, model, source, what)) from None

@@ -200,8 +200,12 @@ def test_bad_inputs_fail_clearly(tmp_path):
         run_tokenize(cfg(str(tmp_path / "raw"), str(tmp_path / "tok"), vq=str(tmp_path / "novq")))
     with pytest.raises(SynergenError, match="fold"):
         run_tokenize(cfg(str(tmp_path / "raw"), str(tmp_path / "tok"), fold="3x4"))
-    with pytest.raises(SynergenError, match="task"):
-        cfg("a", "b", task="both")
+    from typer.testing import CliRunner
+
+    from synergen.cli import app
+
+    res = CliRunner().invoke(app, ["tokenize", "--raw", "a", "--out", "b", "--task", "both", "--vq", "v", "--tokenizer", "t"])
+    assert res.exit_code == 2 and "key 'task'" in res.output and "'und' or 'gen'" in res.output, res.output
 
 
 def test_raw_shard_emptied_by_ingest_filters_is_published_empty_once(ray_cluster, tmp_path, vq):

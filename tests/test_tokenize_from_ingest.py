@@ -20,7 +20,7 @@ def test_ingest_output_tokenizes_for_both_tasks(ray_cluster, web, s3, tmp_path):
     assert ing["ok"] == 6
     local_raw = tmp_path / "raw"
     fsspec.filesystem("s3").get(raw.removeprefix("s3://") + "/", str(local_raw) + "/", recursive=True)
-    gate = QualityThresholds(16, 3.0, 12.0, 0.0)
+    gate = QualityThresholds(min_distinct_codes=16, min_entropy_bits=3.0, min_psnr_db=12.0, max_flagged_share=0.0)
     common = dict(vq=REPO_VQ, tokenizer=REPO_TOKENIZER, fold="2x4", image_size=64, quality=gate, source="demo")
     gen = run_tokenize(TokenizeConfig(raw=raw, out=f"{s3}/from_ingest/tok_gen", task="gen", **common))
     und = run_tokenize(TokenizeConfig(raw=str(local_raw), out=str(tmp_path / "tok_und"), task="und", max_tiles=4,

@@ -32,7 +32,7 @@ from tokenize_helpers import write_raw_shards  # noqa: E402
 
 VQ = str(REPO / "model/assets/demo_vq")
 TOK = str(REPO / "model/assets/demo_tokenizer")
-NO_GATE = QualityThresholds(0, 0.0, -1e9, 1.0)
+NO_GATE = QualityThresholds(min_distinct_codes=0, min_entropy_bits=0.0, min_psnr_db=-1e9, max_flagged_share=1.0)
 
 
 def bare_rate(vq: VQTokenizer, size: int, batch: int, n: int) -> float:

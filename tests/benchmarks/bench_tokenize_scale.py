@@ -50,7 +50,7 @@ def one(impl: str, shards: int, per_shard: int, tmp: str) -> dict:
     cpu0 = time.process_time()
     cfg = tk.TokenizeConfig(raw=raw, out=out, task="gen", vq=str(REPO / REPO_VQ), tokenizer=str(REPO / REPO_TOKENIZER),
                             fold="2x4", image_size=64, batch_size=16, psnr_images=0,
-                            quality=tk.QualityThresholds(0, 0.0, -1e9, 1.0))
+                            quality=tk.QualityThresholds(min_distinct_codes=0, min_entropy_bits=0.0, min_psnr_db=-1e9, max_flagged_share=1.0))
     s = tk.run_tokenize(cfg)
     assert s["tokenized"] == shards * per_shard, s
     return {"impl": impl, "shards": shards, "samples": shards * per_shard, "wall_s": s["wall_s"],
