@@ -68,8 +68,9 @@ def ingest(
     table.add_row("image bytes this run", f"{summary['bytes_this_run']:,}")
     table.add_row("samples/s this run", f"{summary['samples_per_s']:,.1f}")
     console.print(table)
-    if summary["shards_failed"]:
-        console.print(f"[yellow]{len(summary['shards_failed'])} shard(s) failed all retries; re-run the same command to retry them[/yellow]")
+    if summary["shards_failed"]:  # unfinished shards: a failed job for any scheduler (RayJob, CI)
+        console.print(f"[red]{len(summary['shards_failed'])} shard(s) failed all retries; re-run the same command to retry them[/red]")
+        raise typer.Exit(1)
 
 # ---- tokenize, vq-train, inspect (pipeline/tokenize.py, pipeline/vq_train.py, pipeline/inspect.py) ----
 

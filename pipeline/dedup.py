@@ -1,0 +1,189 @@
+"""Job-wide duplicate decisions, sharded over Ray actors: the first row to claim an image keeps it.
+
+Exact duplicates (sha256 of the downloaded bytes) are decided by the one shard that owns the hash's prefix, in
+one atomic step (claim = look up, insert on a miss). Near duplicates (64-bit dHash within `max_distance` bits)
+use `max_distance + 1` bands: two hashes that close agree exactly on at least one band (pigeonhole), and each
+(band, value) bucket lives on one shard, where a probe is one vectorised XOR + popcount over the bucket. A near
+claim probes its bands' owners, then commits to them when nothing matched; two near-duplicates claimed at the
+same instant by different tasks can both be kept (never both dropped).
+
+Claims are idempotent: a row that kept its image finds itself on a re-claim and keeps it again; a duplicate
+finds the same keeper. Every shard rebuilds its part of the index from the published ledger fragments when it
+starts, so an actor restarted on another node (its node lost) continues with what is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RID_DTYPE = "S32"  # row ids are "<20 hex>-<occurrence>"
+
+
+def _owner(value: int, band: int, n_shards: int) -> int:
+    return ((value * 0x9E3779B1 + band * 0x85EBCA77) >> 7) % n_shards
+
+
+class DedupShard:
+    """One shard of the index: the exact hashes and near-hash buckets it owns (see the module docstring)."""
+
+    def __init__(self, index: int, n_shards: int, exact: bool = True, near: bool = True, max_distance: int = 4,
+                 rebuild_from: str | None = None):
+        self.index, self.n_shards = index, n_shards
+        self.exact, self.near, self.max_distance = exact, near, max_distance
+        nb = max_distance + 1
+        self.bands = [(i * 64 // nb, (i + 1) * 64 // nb) for i in range(nb)]
+        self._by_sha: dict[bytes, str] = {}
+        self._buckets: dict[tuple[int, int], list] = {}  # (band, value) -> [hashes uint64[cap], rids S32[cap], n]
+        if rebuild_from is not None:
+            self._rebuild(rebuild_from)
+
+    def _rebuild(self, out: str) -> None:
+        import pyarrow.compute as pc
+
+        from pipeline import ledger
+
+        n = 0
+        for table in ledger.iter_fragments(out, ["row_id", "state", "sha256", "phash"]):
+            kept = table.filter(pc.equal(table["state"], "ok"))
+            for rid, sha, ph in zip(kept["row_id"].to_pylist(), kept["sha256"].to_pylist(), kept["phash"].to_pylist()):
+                n += self._add(rid, sha, ph)
+        log.info("dedup shard %d/%d rebuilt %d entries from %s", self.index, self.n_shards, n, out)
+
+    def band_values(self, h: int) -> list[int]:
+        return [(h >> lo) & ((1 << (hi - lo)) - 1) for lo, hi in self.bands]
+
+    def owns_sha(self, sha: str) -> bool:
+        return int(sha[:8], 16) % self.n_shards == self.index
+
+    def _add(self, rid: str, sha: str | None, phash: int | None) -> int:
+        added = 0
+        if self.exact and sha and self.owns_sha(sha):
+            self._by_sha.setdefault(bytes.fromhex(sha), rid)
+            added += 1
+        if self.near and phash is not None:
+            for b, v in enumerate(self.band_values(phash)):
+                if _owner(v, b, self.n_shards) == self.index:
+                    self._insert(b, v, phash, rid)
+                    added += 1
+        return added
+
+    def _insert(self, band: int, value: int, h: int, rid: str) -> None:
+        bucket = self._buckets.get((band, value))
+        if bucket is None:
+            bucket = self._buckets[(band, value)] = [np.zeros(4, np.uint64), np.zeros(4, RID_DTYPE), 0]
+        hs, rids, n = bucket
+        if n == len(hs):
+            bucket[0] = hs = np.concatenate([hs, np.zeros(n, np.uint64)])
+            bucket[1] = rids = np.concatenate([rids, np.zeros(n, RID_DTYPE)])
+        hs[n], rids[n] = h, rid.encode()
+        bucket[2] = n + 1
+
+    def claim_exact(self, claims: list[tuple[str, str]]) -> list[str | None]:
+        """For (row_id, sha256) pairs this shard owns: the row that kept that image first, None for the claimer itself."""
+        out = []
+        for rid, sha in claims:
+            first = self._by_sha.setdefault(bytes.fromhex(sha), rid)
+            out.append(None if first == rid else first)
+        return out
+
+    def probe(self, probes: list[tuple[str, int, int]]) -> list[str | None]:
+        """For (row_id, phash, band): a kept row within max_distance in that band's bucket, "" when the claimer
+        itself is there (it kept its image before), None when nothing matches."""
+        out: list[str | None] = []
+        for rid, h, band in probes:
+            lo, hi = self.bands[band]
+            bucket = self._buckets.get((band, (h >> lo) & ((1 << (hi - lo)) - 1)))
+            if bucket is None:
+                out.append(None)
+                continue
+            hs, rids, n = bucket
+            near = np.flatnonzero(np.bitwise_count(hs[:n] ^ np.uint64(h)) <= self.max_distance)
+            if not len(near):
+                out.append(None)
+                continue
+            found = rids[near]
+            out.append("" if rid.encode() in found else found[0].decode())
+        return out
+
+    def commit(self, entries: list[tuple[str, int, int]]) -> None:
+        """Insert kept (row_id, phash, band) entries into their buckets (idempotent: a row is stored once)."""
+        for rid, h, band in entries:
+            lo, hi = self.bands[band]
+            v = (h >> lo) & ((1 << (hi - lo)) - 1)
+            bucket = self._buckets.get((band, v))
+            if bucket is None or rid.encode() not in bucket[1][:bucket[2]]:
+                self._insert(band, v, h, rid)
+
+    def size(self) -> int:
+        return len(self._by_sha) + sum(b[2] for b in self._buckets.values())
+
+
+class Dedup:
+    """The claimer's side: routes claims to the shards that own them and combines the answers.
+
+    `shards` are DedupShard actor handles (or, for a benchmark or a test oracle, local objects wrapped by
+    `call`). Decisions: None (keeps its image) or (reason, row_id it duplicates).
+    """
+
+    def __init__(self, shards: list, exact: bool, near: bool, max_distance: int):
+        self.shards, self.exact, self.near = shards, exact, near
+        self.n = len(shards)
+        nb = max_distance + 1
+        self.bands = [(i * 64 // nb, (i + 1) * 64 // nb) for i in range(nb)]
+
+    def _call(self, method: str, per_shard: dict[int, list]) -> dict[int, list]:
+        import ray
+
+        refs = {k: getattr(self.shards[k], method).remote(v) for k, v in per_shard.items() if v}
+        return dict(zip(refs, ray.get(list(refs.values()))))
+
+    def claim_many(self, claims: list[tuple[str, str | None, int | None]]) -> list[tuple[str, str] | None]:
+        decisions: list[tuple[str, str] | None] = [None] * len(claims)
+        if self.exact:
+            by_shard: dict[int, list] = {}
+            where = []
+            for i, (rid, sha, _) in enumerate(claims):
+                if sha:
+                    k = int(sha[:8], 16) % self.n
+                    where.append((i, k, len(by_shard.setdefault(k, []))))
+                    by_shard[k].append((rid, sha))
+            answers = self._call("claim_exact", by_shard)
+            for i, k, j in where:
+                if answers[k][j] is not None:
+                    decisions[i] = ("duplicate_exact", answers[k][j])
+        if not self.near:
+            return decisions
+        probes: dict[int, list] = {}
+        where_near: dict[int, list] = {}
+        for i, (rid, _, h) in enumerate(claims):
+            if decisions[i] is not None or h is None:
+                continue
+            for b, (lo, hi) in enumerate(self.bands):
+                k = _owner((h >> lo) & ((1 << (hi - lo)) - 1), b, self.n)
+                where_near.setdefault(i, []).append((k, len(probes.setdefault(k, []))))
+                probes[k].append((rid, h, b))
+        answers = self._call("probe", probes)
+        commits: dict[int, list] = {}
+        for i, places in where_near.items():
+            found = [answers[k][j] for k, j in places]
+            if "" in found or all(f is None for f in found):  # kept before (a retry), or nothing near: keep
+                for k, j in places:
+                    commits.setdefault(k, []).append(probes[k][j])
+            else:
+                decisions[i] = ("duplicate_near", next(f for f in found if f))
+        self._call("commit", commits)
+        return decisions
+
+
+def start_dedup(out: str, n_actors: int, exact: bool, near: bool, max_distance: int) -> Dedup:
+    """Start the job's dedup actors (spread over nodes; restarted, and rebuilt from `out`'s fragments, when lost)."""
+    import ray
+
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(DedupShard)
+    shards = [actor.options(name=None, scheduling_strategy="SPREAD").remote(i, n_actors, exact, near, max_distance, out)
+              for i in range(n_actors)]
+    return Dedup(shards, exact, near, max_distance)
