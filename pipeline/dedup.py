@@ -1,7 +1,8 @@
 """Job-wide duplicate decisions, sharded over Ray actors: the first row to claim an image keeps it.
 
 Exact duplicates (sha256 of the downloaded bytes) are decided by the one shard that owns the hash's prefix, in
-one atomic step (claim = look up, insert on a miss). Near duplicates (64-bit dHash within `max_distance` bits)
+one atomic step (claim = look up, insert on a miss; the bytes stay registered to their first claimer even when
+it turns out a near duplicate, so a later copy names that row and the chain leads to the keeper). Near duplicates (64-bit dHash within `max_distance` bits)
 use `max_distance + 1` bands: two hashes that close agree exactly on at least one band (pigeonhole), and each
 (band, value) bucket lives on one shard, where a probe is one vectorised XOR + popcount over the bucket. A near
 claim probes its bands' owners, then commits to them when nothing matched; two near-duplicates claimed at the
@@ -125,12 +126,11 @@ class DedupShard:
 class Dedup:
     """The claimer's side: routes claims to the shards that own them and combines the answers.
 
-    `shards` are DedupShard actor handles (or, for a benchmark or a test oracle, local objects wrapped by
-    `call`). Decisions: None (keeps its image) or (reason, row_id it duplicates).
+    `shards` are DedupShard actor handles, or DedupShard objects in this process (benchmarks). Decisions: None (keeps its image) or (reason, row_id it duplicates).
     """
 
     def __init__(self, shards: list, exact: bool, near: bool, max_distance: int):
-        self.shards, self.exact, self.near = shards, exact, near
+        self.shards, self.exact, self.near, self.max_distance = shards, exact, near, max_distance
         self.n = len(shards)
         nb = max_distance + 1
         self.bands = [(i * 64 // nb, (i + 1) * 64 // nb) for i in range(nb)]
@@ -138,6 +138,8 @@ class Dedup:
     def _call(self, method: str, per_shard: dict[int, list]) -> dict[int, list]:
         import ray
 
+        if isinstance(self.shards[0], DedupShard):  # in-process shards (benchmarks, tests)
+            return {k: getattr(self.shards[k], method)(v) for k, v in per_shard.items() if v}
         refs = {k: getattr(self.shards[k], method).remote(v) for k, v in per_shard.items() if v}
         return dict(zip(refs, ray.get(list(refs.values()))))
 
@@ -168,13 +170,22 @@ class Dedup:
                 probes[k].append((rid, h, b))
         answers = self._call("probe", probes)
         commits: dict[int, list] = {}
+        batch_h, batch_rid = np.zeros(len(where_near), np.uint64), []  # kept so far in this batch, in claim order
         for i, places in where_near.items():
             found = [answers[k][j] for k, j in places]
-            if "" in found or all(f is None for f in found):  # kept before (a retry), or nothing near: keep
-                for k, j in places:
-                    commits.setdefault(k, []).append(probes[k][j])
-            else:
+            h = claims[i][2]
+            if "" not in found and any(found):
                 decisions[i] = ("duplicate_near", next(f for f in found if f))
+                continue
+            if "" not in found and batch_rid:
+                near = np.flatnonzero(np.bitwise_count(batch_h[:len(batch_rid)] ^ np.uint64(h)) <= self.max_distance)
+                if len(near):
+                    decisions[i] = ("duplicate_near", batch_rid[near[0]])
+                    continue
+            batch_h[len(batch_rid)] = h  # kept before (a retry), or nothing near: keep
+            batch_rid.append(claims[i][0])
+            for k, j in places:
+                commits.setdefault(k, []).append(probes[k][j])
         self._call("commit", commits)
         return decisions
 

@@ -557,26 +557,25 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
             if progress:
                 progress(done_rows, pending_rows + planner.planned_rows if planner.done else None)
         deadline = opts.shard_deadline_s or (max(60.0, 3 * statistics.median(durations)) if len(durations) >= 2 else None)
-        if deadline:
-            now = time.time()
-            wall = opts.shard_wall_s or 4 * deadline
-            for ref, (sid, t0) in list(running.items()):
-                if sid in published or ref not in running:
-                    continue
-                if now - t0 > wall:  # hung: abandon this attempt (its worker is killed) and count it
-                    ray.cancel(ref, force=True)
-                    running.pop(ref)
-                    abandoned += 1
-                    if not any(s == sid for s, _ in running.values()):
-                        if attempts[sid] <= opts.task_retries:
-                            log.warning("shard %s attempt ran past %.0f s: abandoned, starting another", shard_name(sid), wall)
-                            start(sid)
-                        else:
-                            give_up(sid, f"every attempt ran past the shard wall time of {wall:.0f} s")
-                elif now - t0 > deadline and sum(1 for s, _ in running.values() if s == sid) < 2 and attempts[sid] < 2:
-                    log.warning("shard %s past its %.0f s deadline: starting a second attempt", shard_name(sid), deadline)
-                    start(sid)
-                    restarts += 1
+        wall = opts.shard_wall_s or (4 * deadline if deadline else None)
+        now = time.time()
+        for ref, (sid, t0) in list(running.items()):
+            if sid in published or ref not in running:
+                continue
+            if wall and now - t0 > wall:  # hung: abandon this attempt (its worker is killed) and count it
+                ray.cancel(ref, force=True)
+                running.pop(ref)
+                abandoned += 1
+                if not any(s == sid for s, _ in running.values()):
+                    if attempts[sid] <= opts.task_retries:
+                        log.warning("shard %s attempt ran past %.0f s: abandoned, starting another", shard_name(sid), wall)
+                        start(sid)
+                    else:
+                        give_up(sid, f"every attempt ran past the shard wall time of {wall:g} s")
+            elif deadline and now - t0 > deadline and attempts[sid] < 2:
+                log.warning("shard %s past its %.0f s deadline: starting a second attempt", shard_name(sid), deadline)
+                start(sid)
+                restarts += 1
     if fs.exists(f"{root}/{R.STAGING}"):
         fs.rm(f"{root}/{R.STAGING}", recursive=True)
 

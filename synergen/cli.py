@@ -35,8 +35,10 @@ def ingest(
                                                help="Allow loopback and private addresses (local mirrors); link-local stays refused"),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds per socket operation of a download"),
     max_attempts: int = typer.Option(3, "--max-attempts", help="Downloads per URL across re-runs for retryable failures"),
+    task_retries: int = typer.Option(3, "--task-retries", help="Further attempts of a shard whose attempt died or hung"),
+    shard_wall_s: float = typer.Option(None, "--shard-wall-s", help="Abandon a shard attempt running longer (default: 4x the straggler deadline)"),
 ) -> None:
-    """Download a corpus into raw shards; re-run the same command to resume or retry."""
+    """Download a corpus into raw shards; re-run the same command to resume or retry. Exits 1 when shards remain unfinished."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
@@ -50,6 +52,7 @@ def ingest(
             job = bar.add_task("rows", total=None)
             summary = run_ingest(manifest, out, shard_size=shard_size, allow_private_network=allow_private_network,
                                  ray_address=ray_address, timeout=timeout, max_attempts=max_attempts,
+                                 task_retries=task_retries, shard_wall_s=shard_wall_s,
                                  progress=lambda done, total: bar.update(job, completed=done, total=total))
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")

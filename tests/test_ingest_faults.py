@@ -94,3 +94,24 @@ def test_straggler_shard_gets_a_second_attempt_and_publishes_once(ray_cluster, w
     assert time.time() - t0 < 4 + 3  # did not wait for the slow attempt's full sleep on top
     assert sorted(_shard_rows(out).column("url").to_pylist()) == sorted(urls)
     assert web.hits["/slow/4/i0.jpg"] == 2
+
+
+def test_cli_exits_1_when_a_shard_hangs_past_its_wall_time_and_a_rerun_finishes_it(ray_cluster, web, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from synergen.cli import app
+
+    m, _, urls = _setup(web, tmp_path, ["slow/6/i0.jpg", "files/i1.jpg"], 2)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(m.model_dump()))
+    out = str(tmp_path / "out")
+    args = ["ingest", str(tmp_path / "m.yaml"), "--out", out, "--shard-size", "4", "--allow-private-network"]
+    res = CliRunner().invoke(app, [*args, "--shard-wall-s", "1.5", "--task-retries", "0"], env={"COLUMNS": "200"})
+    assert res.exit_code == 1 and "failed all retries" in res.output
+    ledger = pq.read_table(f"{out}/_ledger.parquet").to_pylist()
+    assert {(r["state"], r["reason"], r["attempts"]) for r in ledger} == {("failed_retryable", "shard_failed", 1)}
+    web.unslow()
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    ledger = pq.read_table(f"{out}/_ledger.parquet").to_pylist()
+    assert sorted((r["url"], r["state"], r["shard"]) for r in ledger) == sorted([(urls[0], "ok", 1), (urls[1], "ok", 1)])
