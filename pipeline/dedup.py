@@ -21,7 +21,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-RID_DTYPE = "S32"  # row ids are "<20 hex>-<occurrence>"
+RID_DTYPE = "S24"  # claimers' row ids are "<20 hex>-0" (later occurrences of a URL are never downloaded)
 
 
 def _owner(value: int, band: int, n_shards: int) -> int:
@@ -93,31 +93,38 @@ class DedupShard:
 
     def probe(self, probes: list[tuple[str, int, int]]) -> list[str | None]:
         """For (row_id, phash, band): a kept row within max_distance in that band's bucket, "" when the claimer
-        itself is there (it kept its image before), None when nothing matches."""
-        out: list[str | None] = []
-        for rid, h, band in probes:
+        itself is there (it kept its image before), None when nothing matches. One XOR + popcount over every
+        candidate of the batch."""
+        out: list[str | None] = [None] * len(probes)
+        hs, rids, owner, query = [], [], [], []
+        for j, (_, h, band) in enumerate(probes):
             lo, hi = self.bands[band]
             bucket = self._buckets.get((band, (h >> lo) & ((1 << (hi - lo)) - 1)))
-            if bucket is None:
-                out.append(None)
-                continue
-            hs, rids, n = bucket
-            near = np.flatnonzero(np.bitwise_count(hs[:n] ^ np.uint64(h)) <= self.max_distance)
-            if not len(near):
-                out.append(None)
-                continue
-            found = rids[near]
-            out.append("" if rid.encode() in found else found[0].decode())
+            if bucket is not None:
+                n = bucket[2]
+                hs.append(bucket[0][:n])
+                rids.append(bucket[1][:n])
+                owner.append(np.full(n, j, np.int64))
+                query.append(h)
+        if not hs:
+            return out
+        lens = [len(x) for x in hs]
+        q = np.repeat(np.array(query, np.uint64), lens)
+        hit = np.flatnonzero(np.bitwise_count(np.concatenate(hs) ^ q) <= self.max_distance)
+        found_rids, found_owner = np.concatenate(rids)[hit], np.concatenate(owner)[hit]
+        for rid, j in zip(found_rids.tolist(), found_owner.tolist()):
+            mine = probes[j][0].encode()
+            if rid == mine:
+                out[j] = ""
+            elif out[j] is None:
+                out[j] = rid.decode()
         return out
 
     def commit(self, entries: list[tuple[str, int, int]]) -> None:
-        """Insert kept (row_id, phash, band) entries into their buckets (idempotent: a row is stored once)."""
+        """Insert kept (row_id, phash, band) entries into their buckets (the claimer found none of them there)."""
         for rid, h, band in entries:
             lo, hi = self.bands[band]
-            v = (h >> lo) & ((1 << (hi - lo)) - 1)
-            bucket = self._buckets.get((band, v))
-            if bucket is None or rid.encode() not in bucket[1][:bucket[2]]:
-                self._insert(band, v, h, rid)
+            self._insert(band, (h >> lo) & ((1 << (hi - lo)) - 1), h, rid)
 
     def size(self) -> int:
         return len(self._by_sha) + sum(b[2] for b in self._buckets.values())
@@ -136,10 +143,10 @@ class Dedup:
         self.bands = [(i * 64 // nb, (i + 1) * 64 // nb) for i in range(nb)]
 
     def _call(self, method: str, per_shard: dict[int, list]) -> dict[int, list]:
-        import ray
-
         if isinstance(self.shards[0], DedupShard):  # in-process shards (benchmarks, tests)
             return {k: getattr(self.shards[k], method)(v) for k, v in per_shard.items() if v}
+        import ray
+
         refs = {k: getattr(self.shards[k], method).remote(v) for k, v in per_shard.items() if v}
         return dict(zip(refs, ray.get(list(refs.values()))))
 
@@ -182,10 +189,11 @@ class Dedup:
                 if len(near):
                     decisions[i] = ("duplicate_near", batch_rid[near[0]])
                     continue
-            batch_h[len(batch_rid)] = h  # kept before (a retry), or nothing near: keep
+            batch_h[len(batch_rid)] = h  # kept before (a retry: already stored), or nothing near: keep
             batch_rid.append(claims[i][0])
-            for k, j in places:
-                commits.setdefault(k, []).append(probes[k][j])
+            if "" not in found:
+                for k, j in places:
+                    commits.setdefault(k, []).append(probes[k][j])
         self._call("commit", commits)
         return decisions
 

@@ -254,7 +254,9 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
              "failed_by_reason": counts["failed_by_reason"], "filtered_by_reason": counts["filtered_by_reason"],
              "attempt": spec["attempt"]}
     (final / f"{name}_stats.json").write_text(json.dumps(stats, indent=2))
+    t_frag = time.time()
     pq.write_table(L.fragment_table(records, "published"), final / f"{name}.fragment.parquet")
+    frag_ms = 1000 * (time.time() - t_frag)
 
     staged = R.join(spec["out"], R.STAGING, f"{name}.{spec['attempt']}")
     fs, path = fsspec.core.url_to_fs(staged)
@@ -262,7 +264,7 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     for f in sorted(final.iterdir()):
         fs.put_file(str(f), f"{path}/{f.name}")
     return {"shard": sid, "attempt": spec["attempt"], "staged": staged, "counts": counts, "image_bytes": n_bytes,
-            "duration": stats["duration"], "downloaded": len(todo), "node": ray.get_runtime_context().get_node_id()}
+            "duration": stats["duration"], "downloaded": len(todo), "fragment_ms": frag_ms, "node": ray.get_runtime_context().get_node_id()}
 
 
 def shard_counts(records: list[dict]) -> dict:
@@ -516,6 +518,7 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
     durations: list[float] = []
     done_rows, restarts, abandoned = 0, 0, 0
     exhausted = False
+    planning_s, first_shard_s = time.time() - t_start, None  # planning_s: time spent in the planner
 
     def start(sid: int) -> None:
         running[submit(sid, attempts[sid])] = (sid, time.time())
@@ -528,7 +531,10 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
 
     while True:
         while not exhausted and len(running) < window:
+            t_next = time.time()
             sid = next(todo, None)
+            planning_s += time.time() - t_next
+            first_shard_s = first_shard_s or time.time() - t_start
             if sid is None:
                 exhausted = True
             else:
@@ -579,9 +585,12 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
     if fs.exists(f"{root}/{R.STAGING}"):
         fs.rm(f"{root}/{R.STAGING}", recursive=True)
 
+    t_compact = time.time()
     totals = compact_ledger(out)
     summary = _summarize(fs, root, totals, published, failed_shards, restarts, abandoned, time.time() - t_start)
-    summary["rows_listed"] = planner.rows_in
+    summary |= {"rows_listed": planner.rows_in, "planning_s": round(planning_s, 3), "first_shard_s": first_shard_s,
+                "compact_s": round(time.time() - t_compact, 3),
+                "fragment_write_ms": statistics.fmean([r["fragment_ms"] for r in published.values()] or [0.0])}
     with fs.open(f"{root}/{R.SUMMARY}", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
