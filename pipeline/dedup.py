@@ -25,7 +25,8 @@ RID_DTYPE = "S24"  # claimers' row ids are "<20 hex>-0" (later occurrences of a 
 
 
 def _owner(value: int, band: int, n_shards: int) -> int:
-    return ((value * 0x9E3779B1 + band * 0x85EBCA77) >> 7) % n_shards
+    """The shard holding bucket (band, value): a multiplicative hash (uint64 arithmetic, as in `add_many`)."""
+    return (((value * 0x9E3779B1 + band * 0x85EBCA77) & 0xFFFFFFFFFFFFFFFF) >> 7) % n_shards
 
 
 class DedupShard:
@@ -50,27 +51,42 @@ class DedupShard:
         n = 0
         for table in ledger.iter_fragments(out, ["row_id", "state", "sha256", "phash"]):
             kept = table.filter(pc.equal(table["state"], "ok"))
-            for rid, sha, ph in zip(kept["row_id"].to_pylist(), kept["sha256"].to_pylist(), kept["phash"].to_pylist()):
-                n += self._add(rid, sha, ph)
+            n += self.add_many(kept["row_id"].to_pylist(), kept["sha256"].to_pylist(), kept["phash"].to_pylist())
         log.info("dedup shard %d/%d rebuilt %d entries from %s", self.index, self.n_shards, n, out)
+
+    def add_many(self, rids: list[str], shas: list[str | None], phashes: list[int | None]) -> int:
+        """Register kept images in bulk (vectorised per band); returns the entries this shard took."""
+        added = 0
+        if self.exact:
+            for rid, sha in zip(rids, shas):
+                if sha and self.owns_sha(sha):
+                    self._by_sha.setdefault(bytes.fromhex(sha), rid)
+                    added += 1
+        have = [i for i, h in enumerate(phashes) if h is not None]
+        if not self.near or not have:
+            return added
+        h = np.array([phashes[i] for i in have], np.uint64)
+        r = np.array([rids[i] for i in have], RID_DTYPE)
+        for b, (lo, hi) in enumerate(self.bands):
+            v = (h >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+            mine = np.flatnonzero(((v * np.uint64(0x9E3779B1) + np.uint64(b * 0x85EBCA77)) >> np.uint64(7)) % np.uint64(self.n_shards) == self.index)
+            order = mine[np.argsort(v[mine], kind="stable")]
+            vs = v[order]
+            cuts = np.flatnonzero(np.r_[True, vs[1:] != vs[:-1]]) if len(vs) else np.zeros(0, np.int64)
+            for start, end in zip(cuts.tolist(), [*cuts[1:].tolist(), len(vs)]):
+                idx = order[start:end]
+                key = (b, int(vs[start]))
+                old = self._buckets.get(key)
+                hs, rs = (h[idx], r[idx]) if old is None else (np.r_[old[0][:old[2]], h[idx]], np.r_[old[1][:old[2]], r[idx]])
+                self._buckets[key] = [hs, rs, len(hs)]
+            added += len(order)
+        return added
 
     def band_values(self, h: int) -> list[int]:
         return [(h >> lo) & ((1 << (hi - lo)) - 1) for lo, hi in self.bands]
 
     def owns_sha(self, sha: str) -> bool:
         return int(sha[:8], 16) % self.n_shards == self.index
-
-    def _add(self, rid: str, sha: str | None, phash: int | None) -> int:
-        added = 0
-        if self.exact and sha and self.owns_sha(sha):
-            self._by_sha.setdefault(bytes.fromhex(sha), rid)
-            added += 1
-        if self.near and phash is not None:
-            for b, v in enumerate(self.band_values(phash)):
-                if _owner(v, b, self.n_shards) == self.index:
-                    self._insert(b, v, phash, rid)
-                    added += 1
-        return added
 
     def _insert(self, band: int, value: int, h: int, rid: str) -> None:
         bucket = self._buckets.get((band, value))
@@ -96,7 +112,7 @@ class DedupShard:
         itself is there (it kept its image before), None when nothing matches. One XOR + popcount over every
         candidate of the batch."""
         out: list[str | None] = [None] * len(probes)
-        hs, rids, owner, query = [], [], [], []
+        hs, rids, lens, owner, query = [], [], [], [], []
         for j, (_, h, band) in enumerate(probes):
             lo, hi = self.bands[band]
             bucket = self._buckets.get((band, (h >> lo) & ((1 << (hi - lo)) - 1)))
@@ -104,14 +120,14 @@ class DedupShard:
                 n = bucket[2]
                 hs.append(bucket[0][:n])
                 rids.append(bucket[1][:n])
-                owner.append(np.full(n, j, np.int64))
+                lens.append(n)
+                owner.append(j)
                 query.append(h)
         if not hs:
             return out
-        lens = [len(x) for x in hs]
         q = np.repeat(np.array(query, np.uint64), lens)
         hit = np.flatnonzero(np.bitwise_count(np.concatenate(hs) ^ q) <= self.max_distance)
-        found_rids, found_owner = np.concatenate(rids)[hit], np.concatenate(owner)[hit]
+        found_rids, found_owner = np.concatenate(rids)[hit], np.repeat(np.array(owner), lens)[hit]
         for rid, j in zip(found_rids.tolist(), found_owner.tolist()):
             mine = probes[j][0].encode()
             if rid == mine:
@@ -177,22 +193,25 @@ class Dedup:
                 probes[k].append((rid, h, b))
         answers = self._call("probe", probes)
         commits: dict[int, list] = {}
-        batch_h, batch_rid = np.zeros(len(where_near), np.uint64), []  # kept so far in this batch, in claim order
-        for i, places in where_near.items():
-            found = [answers[k][j] for k, j in places]
-            h = claims[i][2]
+        # near pairs inside this batch (claims the shards cannot know yet): one popcount over all pairs
+        order = list(where_near)
+        hb = np.array([claims[i][2] for i in order], np.uint64)
+        close: dict[int, list[int]] = {}  # position -> earlier positions within max_distance
+        for a, b in np.argwhere(np.tril(np.bitwise_count(hb[:, None] ^ hb[None, :]) <= self.max_distance, -1)).tolist():
+            close.setdefault(a, []).append(b)
+        kept_here: set[int] = set()  # positions in `order` kept so far
+        for pos, i in enumerate(order):
+            found = [answers[k][j] for k, j in where_near[i]]
             if "" not in found and any(found):
                 decisions[i] = ("duplicate_near", next(f for f in found if f))
                 continue
-            if "" not in found and batch_rid:
-                near = np.flatnonzero(np.bitwise_count(batch_h[:len(batch_rid)] ^ np.uint64(h)) <= self.max_distance)
-                if len(near):
-                    decisions[i] = ("duplicate_near", batch_rid[near[0]])
-                    continue
-            batch_h[len(batch_rid)] = h  # kept before (a retry: already stored), or nothing near: keep
-            batch_rid.append(claims[i][0])
+            earlier = next((p for p in close.get(pos, ()) if p in kept_here), None) if "" not in found else None
+            if earlier is not None:
+                decisions[i] = ("duplicate_near", claims[order[earlier]][0])
+                continue
+            kept_here.add(pos)  # kept before (a retry: already stored), or nothing near: keep
             if "" not in found:
-                for k, j in places:
+                for k, j in where_near[i]:
                     commits.setdefault(k, []).append(probes[k][j])
         self._call("commit", commits)
         return decisions

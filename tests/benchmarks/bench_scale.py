@@ -227,8 +227,7 @@ def run_dedup(args) -> None:
         rids = [f"{i:020x}-0" for i in range(n + args.claims)]
         shard = DedupShard(0, 1, max_distance=4)
         t = time.time()
-        for i in range(n):
-            shard._add(rids[i], shas[i], int(hashes[i]))
+        shard.add_many(rids[:n], shas[:n], hashes[:n].tolist())  # as an actor rebuilding from fragments does
         fill = time.time() - t
         d = Dedup([shard], exact=True, near=True, max_distance=4)
         claims = [(rids[i], shas[i], int(hashes[i])) for i in range(n, n + args.claims)]
