@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from pipeline import filters as F
 from pipeline import ledger as L
-from pipeline import netguard
+from pipeline import netguard, politeness
 from pipeline import rawshard as R
 from pipeline.dedup import start_dedup
 from pipeline.rawshard import shard_name  # noqa: F401 - re-exported (tokenize imports it from here until it moves)
@@ -78,6 +78,8 @@ class IngestOptions:
     max_in_flight: int | None = None  # shard attempts running at once; None: 2x the cluster's CPUs
     dedup_actors: int | None = None  # index shards; None: one per 16 cluster CPUs (at least 1)
     plan_batch_rows: int = 65536  # URL-list rows read per planning step
+    per_host_connections: int | None = None  # job-wide concurrent downloads per host (None: unlimited)
+    per_host_rps: float | None = None  # job-wide download starts per second per host (None: unlimited)
     max_bytes: int = netguard.DEFAULT_MAX_BYTES
     max_pixels: int = netguard.DEFAULT_MAX_PIXELS
     encode_quality: int = 95
@@ -150,6 +152,11 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     netguard.install(netguard.AddressPolicy(opts.allow_private_network, tuple(opts.allow_networks),
                                            opts.max_bytes, opts.max_pixels),
                      opts.connect_audit)
+    if opts.per_host_connections or opts.per_host_rps:  # each attempt that may run at once gets an equal share
+        share = spec["share"]
+        politeness.install(politeness.HostLimiter(
+            max(1, opts.per_host_connections // share) if opts.per_host_connections else None,
+            opts.per_host_rps / share if opts.per_host_rps else None, max_wait=opts.timeout))
     m = SourceManifest.model_validate(spec["manifest"])
     sid = spec["shard"]
     with fsspec.open(R.input_path(spec["out"], sid), "rb") as f:
@@ -159,7 +166,7 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     for r in rows:
         if not r["prefilter"]:
             r["prefilter"] = _row_prefilter(r, flts)
-    todo = [i for i, r in enumerate(rows) if not r["prefilter"]]
+    todo = politeness.interleave_by_host([i for i, r in enumerate(rows) if not r["prefilter"]], [r["url"] for r in rows])
     staged_meta: dict[int, dict] = {}
     staged_img: dict[int, bytes] = {}
     if todo:
@@ -508,7 +515,7 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
 
     def submit(sid: int, n: int):
         spec = {"shard": sid, "out": out, "attempt": f"a{n}", "options": asdict(opts), "filters": fc,
-                "manifest": manifest_dump}
+                "manifest": manifest_dump, "share": window + 1}  # +1: a straggler's second attempt
         return task.options(name=f"ingest-shard-{shard_name(sid)}").remote(spec, dedup)
 
     running: dict = {}  # ref -> (shard, started)

@@ -1,6 +1,7 @@
 """Ingest under faults: a killed Ray worker, timeouts recovered by a re-run, an extended list, a straggler shard."""
 
 import glob
+import http.server
 import os
 import signal
 import threading
@@ -115,3 +116,45 @@ def test_cli_exits_1_when_a_shard_hangs_past_its_wall_time_and_a_rerun_finishes_
     assert res.exit_code == 0, res.output
     ledger = pq.read_table(f"{out}/_ledger.parquet").to_pylist()
     assert sorted((r["url"], r["state"], r["shard"]) for r in ledger) == sorted([(urls[0], "ok", 1), (urls[1], "ok", 1)])
+
+
+class _Throttling(http.server.BaseHTTPRequestHandler):
+    """A host that answers every request slowly with 429 + Retry-After: an hour, and records its peak concurrency."""
+
+    lock, active, peak, hits = threading.Lock(), 0, 0, 0
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        cls = type(self)
+        with cls.lock:
+            cls.active += 1
+            cls.hits += 1
+            cls.peak = max(cls.peak, cls.active)
+        time.sleep(0.5)
+        with cls.lock:
+            cls.active -= 1
+        self.send_response(429)
+        self.send_header("Retry-After", "3600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_throttling_host_gets_its_connection_share_and_retry_after_without_stalling_other_hosts(ray_cluster, web, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Throttling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        busy = [f"http://127.0.0.1:{server.server_port}/img{i}.jpg" for i in range(6)]
+        m, lst, urls = _setup(web, tmp_path, [f"files/i{i}.jpg" for i in range(6)], 6)
+        pq.write_table(pa.table({"url": busy + urls, "caption": [f"c{i}" for i in range(12)]}), lst)
+        t0 = time.time()
+        s = run_ingest(m, str(tmp_path / "out"), shard_size=12, allow_networks=LOOPBACK, timeout=3, thread_count=8,
+                       per_host_connections=4, max_in_flight=1)  # 2 attempts may run at once: 2 connections each
+        assert time.time() - t0 < 600  # nobody waited for the hour of Retry-After
+    finally:
+        server.shutdown()
+    assert s["ok"] == 6 and _Throttling.peak <= 2 and _Throttling.hits <= 2
+    ledger = {r["url"]: r for r in pq.read_table(tmp_path / "out" / "_ledger.parquet").to_pylist()}
+    assert {ledger[u]["state"] for u in busy} == {"failed_retryable"}
+    assert {ledger[u]["reason"] for u in busy} == {"http_429", "throttled"}
