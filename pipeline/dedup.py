@@ -2,11 +2,11 @@
 
 Exact duplicates (sha256 of the downloaded bytes) are decided by the one shard that owns the hash's prefix, in
 one atomic step (claim = look up, insert on a miss; the bytes stay registered to their first claimer even when
-it turns out a near duplicate, so a later copy names that row and the chain leads to the keeper). Near duplicates (64-bit dHash within `max_distance` bits)
-use `max_distance + 1` bands: two hashes that close agree exactly on at least one band (pigeonhole), and each
-(band, value) bucket lives on one shard, where a probe is one vectorised XOR + popcount over the bucket. A near
-claim probes its bands' owners, then commits to them when nothing matched; two near-duplicates claimed at the
-same instant by different tasks can both be kept (never both dropped).
+it turns out a near duplicate, so a later copy names that row and the chain leads to the keeper). Near
+duplicates (64-bit dHash within `max_distance` bits) are found through `BandKeys` buckets; each bucket lives on
+one shard, where a probe is one vectorised XOR + popcount over the candidates of a whole batch. A near claim
+probes its keys' owners, then commits to them when nothing matched; two near-duplicates claimed at the same
+instant by different tasks can both be kept (never both dropped).
 
 Claims are idempotent: a row that kept its image finds itself on a re-claim and keeps it again; a duplicate
 finds the same keeper. Every shard rebuilds its part of the index from the published ledger fragments when it
@@ -24,22 +24,57 @@ log = logging.getLogger(__name__)
 RID_DTYPE = "S24"  # claimers' row ids are "<20 hex>-0" (later occurrences of a URL are never downloaded)
 
 
+class BandKeys:
+    """Index keys of a 64-bit hash for near lookups within `max_distance` bits.
+
+    The hash is cut into m = max_distance + 2 bands; two hashes within max_distance bits differ in at most
+    max_distance bands, so they agree exactly on at least 2 (pigeonhole). Each pair of bands is one key (~2*64/m
+    bits), so a bucket holds N / 2^21 hashes for d=4 (5 at 10^7) instead of N / 2^13 with single bands (1,200):
+    the cost of a claim stays flat as the index grows, for C(m, 2) keys per hash (15 for d=4).
+    """
+
+    def __init__(self, max_distance: int):
+        m = max_distance + 2
+        bands = [(i * 64 // m, (i + 1) * 64 // m) for i in range(m)]
+        self.pairs = [(bands[a], bands[b]) for a in range(m) for b in range(a + 1, m)]
+
+    def value(self, h: int, key: int) -> int:
+        (alo, ahi), (blo, bhi) = self.pairs[key]
+        return (((h >> alo) & ((1 << (ahi - alo)) - 1)) << (bhi - blo)) | ((h >> blo) & ((1 << (bhi - blo)) - 1))
+
+    def values(self, h: np.ndarray, key: int) -> np.ndarray:
+        (alo, ahi), (blo, bhi) = self.pairs[key]
+        a = (h >> np.uint64(alo)) & np.uint64((1 << (ahi - alo)) - 1)
+        return (a << np.uint64(bhi - blo)) | ((h >> np.uint64(blo)) & np.uint64((1 << (bhi - blo)) - 1))
+
+
 def _owner(value: int, band: int, n_shards: int) -> int:
     """The shard holding bucket (band, value): a multiplicative hash (uint64 arithmetic, as in `add_many`)."""
     return (((value * 0x9E3779B1 + band * 0x85EBCA77) & 0xFFFFFFFFFFFFFFFF) >> 7) % n_shards
 
 
 class DedupShard:
-    """One shard of the index: the exact hashes and near-hash buckets it owns (see the module docstring)."""
+    """One shard of the index: the exact hashes and near-hash keys it owns (see the module docstring).
+
+    Near entries live per key in a sorted table (values, hashes, row-id indices: 16 bytes an entry) found with
+    `searchsorted` for a whole batch at once, plus a small dict of entries committed since the last merge; the
+    dict is merged into the table (a linear merge of two sorted runs) when it passes `merge_at` entries.
+    """
 
     def __init__(self, index: int, n_shards: int, exact: bool = True, near: bool = True, max_distance: int = 4,
-                 rebuild_from: str | None = None):
+                 rebuild_from: str | None = None, merge_at: int = 1 << 20):
         self.index, self.n_shards = index, n_shards
-        self.exact, self.near, self.max_distance = exact, near, max_distance
-        nb = max_distance + 1
-        self.bands = [(i * 64 // nb, (i + 1) * 64 // nb) for i in range(nb)]
+        self.exact, self.near, self.max_distance, self.merge_at = exact, near, max_distance, merge_at
+        self.keys = BandKeys(max_distance)
+        n_keys = len(self.keys.pairs)
         self._by_sha: dict[bytes, str] = {}
-        self._buckets: dict[tuple[int, int], list] = {}  # (band, value) -> [hashes uint64[cap], rids S32[cap], n]
+        self._rids = np.zeros(0, RID_DTYPE)
+        self._n_rids = 0
+        empty = (np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.uint32))
+        self._tables = [empty] * n_keys  # per key: (values sorted, hashes, row-id indices)
+        self._bulk: list[list[tuple]] = [[] for _ in range(n_keys)]  # add_many chunks not merged yet
+        self._delta: list[dict[int, list]] = [{} for _ in range(n_keys)]  # value -> [(hash, row-id index)]
+        self._n_delta = 0
         if rebuild_from is not None:
             self._rebuild(rebuild_from)
 
@@ -52,10 +87,25 @@ class DedupShard:
         for table in ledger.iter_fragments(out, ["row_id", "state", "sha256", "phash"]):
             kept = table.filter(pc.equal(table["state"], "ok"))
             n += self.add_many(kept["row_id"].to_pylist(), kept["sha256"].to_pylist(), kept["phash"].to_pylist())
+        self.merge()
         log.info("dedup shard %d/%d rebuilt %d entries from %s", self.index, self.n_shards, n, out)
 
+    def _store_rids(self, rids: list[str]) -> np.ndarray:
+        need = self._n_rids + len(rids)
+        if need > len(self._rids):
+            grown = np.zeros(max(need, 2 * len(self._rids), 1024), RID_DTYPE)
+            grown[:self._n_rids] = self._rids[:self._n_rids]
+            self._rids = grown
+        self._rids[self._n_rids:need] = rids
+        idx = np.arange(self._n_rids, need, dtype=np.uint32)
+        self._n_rids = need
+        return idx
+
+    def _mine(self, v: np.ndarray, key: int) -> np.ndarray:
+        return ((v * np.uint64(0x9E3779B1) + np.uint64(key * 0x85EBCA77)) >> np.uint64(7)) % np.uint64(self.n_shards) == self.index
+
     def add_many(self, rids: list[str], shas: list[str | None], phashes: list[int | None]) -> int:
-        """Register kept images in bulk (vectorised per band); returns the entries this shard took."""
+        """Register kept images in bulk (vectorised per key; merged into the tables at the next probe)."""
         added = 0
         if self.exact:
             for rid, sha in zip(rids, shas):
@@ -66,38 +116,33 @@ class DedupShard:
         if not self.near or not have:
             return added
         h = np.array([phashes[i] for i in have], np.uint64)
-        r = np.array([rids[i] for i in have], RID_DTYPE)
-        for b, (lo, hi) in enumerate(self.bands):
-            v = (h >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
-            mine = np.flatnonzero(((v * np.uint64(0x9E3779B1) + np.uint64(b * 0x85EBCA77)) >> np.uint64(7)) % np.uint64(self.n_shards) == self.index)
-            order = mine[np.argsort(v[mine], kind="stable")]
-            vs = v[order]
-            cuts = np.flatnonzero(np.r_[True, vs[1:] != vs[:-1]]) if len(vs) else np.zeros(0, np.int64)
-            for start, end in zip(cuts.tolist(), [*cuts[1:].tolist(), len(vs)]):
-                idx = order[start:end]
-                key = (b, int(vs[start]))
-                old = self._buckets.get(key)
-                hs, rs = (h[idx], r[idx]) if old is None else (np.r_[old[0][:old[2]], h[idx]], np.r_[old[1][:old[2]], r[idx]])
-                self._buckets[key] = [hs, rs, len(hs)]
-            added += len(order)
+        r = self._store_rids([rids[i] for i in have])
+        for k in range(len(self.keys.pairs)):
+            v = self.keys.values(h, k)
+            mine = self._mine(v, k)
+            self._bulk[k].append((v[mine], h[mine], r[mine]))
+            added += int(mine.sum())
         return added
 
-    def band_values(self, h: int) -> list[int]:
-        return [(h >> lo) & ((1 << (hi - lo)) - 1) for lo, hi in self.bands]
+    def merge(self) -> None:
+        """Fold bulk-added and committed entries into the sorted per-key tables."""
+        for k in range(len(self.keys.pairs)):
+            parts = [self._tables[k], *self._bulk[k]]
+            if self._delta[k]:
+                items = [(v, h, r) for v, lst in self._delta[k].items() for h, r in lst]
+                parts.append((np.array([x[0] for x in items], np.uint64), np.array([x[1] for x in items], np.uint64),
+                              np.array([x[2] for x in items], np.uint32)))
+            if len(parts) == 1:
+                continue
+            v = np.concatenate([p[0] for p in parts])
+            order = np.argsort(v, kind="stable")  # timsort: sorted runs merge in linear time
+            self._tables[k] = (v[order], np.concatenate([p[1] for p in parts])[order],
+                               np.concatenate([p[2] for p in parts])[order])
+            self._bulk[k], self._delta[k] = [], {}
+        self._n_delta = 0
 
     def owns_sha(self, sha: str) -> bool:
         return int(sha[:8], 16) % self.n_shards == self.index
-
-    def _insert(self, band: int, value: int, h: int, rid: str) -> None:
-        bucket = self._buckets.get((band, value))
-        if bucket is None:
-            bucket = self._buckets[(band, value)] = [np.zeros(4, np.uint64), np.zeros(4, RID_DTYPE), 0]
-        hs, rids, n = bucket
-        if n == len(hs):
-            bucket[0] = hs = np.concatenate([hs, np.zeros(n, np.uint64)])
-            bucket[1] = rids = np.concatenate([rids, np.zeros(n, RID_DTYPE)])
-        hs[n], rids[n] = h, rid.encode()
-        bucket[2] = n + 1
 
     def claim_exact(self, claims: list[tuple[str, str]]) -> list[str | None]:
         """For (row_id, sha256) pairs this shard owns: the row that kept that image first, None for the claimer itself."""
@@ -108,42 +153,48 @@ class DedupShard:
         return out
 
     def probe(self, probes: list[tuple[str, int, int]]) -> list[str | None]:
-        """For (row_id, phash, band): a kept row within max_distance in that band's bucket, "" when the claimer
-        itself is there (it kept its image before), None when nothing matches. One XOR + popcount over every
-        candidate of the batch."""
+        """For (row_id, phash, key): a kept row within max_distance under that key, "" when the claimer itself is
+        there (it kept its image before), None when nothing matches. Per key, one searchsorted and one
+        XOR + popcount over the candidates of the whole batch."""
+        if any(self._bulk) or self._n_delta > self.merge_at:
+            self.merge()
         out: list[str | None] = [None] * len(probes)
-        hs, rids, lens, owner, query = [], [], [], [], []
-        for j, (_, h, band) in enumerate(probes):
-            lo, hi = self.bands[band]
-            bucket = self._buckets.get((band, (h >> lo) & ((1 << (hi - lo)) - 1)))
-            if bucket is not None:
-                n = bucket[2]
-                hs.append(bucket[0][:n])
-                rids.append(bucket[1][:n])
-                lens.append(n)
-                owner.append(j)
-                query.append(h)
-        if not hs:
-            return out
-        q = np.repeat(np.array(query, np.uint64), lens)
-        hit = np.flatnonzero(np.bitwise_count(np.concatenate(hs) ^ q) <= self.max_distance)
-        found_rids, found_owner = np.concatenate(rids)[hit], np.repeat(np.array(owner), lens)[hit]
-        for rid, j in zip(found_rids.tolist(), found_owner.tolist()):
-            mine = probes[j][0].encode()
-            if rid == mine:
+        by_key: dict[int, list[int]] = {}
+        for j, p in enumerate(probes):
+            by_key.setdefault(p[2], []).append(j)
+        hits: list[tuple[int, int]] = []  # (probe, row-id index)
+        for k, js in by_key.items():
+            hs = np.array([probes[j][1] for j in js], np.uint64)
+            vals = self.keys.values(hs, k)
+            table_v, table_h, table_r = self._tables[k]
+            lo, hi = np.searchsorted(table_v, vals, "left"), np.searchsorted(table_v, vals, "right")
+            cnt = hi - lo
+            total = int(cnt.sum())
+            if total:
+                idx = np.repeat(lo - np.cumsum(np.r_[0, cnt[:-1]]), cnt) + np.arange(total)
+                close = np.bitwise_count(table_h[idx] ^ np.repeat(hs, cnt)) <= self.max_distance
+                owners = np.repeat(np.array(js), cnt)[close]
+                hits += zip(owners.tolist(), table_r[idx][close].tolist())
+            delta = self._delta[k]
+            if delta:
+                for j, h, v in zip(js, hs.tolist(), vals.tolist()):
+                    hits += [(j, r) for dh, r in delta.get(v, ()) if (dh ^ h).bit_count() <= self.max_distance]
+        for j, r in hits:
+            rid = self._rids[r].decode()
+            if rid == probes[j][0]:
                 out[j] = ""
             elif out[j] is None:
-                out[j] = rid.decode()
+                out[j] = rid
         return out
 
     def commit(self, entries: list[tuple[str, int, int]]) -> None:
-        """Insert kept (row_id, phash, band) entries into their buckets (the claimer found none of them there)."""
-        for rid, h, band in entries:
-            lo, hi = self.bands[band]
-            self._insert(band, (h >> lo) & ((1 << (hi - lo)) - 1), h, rid)
-
-    def size(self) -> int:
-        return len(self._by_sha) + sum(b[2] for b in self._buckets.values())
+        """Insert kept (row_id, phash, key) entries (the claimer found none of them there)."""
+        last_rid, last_idx = None, 0
+        for rid, h, k in entries:
+            if rid != last_rid:
+                last_rid, last_idx = rid, int(self._store_rids([rid])[0])
+            self._delta[k].setdefault(self.keys.value(h, k), []).append((h, last_idx))
+            self._n_delta += 1
 
 
 class Dedup:
@@ -155,8 +206,7 @@ class Dedup:
     def __init__(self, shards: list, exact: bool, near: bool, max_distance: int):
         self.shards, self.exact, self.near, self.max_distance = shards, exact, near, max_distance
         self.n = len(shards)
-        nb = max_distance + 1
-        self.bands = [(i * 64 // nb, (i + 1) * 64 // nb) for i in range(nb)]
+        self.keys = BandKeys(max_distance)
 
     def _call(self, method: str, per_shard: dict[int, list]) -> dict[int, list]:
         if isinstance(self.shards[0], DedupShard):  # in-process shards (benchmarks, tests)
@@ -187,8 +237,8 @@ class Dedup:
         for i, (rid, _, h) in enumerate(claims):
             if decisions[i] is not None or h is None:
                 continue
-            for b, (lo, hi) in enumerate(self.bands):
-                k = _owner((h >> lo) & ((1 << (hi - lo)) - 1), b, self.n)
+            for b in range(len(self.keys.pairs)):
+                k = _owner(self.keys.value(h, b), b, self.n)
                 where_near.setdefault(i, []).append((k, len(probes.setdefault(k, []))))
                 probes[k].append((rid, h, b))
         answers = self._call("probe", probes)

@@ -64,7 +64,7 @@ def url_hash(url: str | None) -> str:
     return hashlib.sha256((url or "").encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def row_key64(row_ids) -> np.ndarray:
-    """64-bit keys of row ids (uint64): the compact form planners, compaction and dedup index rows by."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(r.encode(), digest_size=8).digest(), "big") for r in row_ids),
-                       dtype=np.uint64, count=len(row_ids))
+def row_key64(url_h64: np.ndarray, occurrence: np.ndarray) -> np.ndarray:
+    """64-bit keys of row ids `<sha1(url)[:20]>-<occurrence>` from the URL hash's first 64 bits and the occurrence
+    (uint64, vectorised): the compact form planners, compaction and the ledger index rows by."""
+    return url_h64.astype(np.uint64) + occurrence.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)

@@ -1,8 +1,8 @@
 """Benchmark: does ingest's driver stay flat as the URL list grows? (issue 11)
 
 Three parts, each printing a table:
-- `e2e`: `run_ingest` on N rows whose URLs all answer at once with HTTP 404 from the loopback web (so the cost is
-  the pipeline's, not the network's): peak RSS of the driver process and of the job's whole process tree (driver +
+- `e2e`: `run_ingest` on N rows whose URLs are all refused at once on loopback (as the issue measured; so the cost
+  is the pipeline's, not the network's): peak RSS of the driver process and of the job's whole process tree (driver +
   Ray's gcs/raylet/workers), planning time, job time per row, ledger fragment bytes and write time per shard,
   compaction time. `--baseline-root /work/main` runs the same child with another checkout's code (side by side).
 - `plan`: the streaming planner alone on N rows (no Ray): time, time per row, peak RSS.
@@ -31,19 +31,20 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+if not (len(sys.argv) > 1 and sys.argv[1].startswith("child-")):  # children import the code PYTHONPATH names
+    sys.path.insert(0, str(REPO))
 
 
 def write_list(path: Path, n: int, base: str) -> None:
-    """n distinct URLs (404 at once from the loopback web), written in row groups of 1M."""
+    """n distinct URLs under `base`, in row groups of 100k rows (a reader holds one row group at a time)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([("url", pa.string()), ("caption", pa.string())])
     with pq.ParquetWriter(path, schema) as w:
-        for start in range(0, n, 1_000_000):
-            idx = range(start, min(n, start + 1_000_000))
-            w.write_table(pa.table({"url": [f"{base}/status/404?i={i}" for i in idx],
+        for start in range(0, n, 100_000):
+            idx = range(start, min(n, start + 100_000))
+            w.write_table(pa.table({"url": [f"{base}/img/{i}.jpg" for i in idx],
                                     "caption": [f"caption {i}" for i in idx]}, schema=schema))
 
 
@@ -93,19 +94,20 @@ def child_e2e(lst: str, out: str, shard_size: int) -> None:
 
 
 def run_e2e(args) -> None:
-    from pipeline.localweb import LocalWeb
+    import socket
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    (work / "www").mkdir()
-    web = LocalWeb(work / "www").start()
+    with socket.socket() as sock:  # a loopback port nobody listens on: every connect is refused at once
+        sock.bind(("127.0.0.1", 0))
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     roots = [("ours", str(REPO))] + ([("baseline", args.baseline_root)] if args.baseline_root else [])
-    print(f"e2e: HTTP 404 at once from the loopback web, shard size {args.shard_size}; loaded shared 2-core machine")
+    print(f"e2e: every URL refused at once on loopback, shard size {args.shard_size}; loaded shared 2-core machine")
     print(f"{'code':9} {'rows':>9} {'driver MiB':>10} {'tree MiB':>9} {'plan s':>7} {'wall s':>7} {'us/row':>7} "
           f"{'frag B/shard':>12} {'frag ms/shard':>13} {'compact s':>9}")
     try:
         for n in args.rows:
             lst = work / f"l{n}.parquet"
-            write_list(lst, n, web.base.rstrip("/"))
+            write_list(lst, n, base)
             for name, root in roots:  # alternating: ours then the baseline, per size
                 out = work / f"out-{name}-{n}"
                 env = {**os.environ, "PYTHONPATH": root}
@@ -128,7 +130,6 @@ def run_e2e(args) -> None:
                 shutil.rmtree(out, ignore_errors=True)
             lst.unlink()
     finally:
-        web.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -219,32 +220,35 @@ def run_dedup(args) -> None:
     from pipeline.dedup import Dedup, DedupShard
 
     rng = np.random.default_rng(0)
-    print("dedup: us per claim (exact + near, d=4, random dHashes) vs index size; one process; loaded shared machine")
+    print("dedup: CPU us per claim (exact + near, d=4, random dHashes) vs index size; one process; loaded shared machine")
     print(f"{'index size':>10} {'ours us/claim':>13} {'old us/claim':>12} {'ratio old/ours':>14} {'ours fill s':>11}")
     for n in args.sizes:
         hashes = rng.integers(0, 2**63, n + args.claims, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-        shas = [f"{i:064x}" for i in range(n + args.claims)]
-        rids = [f"{i:020x}-0" for i in range(n + args.claims)]
+        shas = lambda lo, hi: [f"{i:064x}" for i in range(lo, hi)]  # noqa: E731 - made per chunk: memory
+        rids = lambda lo, hi: [f"{i:020x}-0" for i in range(lo, hi)]  # noqa: E731
         shard = DedupShard(0, 1, max_distance=4)
         t = time.time()
-        shard.add_many(rids[:n], shas[:n], hashes[:n].tolist())  # as an actor rebuilding from fragments does
+        for lo in range(0, n, 1_000_000):  # as an actor rebuilding from fragments does, fragment by fragment
+            hi = min(n, lo + 1_000_000)
+            shard.add_many(rids(lo, hi), shas(lo, hi), hashes[lo:hi].tolist())
+        shard.merge()
         fill = time.time() - t
         d = Dedup([shard], exact=True, near=True, max_distance=4)
-        claims = [(rids[i], shas[i], int(hashes[i])) for i in range(n, n + args.claims)]
-        t = time.time()
+        claims = list(zip(rids(n, n + args.claims), shas(n, n + args.claims), hashes[n:].tolist()))
+        t = time.process_time()  # CPU time: steadier than wall time on the shared machine
         for s in range(0, len(claims), 100):
             d.claim_many(claims[s:s + 100])
-        ours = 1e6 * (time.time() - t) / len(claims)
+        ours = 1e6 * (time.process_time() - t) / len(claims)
         del shard, d
         old = float("nan")
         if n <= args.old_max:
             idx = OldDedupIndex(4)
-            for i in range(n):
-                idx.add_kept(rids[i], shas[i], int(hashes[i]))
-            t = time.time()
+            for rid, sha, h in zip(rids(0, n), shas(0, n), hashes[:n].tolist()):
+                idx.add_kept(rid, sha, h)
+            t = time.process_time()
             for c in claims:
                 idx.claim(*c)
-            old = 1e6 * (time.time() - t) / len(claims)
+            old = 1e6 * (time.process_time() - t) / len(claims)
             del idx
         print(f"{n:>10} {ours:>13.1f} {old:>12.1f} {old / ours:>14.1f} {fill:>11.1f}", flush=True)
 
