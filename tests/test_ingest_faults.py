@@ -90,7 +90,8 @@ def test_straggler_shard_gets_a_second_attempt_and_publishes_once(ray_cluster, w
     out = str(tmp_path / "out")
     threading.Timer(1.5, web.unslow).start()  # the first attempt is stuck in its sleep; a second one is fast
     t0 = time.time()
-    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=10, shard_deadline_s=1.0)
+    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=10, shard_deadline_s=1.0,
+                   shard_wall_s=120)
     assert s["straggler_restarts"] == 1 and s["ok"] == 2 and s["shards_total"] == 1
     assert time.time() - t0 < 4 + 3  # did not wait for the slow attempt's full sleep on top
     assert sorted(_shard_rows(out).column("url").to_pylist()) == sorted(urls)
