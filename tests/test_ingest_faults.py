@@ -2,6 +2,7 @@
 
 import glob
 import http.server
+import json
 import os
 import signal
 import threading
@@ -89,13 +90,13 @@ def test_straggler_shard_gets_a_second_attempt_and_publishes_once(ray_cluster, w
     m, _, urls = _setup(web, tmp_path, paths, 2)
     out = str(tmp_path / "out")
     threading.Timer(1.5, web.unslow).start()  # the first attempt is stuck in its sleep; a second one is fast
-    t0 = time.time()
     s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=10, shard_deadline_s=1.0,
                    shard_wall_s=120)
     assert s["straggler_restarts"] == 1 and s["ok"] == 2 and s["shards_total"] == 1
-    assert time.time() - t0 < 4 + 3  # did not wait for the slow attempt's full sleep on top
+    # the second attempt published; the first, still in its sleep, was cancelled
+    assert json.loads(open(f"{out}/00000_stats.json").read())["attempt"] == "a1"
     assert sorted(_shard_rows(out).column("url").to_pylist()) == sorted(urls)
-    assert web.hits["/slow/4/i0.jpg"] == 2
+    assert web.hits["/slow/4/i0.jpg"] <= 2  # (on a loaded machine the first attempt may be cancelled before its request)
 
 
 def test_cli_exits_1_when_a_shard_hangs_past_its_wall_time_and_a_rerun_finishes_it(ray_cluster, web, tmp_path):
