@@ -93,8 +93,9 @@ def test_straggler_shard_gets_a_second_attempt_and_publishes_once(ray_cluster, w
     s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=10, shard_deadline_s=1.0,
                    shard_wall_s=120)
     assert s["straggler_restarts"] == 1 and s["ok"] == 2 and s["shards_total"] == 1
-    # the second attempt published; the first, still in its sleep, was cancelled
-    assert json.loads(open(f"{out}/00000_stats.json").read())["attempt"] == "a1"
+    # one attempt published (the second, unless the first reached the web after the unslow), the other was cancelled
+    assert json.loads(open(f"{out}/00000_stats.json").read())["attempt"] in ("a0", "a1")
+    assert not glob.glob(f"{out}/_staging/*")
     assert sorted(_shard_rows(out).column("url").to_pylist()) == sorted(urls)
     assert web.hits["/slow/4/i0.jpg"] <= 2  # (on a loaded machine the first attempt may be cancelled before its request)
 
