@@ -472,11 +472,6 @@ def _close_failed_shard(fs, root: str, sid: int) -> None:
     L.write_parquet_atomic(fs, R.fragment_path(root, sid), L.fragment_table(recs, "shard_failed"))
 
 
-def compact_ledger(out: str) -> dict:
-    """Fold the fragments into `<out>/_ledger.parquet` (also run at the end of every ingest); returns totals."""
-    return L.compact(out)
-
-
 def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000, allow_private_network: bool = False,
                ray_address: str | None = None, url_lists: list[str] | None = None,
                progress: Callable[[int, int | None], None] | None = None, **options) -> dict:
@@ -595,7 +590,7 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
         fs.rm(f"{root}/{R.STAGING}", recursive=True)
 
     t_compact = time.time()
-    totals = compact_ledger(out)
+    totals = L.compact(out)  # also callable on demand: pipeline.ledger.compact(out)
     summary = _summarize(fs, root, totals, published, failed_shards, restarts, abandoned, time.time() - t_start)
     summary |= {"rows_listed": planner.rows_in, "planning_s": round(planning_s, 3), "first_shard_s": first_shard_s,
                 "compact_s": round(time.time() - t_compact, 3),

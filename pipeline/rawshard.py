@@ -55,10 +55,6 @@ def fragment_path(out: str, shard_id: int) -> str:
     return join(out, FRAGMENTS, f"{shard_name(shard_id)}.parquet")
 
 
-def shard_file(out: str, shard_id: int, suffix: str) -> str:
-    return join(out, f"{shard_name(shard_id)}{suffix}")
-
-
 def url_hash(url: str | None) -> str:
     """Stable identity of a full URL (the ledger stores the URL redacted, so secrets never reach it)."""
     return hashlib.sha256((url or "").encode("utf-8", "surrogatepass")).hexdigest()
