@@ -3,7 +3,7 @@
 Row filters (caption, metadata, language) need only the URL-list row, so ingest runs them before
 downloading; image filters (geometry) run on the downloaded image's size. Every filter counts what it
 drops by reason (`counts`), and those counters end up in the shard stats and the job summary.
-Duplicates across the whole job are decided by `DedupIndex` (exact sha256 + perceptual hash).
+Duplicates across the whole job are decided by `pipeline.dedup` (exact sha256 + `dhash` perceptual hash).
 """
 
 from __future__ import annotations
@@ -153,58 +153,3 @@ def dhash_bytes(data: bytes) -> int:
     with Image.open(io.BytesIO(data)) as im:
         im.draft("L", (64, 64))  # JPEG: decode at reduced scale, the hash only needs a thumbnail
         return dhash(im)
-
-
-class DedupIndex:
-    """Job-wide duplicate decisions: the first row to claim an image keeps it; later claims name the row they duplicate.
-
-    Exact: sha256 of the downloaded bytes. Near: dHash within `max_distance` bits, found through
-    `max_distance + 1` bands (pigeonhole: two hashes that close agree exactly on at least one band).
-    Claims are idempotent: the same row claiming again gets the same answer (retries, duplicate attempts).
-    """
-
-    def __init__(self, exact: bool = True, near: bool = True, max_distance: int = 4):
-        self.exact, self.near, self.max_distance = exact, near, max_distance
-        self._by_sha: dict[str, str] = {}
-        self._hashes: dict[str, int] = {}
-        self._decided: dict[str, tuple[str, str] | None] = {}
-        nb = max_distance + 1
-        self._bands = [(i * 64 // nb, (i + 1) * 64 // nb) for i in range(nb)]
-        self._buckets: dict[tuple[int, int], list[str]] = collections.defaultdict(list)
-
-    def _band_keys(self, h: int):
-        for i, (lo, hi) in enumerate(self._bands):
-            yield i, (h >> lo) & ((1 << (hi - lo)) - 1)
-
-    def add_kept(self, row_id: str, sha256: str | None, phash: int | None) -> None:
-        """Register an image kept by an earlier run (seeding from the ledger)."""
-        self._decided[row_id] = None
-        if sha256:
-            self._by_sha.setdefault(sha256, row_id)
-        if phash is not None and self.near:
-            self._hashes[row_id] = phash
-            for band in self._band_keys(phash):
-                self._buckets[band].append(row_id)
-
-    def claim(self, row_id: str, sha256: str | None, phash: int | None) -> tuple[str, str] | None:
-        """None when row_id keeps its image, else (reason, row_id it duplicates)."""
-        if row_id in self._decided:
-            return self._decided[row_id]
-        decision = None
-        if self.exact and sha256 and sha256 in self._by_sha:
-            decision = ("duplicate_exact", self._by_sha[sha256])
-        elif self.near and phash is not None:
-            for band in self._band_keys(phash):
-                for other in self._buckets.get(band, ()):
-                    if bin(self._hashes[other] ^ phash).count("1") <= self.max_distance:
-                        decision = ("duplicate_near", other)
-                        break
-                if decision:
-                    break
-        if decision is None:
-            self.add_kept(row_id, sha256, phash)
-        self._decided[row_id] = decision
-        return decision
-
-    def claim_many(self, claims: list[tuple[str, str | None, int | None]]) -> list[tuple[str, str] | None]:
-        return [self.claim(*c) for c in claims]

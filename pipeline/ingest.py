@@ -1,23 +1,26 @@
-"""Ingest: URL lists -> filtered raw WebDataset shards, on Ray, resumable and fault-tolerant.
+"""Ingest: URL lists -> filtered raw WebDataset shards, on Ray, resumable, fault-tolerant, driver state O(shards).
 
-The driver plans shards (shard N is a pure function of the rows assigned to it, recorded in the ledger
-before any download), runs one Ray task per shard, and publishes the first attempt of each shard to
-finish. A task runs img2dataset's per-shard `Downloader` into a local staging folder with every
-download going through `pipeline.netguard`, then filters the shard (image size, aspect ratio, job-wide
-exact/near dedup through one `DedupIndex` actor) and writes the final `NNNNN.tar/.parquet/_stats.json`
-to `<out>/_staging/`. Publishing moves them into `<out>` with the parquet last: a shard is published
-when its `NNNNN.parquet` exists, and a published shard is never rewritten.
+The driver streams the URL lists in batches and writes each shard's input rows once, durably, to
+`<out>/_inputs/NNNNN.parquet` (shard N is a pure function of that file; names in `pipeline.rawshard`); it holds
+shard ids and counts, never rows (beyond 28 bytes per URL of numpy state for row ids and duplicate URLs). A
+bounded window of shard tasks runs; each reads its own input file, runs img2dataset's per-shard `Downloader`
+with every download going through `pipeline.netguard`, filters (row filters, image size, job-wide exact/near
+dedup through the sharded `pipeline.dedup` actors), and stages `NNNNN.tar/.parquet/_stats.json` plus its
+ledger fragment under `<out>/_staging/`. Publishing moves them into place with the parquet last: a shard is
+published when its `NNNNN.parquet` exists, and a published shard is never rewritten.
 
-`<out>/_ledger.parquet` holds one row per input row: pending (planned), ok, filtered (+reason, +dup_of),
-opted_out, failed_retryable, failed_permanent. A re-run reads it: published shards are skipped, pending
-shards are run again as planned, failed_retryable rows (up to `max_attempts`) go to NEW shards, rows
-the ledger does not hold (an extended URL list) go to new shards, and nothing else is touched.
+The ledger (`pipeline.ledger`) is the per-shard fragments, compacted into `_ledger.parquet` at the end. A
+re-run: published shards are skipped, planned-but-unpublished shards run again from their input files,
+failed_retryable rows (up to `max_attempts`) go to NEW shards, URL-list rows no shard holds (an extended list)
+go to new shards, and nothing else is touched. A shard that fails all its retries leaves its rows
+failed_retryable (reason `shard_failed`) and the summary's `shards_failed` non-empty (the CLI exits 1).
 """
 
 from __future__ import annotations
 
 import collections
-import io
+import hashlib
+import itertools
 import json
 import logging
 import math
@@ -26,39 +29,33 @@ import statistics
 import tarfile
 import tempfile
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import filters as F
-from pipeline import image_decode, netguard
-from pipeline.sources import SourceManifest, load_source_manifest, read_url_list
+from pipeline import ledger as L
+from pipeline import image_decode, netguard, politeness
+from pipeline import rawshard as R
+from pipeline.dedup import start_dedup
+from pipeline.rawshard import shard_name  # noqa: F401 - re-exported (tokenize imports it from here until it moves)
+from pipeline.sources import SourceManifest, check_url_lists, iter_url_list_parts, load_source_manifest
 from synergen.errors import SynergenError
 from synergen.local_ray import init_ray
 
 log = logging.getLogger(__name__)
-
-LEDGER = "_ledger.parquet"
-SUMMARY = "_summary.json"
-STAGING = "_staging"
-SHARD_DIGITS = 5  # img2dataset's oom_shard_count: names are 00000.tar ...
-FAILED_STATES = ("opted_out", "failed_retryable", "failed_permanent")
-LEDGER_SCHEMA = pa.schema([
-    ("row_id", pa.string()), ("url", pa.string()), ("shard", pa.int64()), ("key", pa.string()),
-    ("state", pa.string()), ("reason", pa.string()), ("dup_of", pa.string()), ("attempts", pa.int64()),
-    ("sha256", pa.string()), ("phash", pa.uint64()),
-])
 
 # Columns after the input's in NNNNN.parquet: img2dataset's, then ours (ledger state, reason, duplicate-of).
 SHARD_COLUMNS = [("key", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
                  ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
                  ("original_height", pa.int32()), ("sha256", pa.string()), ("row_id", pa.string()),
                  ("state", pa.string()), ("reason", pa.string()), ("dup_of", pa.string())]
+PLAN_COLUMNS = ["row_id", "rid64", "url", "caption", "caption_utf8"]  # then extras, then key/prefilter/dup_of/attempts
 
 
 class IngestError(SynergenError):
@@ -77,8 +74,13 @@ class IngestOptions:
     shard_download_deadline_s: float | None = None  # a shard's whole download phase; None: from the two above
     thread_count: int = 32
     max_attempts: int = 3  # downloads per URL across re-runs before a retryable failure is final
-    task_retries: int = 3  # Ray retries of one shard task (worker died, or img2dataset returned ok=False)
+    task_retries: int = 3  # Ray retries of one shard task (worker or node died, or img2dataset returned ok=False)
     shard_deadline_s: float | None = None  # None: 3x the median shard time so far (at least 60 s)
+    shard_wall_s: float | None = None  # an attempt running longer is abandoned (cancelled); None: 4x the deadline
+    max_in_flight: int | None = None  # shard attempts running at once; None: 2x the cluster's CPUs
+    dedup_actors: int | None = None  # index shards; None: one per 16 cluster CPUs (at least 1)
+    per_host_connections: int | None = None  # job-wide concurrent downloads per host (None: unlimited)
+    per_host_rps: float | None = None  # job-wide download starts per second per host (None: unlimited)
     max_bytes: int = netguard.DEFAULT_MAX_BYTES
     max_pixels: int = netguard.DEFAULT_MAX_PIXELS
     max_decoded_bytes: int = image_decode.DEFAULT_MAX_DECODED_BYTES  # width x height x bytes per pixel
@@ -86,19 +88,11 @@ class IngestOptions:
     connect_audit: str | None = None  # file where workers record every connect address (tests prove the guard)
 
 
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:0{SHARD_DIGITS}d}"
-
-
-def _join(out: str, name: str) -> str:
-    return out.rstrip("/") + "/" + name
-
-
 # ---------------------------------------------------------------- filters built from the manifest
 
 
 def row_filters(m: SourceManifest) -> list:
-    """Filters that need only the URL-list row (run by the driver before anything is downloaded)."""
+    """Filters that need only the URL-list row (run in the shard task before anything is downloaded)."""
     f = m.filters
     out: list = [F.CaptionFilter(f.caption_min_chars, f.caption_max_chars)]
     out += [F.MetadataFilter(col, t.min, t.max) for col, t in f.metadata.items()]
@@ -113,6 +107,13 @@ def image_filters(fc: dict) -> list:
     if fc["max_aspect_ratio"]:
         out.append(F.AspectRatioFilter(fc["max_aspect_ratio"]))
     return out
+
+
+def _row_prefilter(r: dict, filters: list) -> str | None:
+    sample = dict(r)
+    if not r["caption_utf8"]:
+        sample["caption"] = b"\xff"  # the caption filter counts it as not UTF-8
+    return next((reason for reason in (flt(sample) for flt in filters) if reason), None)
 
 
 # ---------------------------------------------------------------- the shard task (runs in a Ray worker)
@@ -130,7 +131,7 @@ def _state_of(status: str, error: str | None) -> tuple[str, str | None]:
 
 
 def download_shard(spec: dict, dedup) -> dict:
-    """Download, filter and stage one shard; returns the staged folder, per-row records and counts.
+    """Download, filter and stage one shard (its rows read from its input file); returns counts, never rows.
 
     Raises when img2dataset reports a failed shard, so Ray's retries act (img2dataset swallows errors);
     the attempt's local working folder is removed however it ends.
@@ -149,9 +150,21 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     import webdataset as wds
 
     opts = IngestOptions(**spec["options"])
-    sid, rows = spec["shard"], spec["rows"]
+    if opts.per_host_connections or opts.per_host_rps:  # each attempt that may run at once gets an equal share
+        share = spec["share"]
+        politeness.install(politeness.HostLimiter(
+            max(1, opts.per_host_connections // share) if opts.per_host_connections else None,
+            opts.per_host_rps / share if opts.per_host_rps else None, max_wait=opts.timeout))
+    m = SourceManifest.model_validate(spec["manifest"])
+    sid = spec["shard"]
+    with fsspec.open(R.input_path(spec["out"], sid), "rb") as f:
+        rows = pq.read_table(f).to_pylist()
     t0 = time.time()
-    todo = [i for i, r in enumerate(rows) if not r["_prefilter"]]
+    flts = row_filters(m)
+    for r in rows:
+        if not r["prefilter"]:
+            r["prefilter"] = _row_prefilter(r, flts)
+    todo = politeness.interleave_by_host([i for i, r in enumerate(rows) if not r["prefilter"]], [r["url"] for r in rows])
     netguard.install(netguard.AddressPolicy(opts.allow_private_network, tuple(opts.allow_networks), opts.max_bytes,
                                            opts.max_pixels, total_timeout=opts.download_deadline_s),
                      opts.connect_audit, deadline_s=netguard.shard_download_deadline(
@@ -169,7 +182,7 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
         downloader = Downloader(
             sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=opts.thread_count,
             save_caption=True, extract_exif=False, output_folder=str(dl_dir), column_list=["url", "caption"],
-            timeout=opts.timeout, number_sample_per_shard=max(len(todo), 2), oom_shard_count=SHARD_DIGITS,
+            timeout=opts.timeout, number_sample_per_shard=max(len(todo), 2), oom_shard_count=R.SHARD_DIGITS,
             compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=0,
             user_agent_token="synergen", disallowed_header_directives=list(netguard.OPT_OUT_DIRECTIVES))
         ok, _ = downloader((0, str(ipc)))
@@ -186,17 +199,18 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
 
     fc = spec["filters"]
     img_filters = image_filters(fc)
-    oom_rows = math.ceil(math.log10(max(spec["shard_size"], 2)))
     records, claims = [], []
     for i, r in enumerate(rows):
-        key = f"{sid * 10**oom_rows + i:0{oom_rows + SHARD_DIGITS}d}"
         meta = staged_meta.get(i, {})
-        rec = {"row_id": r["row_id"], "url": netguard.redact_url(r["url"]), "shard": sid, "key": key, "sha256": meta.get("sha256"),
-               "phash": None, "dup_of": r.get("_dup_of"), "width": meta.get("width"), "height": meta.get("height"),
+        downloaded = not r["prefilter"]
+        rec = {"row_id": r["row_id"], "rid64": r["rid64"], "url": netguard.redact_url(r["url"]) if r["url"] else r["url"],
+               "url_hash": R.url_hash(r["url"]), "shard": sid, "key": r["key"], "sha256": meta.get("sha256"),
+               "phash": None, "dup_of": r["dup_of"], "attempts": (r["attempts"] or 0) + int(downloaded),
+               "width": meta.get("width"), "height": meta.get("height"),
                "original_width": meta.get("original_width"), "original_height": meta.get("original_height"),
-               "error_message": meta.get("error_message"), "downloaded": not r["_prefilter"]}
-        if r["_prefilter"]:
-            rec.update(status="filtered", state="filtered", reason=r["_prefilter"])
+               "error_message": meta.get("error_message")}
+        if not downloaded:
+            rec.update(status="filtered", state="filtered", reason=r["prefilter"])
         elif not meta:
             # img2dataset dropped the row without a record (it logs and continues): retry it later
             rec.update(status="failed_to_download", state="failed_retryable", reason="lost_by_downloader")
@@ -213,12 +227,12 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
                     claims.append(i)
         records.append(rec)
     if claims and dedup is not None:
-        decisions = ray.get(dedup.claim_many.remote([(records[i]["row_id"], records[i]["sha256"], records[i]["phash"]) for i in claims]))
+        decisions = dedup.claim_many([(records[i]["row_id"], records[i]["sha256"], records[i]["phash"]) for i in claims])
         for i, d in zip(claims, decisions):
             if d is not None:
                 records[i].update(status="filtered", state="filtered", reason=d[0], dup_of=d[1])
 
-    # final shard: tar in row order (deterministic), parquet with every row, stats
+    # final shard: tar in row order (deterministic), parquet with every row, stats, ledger fragment
     final = tmp / "final"
     final.mkdir()
     name = shard_name(sid)
@@ -228,13 +242,13 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
             if rec["state"] != "ok":
                 continue
             meta = {k: rec[k] for k in ("key", "status", "width", "height", "original_width", "original_height", "sha256")}
-            meta |= {k: r[k] for k in ["caption", *spec["extra_columns"]]} | {"url": rec["url"]}  # input columns win
+            meta |= {k: r[k] for k in ["caption", *m.extra_columns]} | {"url": rec["url"]}  # input columns win (COYO's width)
             meta["error_message"] = None
             tw.write({"__key__": rec["key"], "jpg": staged_img[i], "txt": r["caption"] or "", "json": json.dumps(meta)})
             n_bytes += len(staged_img[i])
     cols = {"url": pa.array([rec["url"] for rec in records], pa.string()),
             "caption": pa.array([r["caption"] for r in rows], pa.string())}
-    cols |= {c: pa.array([r.get(c) for r in rows]) for c in spec["extra_columns"]}
+    cols |= {c: pa.array([r.get(c) for r in rows]) for c in m.extra_columns}
     for c, typ in SHARD_COLUMNS:
         if c not in ("width", "height") or c not in cols:  # an input's own width/height (COYO) is kept
             cols[c] = pa.array([rec[c] for rec in records], typ)
@@ -248,108 +262,165 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
              "failed_by_reason": counts["failed_by_reason"], "filtered_by_reason": counts["filtered_by_reason"],
              "attempt": spec["attempt"]}
     (final / f"{name}_stats.json").write_text(json.dumps(stats, indent=2))
+    t_frag = time.time()
+    pq.write_table(L.fragment_table(records, "published"), final / f"{name}.fragment.parquet")
+    frag_ms = 1000 * (time.time() - t_frag)
 
-    staged = _join(spec["out"], f"{STAGING}/{name}.{spec['attempt']}")
+    staged = R.join(spec["out"], R.STAGING, f"{name}.{spec['attempt']}")
     fs, path = fsspec.core.url_to_fs(staged)
     fs.makedirs(path, exist_ok=True)
     for f in sorted(final.iterdir()):
         fs.put_file(str(f), f"{path}/{f.name}")
-    return {"shard": sid, "attempt": spec["attempt"], "staged": staged, "records": records, "counts": counts,
-            "image_bytes": n_bytes, "duration": stats["duration"], "downloaded": len(todo)}
+    return {"shard": sid, "attempt": spec["attempt"], "staged": staged, "counts": counts, "image_bytes": n_bytes,
+            "duration": stats["duration"], "downloaded": len(todo), "fragment_ms": frag_ms, "node": ray.get_runtime_context().get_node_id()}
 
 
 def shard_counts(records: list[dict]) -> dict:
     """ok / failed / filtered with reasons; rows == ok + failed + filtered by construction."""
     ok = sum(1 for r in records if r["state"] == "ok")
-    failed = collections.Counter(r["reason"] for r in records if r["state"] in FAILED_STATES)
+    failed = collections.Counter(r["reason"] for r in records if r["state"] in L.FAILED_STATES)
     filtered = collections.Counter(r["reason"] for r in records if r["state"] == "filtered")
     return {"rows": len(records), "ok": ok, "failed": sum(failed.values()), "filtered": sum(filtered.values()),
             "failed_by_reason": dict(failed), "filtered_by_reason": dict(filtered)}
 
 
-# ---------------------------------------------------------------- driver side: ledger, planning, publishing
+# ---------------------------------------------------------------- driver side: streaming planner
 
 
-class Ledger:
-    """One record per input row, keyed by row_id; written whole to `_ledger.parquet` (temp name, then moved)."""
+class UrlOccurrences:
+    """Occurrence numbers of URLs across the whole list, in numpy: 12 bytes per distinct URL (a sorted array of
+    64-bit URL hashes and their counts), so row ids (`<sha1[:20]>-<n>`, stable when rows are appended) and
+    duplicate URLs are found without a Python object per row."""
 
-    def __init__(self, out: str):
-        self.out = out
+    def __init__(self):
+        self.hashes = np.zeros(0, np.uint64)
+        self.counts = np.zeros(0, np.uint32)
+
+    def add(self, h: np.ndarray) -> np.ndarray:
+        """Occurrence number of each hash of this batch (0 for a URL's first row), counting earlier batches."""
+        order = np.argsort(h, kind="stable")
+        hs = h[order]
+        starts = np.r_[True, hs[1:] != hs[:-1]] if len(hs) else np.zeros(0, bool)
+        group_start = np.maximum.accumulate(np.where(starts, np.arange(len(hs)), 0))
+        rank = np.arange(len(hs)) - group_start
+        pos = np.clip(np.searchsorted(self.hashes, hs), 0, max(len(self.hashes) - 1, 0))
+        prev = np.where(self.hashes[pos] == hs, self.counts[pos], 0) if len(self.hashes) else np.zeros(len(hs), np.uint32)
+        occ = np.empty(len(h), np.int64)
+        occ[order] = prev + rank
+        uniq, n = hs[starts], np.diff(np.r_[np.flatnonzero(starts), len(hs)]).astype(np.uint32)
+        allh = np.concatenate([self.hashes, uniq])
+        alln = np.concatenate([self.counts, n])
+        o = np.argsort(allh, kind="stable")
+        allh, alln = allh[o], alln[o]
+        first = np.r_[True, allh[1:] != allh[:-1]]
+        self.hashes, self.counts = allh[first], np.add.reduceat(alln, np.flatnonzero(first)).astype(np.uint32)
+        return occ
+
+
+class Planner:
+    """Writes new shards' input files: retryable rows of closed shards first, then URL-list rows no shard holds.
+
+    Iterating yields each new shard's id once its input file is durable (written under a temporary name, then
+    moved), so shards start while later ones are still being planned.
+    """
+
+    def __init__(self, m: SourceManifest, out: str, opts: IngestOptions, st: L.ShardStates):
+        self.m, self.out, self.opts, self.st = m, out, opts, st
         self.fs, self.root = fsspec.core.url_to_fs(out)
-        self.rows: dict[str, dict] = {}
-        path = f"{self.root}/{LEDGER}"
-        if self.fs.exists(path):
-            with self.fs.open(path, "rb") as f:
-                for r in pq.read_table(f).to_pylist():
-                    self.rows[r["row_id"]] = r
+        self.files = check_url_lists(m)
+        self.keys, self.shards = L.current_shards(out, st)
+        self.next_id = st.next_id
+        self.rows_in = 0
+        self.planned_rows = 0
+        self.done = False
+        self._buf: list[pa.Table] = []
+        self._n = 0
 
-    def apply(self, records: list[dict], count_attempt: bool) -> None:
-        for rec in records:
-            old = self.rows.get(rec["row_id"], {})
-            attempts = (old.get("attempts") or 0) + (1 if count_attempt and rec.get("downloaded", True) else 0)
-            self.rows[rec["row_id"]] = {k: rec.get(k) for k in LEDGER_SCHEMA.names} | {"attempts": attempts}
+    def __iter__(self) -> Iterator[int]:
+        for t in L.retryable_inputs(self.out, self.st, self.keys, self.shards, self.opts.max_attempts):
+            yield from self._push(t.select([*PLAN_COLUMNS, *self.m.extra_columns, "attempts"]))
+        occ = UrlOccurrences()
+        for batch in iter_url_list_parts(self.m, self.files):
+            self.rows_in += batch.num_rows
+            yield from self._push(self._fresh(batch, occ))
+        yield from self._cut(final=True)
+        self.done = True
 
-    def flush(self) -> None:
-        table = pa.Table.from_pylist(list(self.rows.values()), schema=LEDGER_SCHEMA)
-        tmp = f"{self.root}/{LEDGER}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        self.fs.mv(tmp, f"{self.root}/{LEDGER}")
+    def _fresh(self, batch: pa.Table, occ: UrlOccurrences) -> pa.Table:
+        urls = batch["url"].to_pylist()
+        digests = [hashlib.sha1((u or "").encode("utf-8", "surrogatepass")).hexdigest()[:20] for u in urls]
+        h64 = np.array([int(d[:16], 16) for d in digests], np.uint64)
+        n = occ.add(h64)
+        row_ids = [f"{d}-{k}" for d, k in zip(digests, n.tolist())]
+        rid64 = R.row_key64(h64, n)
+        # a row the URL list could not give (pipeline.sources.BAD_ROW) is counted, never downloaded
+        prefilter = [bad or (None if u else "url_missing") for u, bad in zip(urls, batch["bad_row"].to_pylist())]
+        dup_of = [None] * len(urls)
+        for i in np.flatnonzero(n > 0):
+            if urls[i] and not prefilter[i]:
+                prefilter[i], dup_of[i] = "duplicate_url", f"{digests[i]}-0"
+        t = batch.add_column(0, "row_id", pa.array(row_ids, pa.string())).add_column(1, "rid64", pa.array(rid64))
+        t = t.append_column("prefilter", pa.array(prefilter, pa.string())).append_column("dup_of", pa.array(dup_of, pa.string()))
+        t = t.append_column("attempts", pa.array(np.zeros(len(urls), np.int64)))
+        if len(self.keys):
+            pos = np.clip(np.searchsorted(self.keys, rid64), 0, len(self.keys) - 1)
+            t = t.filter(pa.array(self.keys[pos] != rid64))
+        return t
 
-    def reconcile(self) -> None:
-        """Fold in shards published after the last ledger write (a driver that died between publish and flush)."""
-        pending = {r["shard"] for r in self.rows.values() if r["state"] == "pending"}
-        for sid in sorted(pending):
-            path = f"{self.root}/{shard_name(sid)}.parquet"
-            if self.fs.exists(path):
-                with self.fs.open(path, "rb") as f:
-                    recs = pq.read_table(f).to_pylist()
-                for r in recs:
-                    r.update(shard=sid, phash=None, downloaded=r["status"] != "filtered" or r["sha256"] is not None)
-                self.apply([r for r in recs if self.rows.get(r["row_id"], {}).get("state") == "pending"], count_attempt=True)
+    def _push(self, t: pa.Table) -> Iterator[int]:
+        if t.num_rows:
+            if "prefilter" not in t.column_names:  # retried rows: downloaded before, so no pre-download verdict
+                t = t.append_column("prefilter", pa.nulls(t.num_rows, pa.string())).append_column("dup_of", pa.nulls(t.num_rows, pa.string()))
+            self._buf.append(t.select([*PLAN_COLUMNS, *self.m.extra_columns, "prefilter", "dup_of", "attempts"]))
+            self._n += t.num_rows
+        yield from self._cut(final=False)
+
+    def _cut(self, final: bool) -> Iterator[int]:
+        size = self.opts.shard_size
+        while self._n >= size or (final and self._n):
+            buf = pa.concat_tables(self._buf, promote_options="permissive").combine_chunks()
+            take = min(size, buf.num_rows)
+            rows, rest = buf.slice(0, take), buf.slice(take)
+            self._buf, self._n = ([rest] if rest.num_rows else []), rest.num_rows
+            sid = self.next_id
+            self.next_id += 1
+            keys = [R.sample_key(sid, i, size) for i in range(take)]
+            L.write_parquet_atomic(self.fs, R.input_path(self.root, sid), rows.append_column("key", pa.array(keys, pa.string())))
+            self.planned_rows += take
+            yield sid
+
+
+# ---------------------------------------------------------------- driver side: running and publishing
 
 
 def _publish(fs, root: str, staged: str, sid: int) -> bool:
-    """Move a staged shard into place, parquet last (its existence marks the shard published). Idempotent."""
+    """Move a staged shard into place: tar, stats, ledger fragment, then the parquet (which marks it published).
+    Idempotent."""
     name = shard_name(sid)
     if fs.exists(f"{root}/{name}.parquet"):
         return False
     _, spath = fsspec.core.url_to_fs(staged)
-    for suffix in (".tar", "_stats.json", ".parquet"):
+    for suffix in R.RAW_SUFFIXES[:-1]:
         fs.mv(f"{spath}/{name}{suffix}", f"{root}/{name}{suffix}")
+    fs.mv(f"{spath}/{name}.fragment.parquet", R.fragment_path(root, sid))
+    fs.mv(f"{spath}/{name}.parquet", f"{root}/{name}.parquet")
     if fs.exists(spath):  # on S3 the folder vanished with its last file
         fs.rm(spath, recursive=True)
     return True
 
 
-def _prefilter(rows: list[dict], m: SourceManifest, filters: list) -> None:
-    """Sets `_prefilter` (a reason) and `_dup_of` on rows that need no download."""
-    first_of: dict[str, str] = {}
-    for r in rows:
-        r["_prefilter"], r["_dup_of"] = None, None
-        if r.get("bad_row"):  # a row of the URL list that could not be read (pipeline.sources.BAD_ROW)
-            r["_prefilter"] = r["bad_row"]
-            continue
-        if not r["url"]:
-            r["_prefilter"] = "url_missing"
-            continue
-        if r["url"] in first_of:
-            r["_prefilter"], r["_dup_of"] = "duplicate_url", first_of[r["url"]]
-            continue
-        first_of[r["url"]] = r["row_id"]
-        sample = dict(r)
-        if not r["caption_utf8"]:
-            sample["caption"] = b"\xff"  # the caption filter counts it as not UTF-8
-        for flt in filters:
-            reason = flt(sample)
-            if reason:
-                r["_prefilter"] = reason
-                break
+def _close_failed_shard(fs, root: str, sid: int) -> None:
+    """The fragment of a shard that failed all its retries: every row failed_retryable (`shard_failed`)."""
+    with fs.open(R.input_path(root, sid), "rb") as f:
+        recs = L.pending_records(pq.read_table(f), sid).to_pylist()
+    for r in recs:
+        r.update(state="failed_retryable", reason="shard_failed", attempts=(r["attempts"] or 0) + 1)
+    L.write_parquet_atomic(fs, R.fragment_path(root, sid), L.fragment_table(recs, "shard_failed"))
 
 
 def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000, allow_private_network: bool = False,
                ray_address: str | None = None, url_lists: list[str] | None = None,
-               progress: Callable[[int, int], None] | None = None, **options) -> dict:
+               progress: Callable[[int, int | None], None] | None = None, **options) -> dict:
     """Ingest the manifest's URL lists into `out` (local path or s3://); returns the job summary (also `_summary.json`)."""
     import ray
 
@@ -358,69 +429,68 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
         m = m.model_copy(update={"url_lists": list(url_lists)})
     opts = IngestOptions(shard_size=shard_size, allow_private_network=allow_private_network, **options)
     t_start = time.time()
-    table = read_url_list(m)  # checks columns: a bad list fails here, before any download
-    rows = table.to_pylist()
     fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
-    if fs.exists(f"{root}/{STAGING}"):
-        fs.rm(f"{root}/{STAGING}", recursive=True)  # attempts of a dead run; their shards were not published
-    ledger = Ledger(out)
-    ledger.reconcile()
-    _prefilter(rows, m, row_filters(m))
-    by_id = {r["row_id"]: r for r in rows}
+    for folder in (root, f"{root}/{R.INPUTS}", f"{root}/{R.FRAGMENTS}"):
+        fs.makedirs(folder, exist_ok=True)
+    if fs.exists(f"{root}/{R.STAGING}"):
+        fs.rm(f"{root}/{R.STAGING}", recursive=True)  # attempts of a dead run; their shards were not published
+    st = L.scan(out)
+    planner = Planner(m, out, opts, st)  # checks every URL list's columns: a bad list fails here
+    todo = itertools.chain(st.pending, planner)
+    pending_rows = 0
+    for sid in st.pending:
+        with fs.open(R.input_path(root, sid), "rb") as f:
+            pending_rows += pq.read_metadata(f).num_rows
+    log.info("ingest %s -> %s: %d shards published, %d pending; planning new rows", m.name, netguard.redact_url(out),
+             len(st.published), len(st.pending))
 
-    # plan: pending shards as recorded; retryable rows and new rows into new shards
-    plan: dict[int, list[dict]] = collections.defaultdict(list)
-    for rid, rec in ledger.rows.items():
-        if rec["state"] == "pending" and rid in by_id:
-            plan[rec["shard"]].append(by_id[rid])
-    for sid in plan:  # keep the recorded order inside a pending shard
-        plan[sid].sort(key=lambda r: ledger.rows[r["row_id"]]["key"])
-    next_sid = max([r["shard"] for r in ledger.rows.values() if r["shard"] is not None] or [-1]) + 1
-    fresh = [r for r in rows if r["row_id"] not in ledger.rows or (
-        ledger.rows[r["row_id"]]["state"] == "failed_retryable" and (ledger.rows[r["row_id"]]["attempts"] or 0) < opts.max_attempts)]
-    for start in range(0, len(fresh), opts.shard_size):
-        plan[next_sid] = fresh[start:start + opts.shard_size]
-        next_sid += 1
-    oom_rows = math.ceil(math.log10(max(opts.shard_size, 2)))
-    for sid, srows in plan.items():
-        for i, r in enumerate(srows):
-            old = ledger.rows.get(r["row_id"], {})
-            ledger.rows[r["row_id"]] = {"row_id": r["row_id"], "url": netguard.redact_url(r["url"]), "shard": sid,
-                                        "key": f"{sid * 10**oom_rows + i:0{oom_rows + SHARD_DIGITS}d}",
-                                        "state": "pending", "reason": None, "dup_of": None,
-                                        "attempts": old.get("attempts") or 0, "sha256": None, "phash": None}
-    ledger.flush()  # the plan is durable before anything downloads
-    total_rows = sum(len(v) for v in plan.values())
-    log.info("ingest %s -> %s: %d input rows, %d to process in %d shards", m.name, netguard.redact_url(out),
-             len(rows), total_rows, len(plan))
-
-    if plan:
-        init_ray(ray_address, log_to_driver=False)
+    setup_s = time.time() - t_start  # listing, repairs, URL-list checks: planning work before Ray starts
+    init_ray(ray_address, log_to_driver=False)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    window = opts.max_in_flight or max(2, 2 * cpus)
     fc = m.filters.model_dump()
     dedup = None
-    if plan and (fc["dedup_exact"] or fc["dedup_near"]):
-        dedup = ray.remote(num_cpus=0)(F.DedupIndex).remote(fc["dedup_exact"], fc["dedup_near"], fc["near_max_distance"])
-        kept = [(r["row_id"], r["sha256"], r["phash"]) for r in ledger.rows.values() if r["state"] == "ok"]
-        if kept:
-            ray.get(dedup.claim_many.remote(kept))
+    if fc["dedup_exact"] or fc["dedup_near"]:
+        dedup = start_dedup(out, opts.dedup_actors or max(1, cpus // 16), fc["dedup_exact"], fc["dedup_near"],
+                            fc["near_max_distance"])
     task = ray.remote(num_cpus=1, max_retries=opts.task_retries, retry_exceptions=True)(download_shard)
+    manifest_dump = m.model_dump()
 
     def submit(sid: int, n: int):
-        spec = {"shard": sid, "rows": plan[sid], "out": out, "attempt": f"a{n}", "options": asdict(opts),
-                "filters": fc, "extra_columns": m.extra_columns, "shard_size": opts.shard_size}
+        spec = {"shard": sid, "out": out, "attempt": f"a{n}", "options": asdict(opts), "filters": fc,
+                "manifest": manifest_dump, "share": window + 1}  # +1: a straggler's second attempt
         return task.options(name=f"ingest-shard-{shard_name(sid)}").remote(spec, dedup)
 
-    running: dict = {}
+    running: dict = {}  # ref -> (shard, started)
     attempts: collections.Counter[int] = collections.Counter()
-    for sid in sorted(plan):
-        running[submit(sid, 0)] = (sid, time.time())
-        attempts[sid] = 1
     published: dict[int, dict] = {}
     failed_shards: dict[int, str] = {}
     durations: list[float] = []
-    done_rows, last_flush, restarts = 0, time.time(), 0
-    while running:
+    done_rows, restarts, abandoned = 0, 0, 0
+    exhausted = False
+    planning_s, first_shard_s = setup_s, None  # planning_s: time spent planning (not starting Ray)
+
+    def start(sid: int) -> None:
+        running[submit(sid, attempts[sid])] = (sid, time.time())
+        attempts[sid] += 1
+
+    def give_up(sid: int, err: str) -> None:
+        failed_shards[sid] = err
+        log.error("shard %s failed after %d attempts: %s", shard_name(sid), attempts[sid], err)
+        _close_failed_shard(fs, root, sid)
+
+    while True:
+        while not exhausted and len(running) < window:
+            t_next = time.time()
+            sid = next(todo, None)
+            planning_s += time.time() - t_next
+            first_shard_s = first_shard_s or time.time() - t_start
+            if sid is None:
+                exhausted = True
+            else:
+                start(sid)
+        if not running:
+            break
         ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
         for ref in ready:
             sid, _ = running.pop(ref)
@@ -430,48 +500,53 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
                 res = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - a shard that failed all retries; other attempts may still win
                 if not any(s == sid for s, _ in running.values()):
-                    failed_shards[sid] = str(err).splitlines()[0][:300]
-                    log.error("shard %s failed after %d retries: %s", shard_name(sid), opts.task_retries, failed_shards[sid])
+                    give_up(sid, str(err).splitlines()[0][:300])
                 continue
             _publish(fs, root, res["staged"], sid)
             published[sid] = res
             durations.append(res["duration"])
-            ledger.apply(res["records"], count_attempt=True)
             for other, (osid, _) in list(running.items()):
                 if osid == sid:  # the slower duplicate attempt of a straggler
                     ray.cancel(other, force=True)
                     running.pop(other)
-            done_rows += len(plan[sid])
+            done_rows += res["counts"]["rows"]
             if progress:
-                progress(done_rows, total_rows)
+                progress(done_rows, pending_rows + planner.planned_rows if planner.done else None)
         deadline = opts.shard_deadline_s or (max(60.0, 3 * statistics.median(durations)) if len(durations) >= 2 else None)
-        if deadline:
-            now = time.time()
-            for ref, (sid, t0) in list(running.items()):
-                if now - t0 > deadline and attempts[sid] < 2 and sid not in published:
-                    log.warning("shard %s past its %.0f s deadline: starting a second attempt", shard_name(sid), deadline)
-                    running[submit(sid, attempts[sid])] = (sid, now)
-                    attempts[sid] += 1
-                    restarts += 1
-        if time.time() - last_flush > 10:
-            ledger.flush()
-            last_flush = time.time()
-    for sid, err in failed_shards.items():
-        ledger.apply([{"row_id": r["row_id"], "url": netguard.redact_url(r["url"]), "shard": sid, "key": ledger.rows[r["row_id"]]["key"],
-                       "state": "failed_retryable", "reason": "shard_failed"} for r in plan[sid]], count_attempt=True)
-    ledger.flush()
-    if fs.exists(f"{root}/{STAGING}"):
-        fs.rm(f"{root}/{STAGING}", recursive=True)
+        wall = opts.shard_wall_s or (4 * deadline if deadline else None)
+        now = time.time()
+        for ref, (sid, t0) in list(running.items()):
+            if sid in published or ref not in running:
+                continue
+            if wall and now - t0 > wall:  # hung: abandon this attempt (its worker is killed) and count it
+                ray.cancel(ref, force=True)
+                running.pop(ref)
+                abandoned += 1
+                if not any(s == sid for s, _ in running.values()):
+                    if attempts[sid] <= opts.task_retries:
+                        log.warning("shard %s attempt ran past %.0f s: abandoned, starting another", shard_name(sid), wall)
+                        start(sid)
+                    else:
+                        give_up(sid, f"every attempt ran past the shard wall time of {wall:g} s")
+            elif deadline and now - t0 > deadline and attempts[sid] < 2:
+                log.warning("shard %s past its %.0f s deadline: starting a second attempt", shard_name(sid), deadline)
+                start(sid)
+                restarts += 1
+    if fs.exists(f"{root}/{R.STAGING}"):
+        fs.rm(f"{root}/{R.STAGING}", recursive=True)
 
-    summary = _summarize(fs, root, ledger, rows, published, failed_shards, restarts, time.time() - t_start)
-    with fs.open(f"{root}/{SUMMARY}", "w") as f:
+    t_compact = time.time()
+    totals = L.compact(out)  # also callable on demand: pipeline.ledger.compact(out)
+    summary = _summarize(fs, root, totals, published, failed_shards, restarts, abandoned, time.time() - t_start)
+    summary |= {"rows_listed": planner.rows_in, "planning_s": round(planning_s, 3), "first_shard_s": first_shard_s,
+                "compact_s": round(time.time() - t_compact, 3),
+                "fragment_write_ms": statistics.fmean([r["fragment_ms"] for r in published.values()] or [0.0])}
+    with fs.open(f"{root}/{R.SUMMARY}", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
 
 
-def _summarize(fs, root, ledger: Ledger, rows, published, failed_shards, restarts, duration) -> dict:
-    recs = [ledger.rows[r["row_id"]] for r in rows]
-    total = shard_counts(recs)
+def _summarize(fs, root, totals: dict, published, failed_shards, restarts, abandoned, duration) -> dict:
     shards = {}
     for path in sorted(fs.glob(f"{root}/[0-9]*_stats.json")):
         with fs.open(path, "r") as f:
@@ -482,12 +557,14 @@ def _summarize(fs, root, ledger: Ledger, rows, published, failed_shards, restart
                         "filtered_by_reason": s["filtered_by_reason"]}
     run_ok = sum(r["counts"]["ok"] for r in published.values())
     return {
-        "rows_in": len(rows), "ok": total["ok"], "failed": total["failed"], "filtered": total["filtered"],
-        "failed_by_reason": total["failed_by_reason"], "filtered_by_reason": total["filtered_by_reason"],
-        "states": dict(collections.Counter(r["state"] for r in recs)),
+        "rows_in": totals["rows"], "ok": totals["ok"], "failed": totals["failed"], "filtered": totals["filtered"],
+        "pending": totals["pending"],
+        "failed_by_reason": totals["failed_by_reason"], "filtered_by_reason": totals["filtered_by_reason"],
+        "states": totals["states"],
         "shards": shards, "shards_total": len(shards), "shards_this_run": len(published),
         "shards_failed": {shard_name(k): v for k, v in failed_shards.items()},
-        "straggler_restarts": restarts,
+        "shards_by_node": dict(collections.Counter(r["node"] for r in published.values())),
+        "straggler_restarts": restarts, "attempts_abandoned": abandoned,
         "downloaded_this_run": sum(r["downloaded"] for r in published.values()),
         "ok_this_run": run_ok, "bytes_this_run": sum(r["image_bytes"] for r in published.values()),
         "duration_s": round(duration, 3), "samples_per_s": round(run_ok / duration, 2) if duration > 0 else 0.0,

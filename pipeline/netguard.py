@@ -323,7 +323,9 @@ def _classify(err: BaseException) -> FetchError:
     if isinstance(err, FetchError):
         return err
     if isinstance(err, urllib.error.HTTPError):
-        return FetchError(f"http_{err.code}", f"HTTP {err.code}", retryable=err.code >= 500 or err.code in (408, 429))
+        wait = err.headers.get("Retry-After") if err.headers else None  # read by pipeline.politeness
+        return FetchError(f"http_{err.code}", f"HTTP {err.code}" + (f"; Retry-After {wait}" if wait else ""),
+                          retryable=err.code >= 500 or err.code in (408, 429))
     if isinstance(err, urllib.error.URLError):
         if isinstance(err.reason, FetchError):
             return err.reason

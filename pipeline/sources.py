@@ -20,7 +20,7 @@ import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import fsspec
 import pyarrow as pa
@@ -359,3 +359,58 @@ def read_url_list(m: SourceManifest) -> pa.Table:
 def manifest_dir() -> Path:
     """The shipped manifests folder of this checkout."""
     return Path(__file__).resolve().parents[1] / "manifests" / "sources"
+
+
+def check_url_lists(m: SourceManifest) -> list[tuple[str, str]]:
+    """(file, format) of every URL list, each checked for its columns (aliases applied) before any download."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    files = []
+    for path in expand_url_lists(m.url_lists):
+        fmt = _format_of(path, m.format)
+        if fmt == "jsonl":
+            _read_one(path, fmt, m)  # its columns are known only from its lines
+        else:
+            try:
+                with fsspec.open(path, "rb", compression="infer") as f:
+                    names = (pq.ParquetFile(f).schema_arrow.names if fmt == "parquet" else
+                             pcsv.open_csv(f, parse_options=pcsv.ParseOptions(newlines_in_values=True)).schema.names)
+            except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
+                raise UrlListError(f"{path}: cannot read the URL list ({type(err).__name__}: {err}); check the file or "
+                                   "remove it from url_lists") from None
+            _resolve(path, names, m)
+        files.append((path, fmt))
+    return files
+
+
+def iter_url_list_parts(m: SourceManifest, files: list[tuple[str, str]]) -> Iterator[pa.Table]:
+    """The URL lists' rows in order, a parquet row group or a csv/jsonl file at a time (so a planner's memory does not
+    grow with a parquet list): url, caption (str or None), caption_utf8, bad_row (None or BAD_ROW), extras."""
+    import pyarrow.parquet as pq
+
+    def table(part: _Part) -> pa.Table:
+        cols = {"url": pa.array([None if u is None else str(u) for u in part.columns[m.url_column]], pa.string()),
+                "caption": pa.array([None if c is None else str(c) for c in part.columns[m.caption_column]], pa.string()),
+                "caption_utf8": pa.array(part.caption_utf8, pa.bool_()),
+                "bad_row": pa.array([BAD_ROW if b else None for b in part.bad], pa.string())}
+        return pa.table(cols | {c: pa.array(part.columns[c]) for c in m.extra_columns})
+
+    for path, fmt in files:
+        if fmt != "parquet":
+            yield table(_read_one(path, fmt, m))
+            continue
+        try:
+            with fsspec.open(path, "rb", compression="infer") as f:
+                pf = pq.ParquetFile(f)
+                cols = _resolve(path, pf.schema_arrow.names, m)
+                for g in range(pf.num_row_groups):
+                    rg = pf.read_row_group(g, columns=sorted(set(cols.values())))
+                    part = _decode(path, rg, cols, m, lambda i, g=g: f"{path}: row group {g}, row {i}")
+                    if any(part.bad):
+                        log.warning("%s: %d unreadable rows counted as %s, e.g. %s", path, sum(map(bool, part.bad)),
+                                    BAD_ROW, next(b for b in part.bad if b))
+                    yield table(part)
+        except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
+            raise UrlListError(f"{path}: cannot read the URL list ({type(err).__name__}: {err}); re-download or "
+                               "re-export it, or remove it from url_lists") from None

@@ -41,7 +41,7 @@ import fsspec
 import numpy as np
 
 from model.folding import Fold, fold_codes
-from pipeline.ingest import shard_name  # the raw shards' naming contract (pipeline/rawshard.py once it exists)
+from pipeline.rawshard import shard_name
 from pipeline.netguard import redact_url
 from pipeline.tokenization_config import QualityThresholds, TokenizeConfig  # noqa: F401 - part of this module's API
 from pipeline.tiling import TooSmallError, resize_center_crop, tile_image

@@ -99,8 +99,10 @@ def ingest(
                                             help="Seconds one download may take in all (connect, headers, body); "
                                                  "slower hosts fail as timeout and are retried by a re-run"),
     max_attempts: int = typer.Option(3, "--max-attempts", help="Downloads per URL across re-runs for retryable failures"),
+    task_retries: int = typer.Option(3, "--task-retries", help="Further attempts of a shard whose attempt died or hung"),
+    shard_wall_s: float = typer.Option(None, "--shard-wall-s", help="Abandon a shard attempt running longer (default: 4x the straggler deadline)"),
 ) -> None:
-    """Download a corpus into raw shards; re-run the same command to resume or retry."""
+    """Download a corpus into raw shards; re-run the same command to resume or retry. Exits 1 when shards remain unfinished."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
@@ -114,7 +116,7 @@ def ingest(
             job = bar.add_task("rows", total=None)
             summary = run_ingest(manifest, out, shard_size=shard_size, allow_private_network=allow_private_network,
                                  ray_address=ray_address, timeout=timeout, max_attempts=max_attempts,
-                                 download_deadline_s=download_deadline,
+                                 download_deadline_s=download_deadline, task_retries=task_retries, shard_wall_s=shard_wall_s,
                                  progress=lambda done, total: bar.update(job, completed=done, total=total))
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")
@@ -133,8 +135,9 @@ def ingest(
     table.add_row("image bytes this run", f"{summary['bytes_this_run']:,}")
     table.add_row("samples/s this run", f"{summary['samples_per_s']:,.1f}")
     console.print(table)
-    if summary["shards_failed"]:
-        console.print(f"[yellow]{len(summary['shards_failed'])} shard(s) failed all retries; re-run the same command to retry them[/yellow]")
+    if summary["shards_failed"]:  # unfinished shards: a failed job for any scheduler (RayJob, CI)
+        console.print(f"[red]{len(summary['shards_failed'])} shard(s) failed all retries; re-run the same command to retry them[/red]")
+        raise typer.Exit(1)
 
 # ---- tokenize, vq-train, inspect (pipeline/tokenization.py, synergen/demo/vq_train.py, pipeline/inspection.py) ----
 

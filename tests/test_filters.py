@@ -2,9 +2,13 @@
 
 import io
 
+import numpy as np
+import pyarrow.parquet as pq
+
 from PIL import Image, ImageDraw
 
 from pipeline import filters as F
+from pipeline.dedup import Dedup, DedupShard, start_dedup
 
 
 def test_size_and_aspect_filters_count_by_reason():
@@ -56,12 +60,68 @@ def test_dhash_is_close_for_a_reencoded_copy_and_far_for_another_image():
     assert bin(a ^ b).count("1") <= 4 < bin(a ^ c).count("1")
 
 
-def test_dedup_index_exact_near_and_idempotent_claims():
-    idx = F.DedupIndex(max_distance=4)
+def test_sharded_dedup_actors_exact_near_and_idempotent_claims(ray_cluster, tmp_path):
+    d = start_dedup(str(tmp_path), 3, exact=True, near=True, max_distance=4)
     h = F.dhash(_scene())
-    assert idx.claim("r1", "sha-a", h) is None
-    assert idx.claim("r2", "sha-a", F.dhash(_scene(shift=30))) == ("duplicate_exact", "r1")
-    assert idx.claim("r3", "sha-b", h ^ 0b101) == ("duplicate_near", "r1")
-    assert idx.claim("r1", "sha-a", h) is None  # a retried attempt of the keeper stays the keeper
-    assert idx.claim("r3", "sha-b", h ^ 0b101) == ("duplicate_near", "r1")
-    assert idx.claim("r4", "sha-c", h ^ 0b111111) is None  # 6 bits away: distinct
+    sha = lambda c: c * 64  # noqa: E731 - a sha256 hex digest stand-in
+    assert d.claim_many([("r1", sha("a"), h)]) == [None]
+    assert d.claim_many([("r2", sha("a"), F.dhash(_scene(shift=30)))]) == [("duplicate_exact", "r1")]
+    assert d.claim_many([("r3", sha("b"), h ^ 0b101)]) == [("duplicate_near", "r1")]
+    # a retried attempt gets the same answers; 6 bits away is distinct
+    assert d.claim_many([("r1", sha("a"), h), ("r3", sha("b"), h ^ 0b101), ("r4", sha("c"), h ^ 0b111111)]) == [
+        None, ("duplicate_near", "r1"), None]
+
+
+def _oracle(claims, max_distance):
+    """Brute force, one claim at a time: exact by sha (the first claimer of the bytes), then near against every
+    kept hash."""
+    by_sha, kept, out = {}, [], []
+    for rid, sha, h in claims:
+        if by_sha.setdefault(sha, rid) != rid:
+            out.append(("duplicate_exact", by_sha[sha]))
+            continue
+        near = [k for k, kh in kept if bin(kh ^ h).count("1") <= max_distance]
+        if near:
+            out.append(("duplicate_near", near))
+            continue
+        kept.append((rid, h))
+        out.append(None)
+    return out
+
+
+def test_sharded_vectorised_dedup_agrees_with_brute_force():
+    rng = np.random.default_rng(0)
+    bases = rng.integers(0, 2**63, 150, dtype=np.uint64)
+    claims = []
+    for i in range(600):
+        h = int(bases[rng.integers(len(bases))])
+        for bit in rng.choice(64, rng.integers(0, 7), replace=False):
+            h ^= 1 << int(bit)
+        sha = f"{rng.integers(0, 500):064x}"
+        claims.append((f"r{i}", sha, h))
+    d = Dedup([DedupShard(k, 4, max_distance=4) for k in range(4)], exact=True, near=True, max_distance=4)
+    got = [x for start in range(0, len(claims), 25) for x in d.claim_many(claims[start:start + 25])]
+    want = _oracle(claims, 4)
+    assert sum(w is None for w in want) > 50 and sum(w is not None for w in want) > 100
+    for g, w in zip(got, want):
+        if w is None or w[0] == "duplicate_exact":
+            assert g == w
+        else:
+            assert g[0] == "duplicate_near" and g[1] in w[1]
+
+
+def test_restarted_dedup_actor_rebuilds_its_index_from_ledger_fragments(ray_cluster, tmp_path):
+    from pipeline import ledger, rawshard
+
+    h = F.dhash(_scene())
+    rec = {"row_id": "kept-0", "rid64": 1, "url": "u", "url_hash": "x", "shard": 0, "key": "0", "state": "ok",
+           "reason": None, "dup_of": None, "attempts": 1, "sha256": "a" * 64, "phash": h}
+    (tmp_path / rawshard.FRAGMENTS).mkdir()
+    pq.write_table(ledger.fragment_table([rec], "published"), rawshard.fragment_path(str(tmp_path), 0))
+    d = start_dedup(str(tmp_path), 2, exact=True, near=True, max_distance=4)
+    assert d.claim_many([("new-0", "a" * 64, None), ("new-1", "b" * 64, h ^ 1)]) == [
+        ("duplicate_exact", "kept-0"), ("duplicate_near", "kept-0")]
+    for shard in d.shards:  # as if their node died: Ray restarts them, they rebuild from the fragments
+        ray_cluster.kill(shard, no_restart=False)
+    assert d.claim_many([("new-2", "a" * 64, h ^ 2)]) == [("duplicate_exact", "kept-0")]
+    assert d.claim_many([("new-3", "c" * 64, h ^ 3)]) == [("duplicate_near", "kept-0")]

@@ -103,7 +103,8 @@ def test_ingest_to_s3_reads_back_with_webdataset(ray_cluster, web, s3, tmp_path)
     fs = fsspec.filesystem("s3")
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("synergen-test/ingest")) == [
         "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json",
-        "_ledger.parquet", "_summary.json"]
+        "_fragments", "_inputs", "_ledger.parquet", "_summary.json"]
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("synergen-test/ingest/_fragments")) == ["00000.parquet", "00001.parquet"]
     local = tmp_path / "dl"
     fs.get("synergen-test/ingest/", str(local), recursive=True)
     samples = list(wds.WebDataset(sorted(str(p) for p in local.glob("*.tar")), shardshuffle=False))

@@ -1,0 +1,277 @@
+"""Job-wide duplicate decisions, sharded over Ray actors: the first row to claim an image keeps it.
+
+Exact duplicates (sha256 of the downloaded bytes) are decided by the one shard that owns the hash's prefix, in
+one atomic step (claim = look up, insert on a miss; the bytes stay registered to their first claimer even when
+it turns out a near duplicate, so a later copy names that row and the chain leads to the keeper). Near
+duplicates (64-bit dHash within `max_distance` bits) are found through `BandKeys` buckets; each bucket lives on
+one shard, where a probe is one vectorised XOR + popcount over the candidates of a whole batch. A near claim
+probes its keys' owners, then commits to them when nothing matched; two near-duplicates claimed at the same
+instant by different tasks can both be kept (never both dropped).
+
+Claims are idempotent: a row that kept its image finds itself on a re-claim and keeps it again; a duplicate
+finds the same keeper. Every shard rebuilds its part of the index from the published ledger fragments when it
+starts, so an actor restarted on another node (its node lost) continues with what is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RID_DTYPE = "S24"  # claimers' row ids are "<20 hex>-0" (later occurrences of a URL are never downloaded)
+
+
+class BandKeys:
+    """Index keys of a 64-bit hash for near lookups within `max_distance` bits.
+
+    The hash is cut into m = max_distance + 2 bands; two hashes within max_distance bits differ in at most
+    max_distance bands, so they agree exactly on at least 2 (pigeonhole). Each pair of bands is one key (~2*64/m
+    bits), so a bucket holds N / 2^21 hashes for d=4 (5 at 10^7) instead of N / 2^13 with single bands (1,200):
+    the cost of a claim stays flat as the index grows, for C(m, 2) keys per hash (15 for d=4).
+    """
+
+    def __init__(self, max_distance: int):
+        m = max_distance + 2
+        bands = [(i * 64 // m, (i + 1) * 64 // m) for i in range(m)]
+        self.pairs = [(bands[a], bands[b]) for a in range(m) for b in range(a + 1, m)]
+
+    def value(self, h: int, key: int) -> int:
+        (alo, ahi), (blo, bhi) = self.pairs[key]
+        return (((h >> alo) & ((1 << (ahi - alo)) - 1)) << (bhi - blo)) | ((h >> blo) & ((1 << (bhi - blo)) - 1))
+
+    def values(self, h: np.ndarray, key: int) -> np.ndarray:
+        (alo, ahi), (blo, bhi) = self.pairs[key]
+        a = (h >> np.uint64(alo)) & np.uint64((1 << (ahi - alo)) - 1)
+        return (a << np.uint64(bhi - blo)) | ((h >> np.uint64(blo)) & np.uint64((1 << (bhi - blo)) - 1))
+
+
+def _owner(value: int, band: int, n_shards: int) -> int:
+    """The shard holding bucket (band, value): a multiplicative hash (uint64 arithmetic, as in `add_many`)."""
+    return (((value * 0x9E3779B1 + band * 0x85EBCA77) & 0xFFFFFFFFFFFFFFFF) >> 7) % n_shards
+
+
+class DedupShard:
+    """One shard of the index: the exact hashes and near-hash keys it owns (see the module docstring).
+
+    Near entries live per key in a sorted table (values, hashes, row-id indices: 16 bytes an entry) found with
+    `searchsorted` for a whole batch at once, plus a small dict of entries committed since the last merge; the
+    dict is merged into the table (a linear merge of two sorted runs) when it passes `merge_at` entries.
+    """
+
+    def __init__(self, index: int, n_shards: int, exact: bool = True, near: bool = True, max_distance: int = 4,
+                 rebuild_from: str | None = None, merge_at: int = 1 << 20):
+        self.index, self.n_shards = index, n_shards
+        self.exact, self.near, self.max_distance, self.merge_at = exact, near, max_distance, merge_at
+        self.keys = BandKeys(max_distance)
+        n_keys = len(self.keys.pairs)
+        self._by_sha: dict[bytes, str] = {}
+        self._rids = np.zeros(0, RID_DTYPE)
+        self._n_rids = 0
+        empty = (np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.uint32))
+        self._tables = [empty] * n_keys  # per key: (values sorted, hashes, row-id indices)
+        self._bulk: list[list[tuple]] = [[] for _ in range(n_keys)]  # add_many chunks not merged yet
+        self._delta: list[dict[int, list]] = [{} for _ in range(n_keys)]  # value -> [(hash, row-id index)]
+        self._n_delta = 0
+        if rebuild_from is not None:
+            self._rebuild(rebuild_from)
+
+    def _rebuild(self, out: str) -> None:
+        import pyarrow.compute as pc
+
+        from pipeline import ledger
+
+        n = 0
+        for table in ledger.iter_fragments(out, ["row_id", "state", "sha256", "phash"]):
+            kept = table.filter(pc.equal(table["state"], "ok"))
+            n += self.add_many(kept["row_id"].to_pylist(), kept["sha256"].to_pylist(), kept["phash"].to_pylist())
+        self.merge()
+        log.info("dedup shard %d/%d rebuilt %d entries from %s", self.index, self.n_shards, n, out)
+
+    def _store_rids(self, rids: list[str]) -> np.ndarray:
+        need = self._n_rids + len(rids)
+        if need > len(self._rids):
+            grown = np.zeros(max(need, 2 * len(self._rids), 1024), RID_DTYPE)
+            grown[:self._n_rids] = self._rids[:self._n_rids]
+            self._rids = grown
+        self._rids[self._n_rids:need] = rids
+        idx = np.arange(self._n_rids, need, dtype=np.uint32)
+        self._n_rids = need
+        return idx
+
+    def _mine(self, v: np.ndarray, key: int) -> np.ndarray:
+        return ((v * np.uint64(0x9E3779B1) + np.uint64(key * 0x85EBCA77)) >> np.uint64(7)) % np.uint64(self.n_shards) == self.index
+
+    def add_many(self, rids: list[str], shas: list[str | None], phashes: list[int | None]) -> int:
+        """Register kept images in bulk (vectorised per key; merged into the tables at the next probe)."""
+        added = 0
+        if self.exact:
+            for rid, sha in zip(rids, shas):
+                if sha and self.owns_sha(sha):
+                    self._by_sha.setdefault(bytes.fromhex(sha), rid)
+                    added += 1
+        have = [i for i, h in enumerate(phashes) if h is not None]
+        if not self.near or not have:
+            return added
+        h = np.array([phashes[i] for i in have], np.uint64)
+        r = self._store_rids([rids[i] for i in have])
+        for k in range(len(self.keys.pairs)):
+            v = self.keys.values(h, k)
+            mine = self._mine(v, k)
+            self._bulk[k].append((v[mine], h[mine], r[mine]))
+            added += int(mine.sum())
+        return added
+
+    def merge(self) -> None:
+        """Fold bulk-added and committed entries into the sorted per-key tables."""
+        for k in range(len(self.keys.pairs)):
+            parts = [self._tables[k], *self._bulk[k]]
+            if self._delta[k]:
+                items = [(v, h, r) for v, lst in self._delta[k].items() for h, r in lst]
+                parts.append((np.array([x[0] for x in items], np.uint64), np.array([x[1] for x in items], np.uint64),
+                              np.array([x[2] for x in items], np.uint32)))
+            if len(parts) == 1:
+                continue
+            v = np.concatenate([p[0] for p in parts])
+            order = np.argsort(v, kind="stable")  # timsort: sorted runs merge in linear time
+            self._tables[k] = (v[order], np.concatenate([p[1] for p in parts])[order],
+                               np.concatenate([p[2] for p in parts])[order])
+            self._bulk[k], self._delta[k] = [], {}
+        self._n_delta = 0
+
+    def owns_sha(self, sha: str) -> bool:
+        return int(sha[:8], 16) % self.n_shards == self.index
+
+    def claim_exact(self, claims: list[tuple[str, str]]) -> list[str | None]:
+        """For (row_id, sha256) pairs this shard owns: the row that kept that image first, None for the claimer itself."""
+        out = []
+        for rid, sha in claims:
+            first = self._by_sha.setdefault(bytes.fromhex(sha), rid)
+            out.append(None if first == rid else first)
+        return out
+
+    def probe(self, probes: list[tuple[str, int, int]]) -> list[str | None]:
+        """For (row_id, phash, key): a kept row within max_distance under that key, "" when the claimer itself is
+        there (it kept its image before), None when nothing matches. Per key, one searchsorted and one
+        XOR + popcount over the candidates of the whole batch."""
+        if any(self._bulk) or self._n_delta > self.merge_at:
+            self.merge()
+        out: list[str | None] = [None] * len(probes)
+        by_key: dict[int, list[int]] = {}
+        for j, p in enumerate(probes):
+            by_key.setdefault(p[2], []).append(j)
+        hits: list[tuple[int, int]] = []  # (probe, row-id index)
+        for k, js in by_key.items():
+            hs = np.array([probes[j][1] for j in js], np.uint64)
+            vals = self.keys.values(hs, k)
+            table_v, table_h, table_r = self._tables[k]
+            lo, hi = np.searchsorted(table_v, vals, "left"), np.searchsorted(table_v, vals, "right")
+            cnt = hi - lo
+            total = int(cnt.sum())
+            if total:
+                idx = np.repeat(lo - np.cumsum(np.r_[0, cnt[:-1]]), cnt) + np.arange(total)
+                close = np.bitwise_count(table_h[idx] ^ np.repeat(hs, cnt)) <= self.max_distance
+                owners = np.repeat(np.array(js), cnt)[close]
+                hits += zip(owners.tolist(), table_r[idx][close].tolist())
+            delta = self._delta[k]
+            if delta:
+                for j, h, v in zip(js, hs.tolist(), vals.tolist()):
+                    hits += [(j, r) for dh, r in delta.get(v, ()) if (dh ^ h).bit_count() <= self.max_distance]
+        for j, r in hits:
+            rid = self._rids[r].decode()
+            if rid == probes[j][0]:
+                out[j] = ""
+            elif out[j] is None:
+                out[j] = rid
+        return out
+
+    def commit(self, entries: list[tuple[str, int, int]]) -> None:
+        """Insert kept (row_id, phash, key) entries (the claimer found none of them there)."""
+        last_rid, last_idx = None, 0
+        for rid, h, k in entries:
+            if rid != last_rid:
+                last_rid, last_idx = rid, int(self._store_rids([rid])[0])
+            self._delta[k].setdefault(self.keys.value(h, k), []).append((h, last_idx))
+            self._n_delta += 1
+
+
+class Dedup:
+    """The claimer's side: routes claims to the shards that own them and combines the answers.
+
+    `shards` are DedupShard actor handles, or DedupShard objects in this process (benchmarks). Decisions: None (keeps its image) or (reason, row_id it duplicates).
+    """
+
+    def __init__(self, shards: list, exact: bool, near: bool, max_distance: int):
+        self.shards, self.exact, self.near, self.max_distance = shards, exact, near, max_distance
+        self.n = len(shards)
+        self.keys = BandKeys(max_distance)
+
+    def _call(self, method: str, per_shard: dict[int, list]) -> dict[int, list]:
+        if isinstance(self.shards[0], DedupShard):  # in-process shards (benchmarks, tests)
+            return {k: getattr(self.shards[k], method)(v) for k, v in per_shard.items() if v}
+        import ray
+
+        refs = {k: getattr(self.shards[k], method).remote(v) for k, v in per_shard.items() if v}
+        return dict(zip(refs, ray.get(list(refs.values()))))
+
+    def claim_many(self, claims: list[tuple[str, str | None, int | None]]) -> list[tuple[str, str] | None]:
+        decisions: list[tuple[str, str] | None] = [None] * len(claims)
+        if self.exact:
+            by_shard: dict[int, list] = {}
+            where = []
+            for i, (rid, sha, _) in enumerate(claims):
+                if sha:
+                    k = int(sha[:8], 16) % self.n
+                    where.append((i, k, len(by_shard.setdefault(k, []))))
+                    by_shard[k].append((rid, sha))
+            answers = self._call("claim_exact", by_shard)
+            for i, k, j in where:
+                if answers[k][j] is not None:
+                    decisions[i] = ("duplicate_exact", answers[k][j])
+        if not self.near:
+            return decisions
+        probes: dict[int, list] = {}
+        where_near: dict[int, list] = {}
+        for i, (rid, _, h) in enumerate(claims):
+            if decisions[i] is not None or h is None:
+                continue
+            for b in range(len(self.keys.pairs)):
+                k = _owner(self.keys.value(h, b), b, self.n)
+                where_near.setdefault(i, []).append((k, len(probes.setdefault(k, []))))
+                probes[k].append((rid, h, b))
+        answers = self._call("probe", probes)
+        commits: dict[int, list] = {}
+        # near pairs inside this batch (claims the shards cannot know yet): one popcount over all pairs
+        order = list(where_near)
+        hb = np.array([claims[i][2] for i in order], np.uint64)
+        close: dict[int, list[int]] = {}  # position -> earlier positions within max_distance
+        for a, b in np.argwhere(np.tril(np.bitwise_count(hb[:, None] ^ hb[None, :]) <= self.max_distance, -1)).tolist():
+            close.setdefault(a, []).append(b)
+        kept_here: set[int] = set()  # positions in `order` kept so far
+        for pos, i in enumerate(order):
+            found = [answers[k][j] for k, j in where_near[i]]
+            if "" not in found and any(found):
+                decisions[i] = ("duplicate_near", next(f for f in found if f))
+                continue
+            earlier = next((p for p in close.get(pos, ()) if p in kept_here), None) if "" not in found else None
+            if earlier is not None:
+                decisions[i] = ("duplicate_near", claims[order[earlier]][0])
+                continue
+            kept_here.add(pos)  # kept before (a retry: already stored), or nothing near: keep
+            if "" not in found:
+                for k, j in where_near[i]:
+                    commits.setdefault(k, []).append(probes[k][j])
+        self._call("commit", commits)
+        return decisions
+
+
+def start_dedup(out: str, n_actors: int, exact: bool, near: bool, max_distance: int) -> Dedup:
+    """Start the job's dedup actors (spread over nodes; restarted, and rebuilt from `out`'s fragments, when lost)."""
+    import ray
+
+    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(DedupShard)
+    shards = [actor.options(name=None, scheduling_strategy="SPREAD").remote(i, n_actors, exact, near, max_distance, out)
+              for i in range(n_actors)]
+    return Dedup(shards, exact, near, max_distance)

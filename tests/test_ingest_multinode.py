@@ -1,0 +1,79 @@
+"""Ingest on a real multi-node Ray cluster (head + 3 worker raylets on loopback) that loses a whole node mid-job."""
+
+import glob
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+
+from tests.multinode import multinode_cluster, node_of_process, processes_named
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = """
+import json, sys
+from pipeline.ingest import run_ingest
+from pipeline.sources import SourceManifest
+m = SourceManifest.model_validate_json(sys.argv[1])
+s = run_ingest(m, sys.argv[2], shard_size=2, allow_networks=("127.0.0.0/8",), ray_address=sys.argv[3], timeout=10,
+               dedup_actors=4, thread_count=4)
+print("SUMMARY " + json.dumps(s))
+"""
+
+
+def _driver(m, out, address):
+    return subprocess.Popen([sys.executable, "-c", DRIVER, m.model_dump_json(), out, address], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _summary(proc, timeout=150):
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("SUMMARY "))[8:])
+
+
+def test_job_survives_losing_the_node_of_a_dedup_actor_and_shards_spread_over_nodes(web, tmp_path):
+    from pipeline.sources import SourceManifest
+
+    for i in range(12):
+        Image.new("RGB", (80, 80), (i * 11 % 255, 200 - i * 7, 60)).save(web.root / f"i{i}.jpg")
+    (web.root / "copy.jpg").write_bytes((web.root / "i0.jpg").read_bytes())
+    urls = [web.url(f"slow/1/i{i}.jpg") for i in range(12)] + [web.url("files/copy.jpg")]
+    pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(len(urls))]}), tmp_path / "l.parquet")
+    m = SourceManifest(name="mn", task="gen", url_lists=[str(tmp_path / "l.parquet")], filters={"dedup_near": False})
+    out = str(tmp_path / "out")
+    with multinode_cluster(workers=3) as (cluster, _):
+        proc = _driver(m, out, cluster.address)
+        killed = None
+        deadline = time.time() + 90
+        while killed is None and time.time() < deadline and proc.poll() is None:
+            # mid-job: a shard published, others running; kill the whole worker node hosting a dedup actor
+            if glob.glob(f"{out}/_fragments/*.parquet"):
+                hosts = [node_of_process(cluster, pid) for pid in processes_named("DedupShard")]
+                victim = next((n for n in hosts if n is not None and n in cluster.worker_nodes), None)
+                if victim is not None:
+                    cluster.remove_node(victim, allow_graceful=False)
+                    killed = victim
+            time.sleep(0.1)
+        s = _summary(proc)
+        assert killed is not None, "the job ended before a node could be killed"
+        assert not Path(f"{out}/_staging").exists() or not any(Path(f"{out}/_staging").iterdir())
+        assert s["shards_failed"] == {} and s["rows_in"] == len(urls) == s["ok"] + s["filtered"]
+        assert s["filtered_by_reason"] == {"duplicate_exact": 1} and s["ok"] == 12
+        assert len(s["shards_by_node"]) >= 2  # tasks ran on several nodes
+        # every input row exactly once across the shard parquets; every kept image in exactly one tar
+        rows = pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(f"{out}/[0-9]*.parquet"))])
+        assert sorted(rows.column("url").to_pylist()) == sorted(urls)
+        samples = list(wds.WebDataset(sorted(glob.glob(f"{out}/*.tar")), shardshuffle=False))
+        assert len(samples) == 12 and len({json.loads(x["json"])["url"] for x in samples}) == 12
+        ledger = pq.read_table(f"{out}/_ledger.parquet")
+        assert ledger.num_rows == len(urls) and set(ledger.column("state").to_pylist()) == {"ok", "filtered"}
+        # a re-run on the smaller cluster does nothing
+        hits = sum(web.hits.values())
+        s2 = _summary(_driver(m, out, cluster.address))
+        assert s2["shards_this_run"] == 0 and s2["ok"] == 12 and sum(web.hits.values()) == hits
