@@ -150,11 +150,6 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     import webdataset as wds
 
     opts = IngestOptions(**spec["options"])
-    if opts.per_host_connections or opts.per_host_rps:  # each attempt that may run at once gets an equal share
-        share = spec["share"]
-        politeness.install(politeness.HostLimiter(
-            max(1, opts.per_host_connections // share) if opts.per_host_connections else None,
-            opts.per_host_rps / share if opts.per_host_rps else None, max_wait=opts.timeout))
     m = SourceManifest.model_validate(spec["manifest"])
     sid = spec["shard"]
     with fsspec.open(R.input_path(spec["out"], sid), "rb") as f:
@@ -169,6 +164,11 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
                                            opts.max_pixels, total_timeout=opts.download_deadline_s),
                      opts.connect_audit, deadline_s=netguard.shard_download_deadline(
                          len(todo), opts.thread_count, opts.download_deadline_s, opts.shard_download_deadline_s))
+    if opts.per_host_connections or opts.per_host_rps:  # wraps netguard's download (so after it); an equal share per attempt
+        share = spec["share"]
+        politeness.install(politeness.HostLimiter(
+            max(1, opts.per_host_connections // share) if opts.per_host_connections else None,
+            opts.per_host_rps / share if opts.per_host_rps else None, max_wait=opts.timeout))
     staged_meta: dict[int, dict] = {}
     staged_img: dict[int, bytes] = {}
     if todo:
@@ -360,6 +360,8 @@ class Planner:
             if urls[i] and not prefilter[i]:
                 prefilter[i], dup_of[i] = "duplicate_url", f"{digests[i]}-0"
         t = batch.add_column(0, "row_id", pa.array(row_ids, pa.string())).add_column(1, "rid64", pa.array(rid64))
+        if any(u and "@" in u for u in urls):  # identity above is the full URL; no password is written to `_inputs/`
+            t = t.set_column(t.column_names.index("url"), "url", pa.array([u and netguard.mask_userinfo(u) for u in urls], pa.string()))
         t = t.append_column("prefilter", pa.array(prefilter, pa.string())).append_column("dup_of", pa.array(dup_of, pa.string()))
         t = t.append_column("attempts", pa.array(np.zeros(len(urls), np.int64)))
         if len(self.keys):

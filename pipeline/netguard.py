@@ -115,6 +115,16 @@ def redact_url(url: str) -> str:
         return "<unparseable url>"
 
 
+def mask_userinfo(url: str) -> str:
+    """`url` with its userinfo replaced by `REDACTED@`: still refused as `userinfo` by the guard, and the password
+    is never stored (the planner keeps URLs this way in a job's `_inputs/`)."""
+    head, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
+    netloc, slash, tail = rest.partition("/")
+    if not sep or "@" not in netloc:
+        return url
+    return f"{head}://REDACTED@{netloc.rsplit('@', 1)[1]}{slash}{tail}"
+
+
 def url_hash(url: str) -> str:
     """A stable identity of the full URL (secrets included, never revealed): 20 hex digits of its SHA-1."""
     return hashlib.sha1(str(url).encode("utf-8", "surrogatepass")).hexdigest()[:20]

@@ -377,8 +377,8 @@ def check_url_lists(m: SourceManifest) -> list[tuple[str, str]]:
                     names = (pq.ParquetFile(f).schema_arrow.names if fmt == "parquet" else
                              pcsv.open_csv(f, parse_options=pcsv.ParseOptions(newlines_in_values=True)).schema.names)
             except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
-                raise UrlListError(f"{path}: cannot read the URL list ({type(err).__name__}: {err}); check the file or "
-                                   "remove it from url_lists") from None
+                raise UrlListError(f"{path}: not a readable {fmt} file ({type(err).__name__}: {err}); re-download or "
+                                   "re-export it, or remove it from url_lists") from None
             _resolve(path, names, m)
         files.append((path, fmt))
     return files
