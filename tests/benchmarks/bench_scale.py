@@ -4,7 +4,7 @@ Three parts, each printing a table:
 - `e2e`: `run_ingest` on N rows whose URLs are all refused at once on loopback (as the issue measured; so the cost
   is the pipeline's, not the network's): peak RSS of the driver process and of the job's whole process tree (driver +
   Ray's gcs/raylet/workers), planning time, job time per row, ledger fragment bytes and write time per shard,
-  compaction time. `--baseline-root /work/main` runs the same child with another checkout's code (side by side).
+  compaction time. `--baseline-root OTHER_CHECKOUT` runs the same child with another checkout's code (side by side).
 - `plan`: the streaming planner alone on N rows (no Ray): time, time per row, peak RSS.
 - `dedup`: cost per claim (exact + near, random 64-bit dHashes, batches of 100 as a shard task sends them) vs the
   index size, for one in-process `DedupShard` (what one actor does) and the pre-issue-11 single `DedupIndex`.
@@ -263,7 +263,7 @@ def main() -> None:
     e = sub.add_parser("e2e")
     e.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000])
     e.add_argument("--shard-size", type=int, default=1000)
-    e.add_argument("--baseline-root", default=None, help="another checkout (e.g. /work/main) run side by side")
+    e.add_argument("--baseline-root", default=None, help="another checkout (e.g. of an older commit) run side by side")
     p = sub.add_parser("plan")
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 1_000_000])
     p.add_argument("--batch", type=int, default=65536)
