@@ -108,3 +108,12 @@ def as_bytes(sb) -> bytes:
     return b"".join(parts)
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tokenizer):
+    return make_corpus(str(tmp_path_factory.mktemp("tokens")), tokenizer)
+

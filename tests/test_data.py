@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from loader_corpus import CODEBOOK, FOLD, as_bytes, make_corpus, make_tokenizer, manifest, model_spec, stream, write_source
+from loader_corpus import corpus, tokenizer  # noqa: F401 - module-scoped fixtures shared by the loader tests
+from loader_corpus import CODEBOOK, FOLD, as_bytes, manifest, model_spec, stream, write_source
 from model.folding import Fold
 from pipeline.token_shards import TokenSample, TokenShardWriter
 from pipeline.catalog import vocab_hash
@@ -19,16 +20,6 @@ from synergen.errors import ConfigMismatchError, ShardError
 from train.data import ModelDataSpec, StreamingMixture
 from train.mixture import MixtureManifest
 from train.sequence import IGNORE, LayoutIds, SequenceSpec, build_sequence, plan_layout
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer):
-    return make_corpus(str(tmp_path_factory.mktemp("tokens")), tokenizer)
 
 
 def test_sequence_layout_and_loss_masks(tokenizer):

@@ -7,18 +7,9 @@ import copy
 import numpy as np
 import pytest
 
-from loader_corpus import as_bytes, make_corpus, make_tokenizer, manifest, stream, write_source
+from loader_corpus import corpus, tokenizer  # noqa: F401 - module-scoped fixtures shared by the loader tests
+from loader_corpus import as_bytes, manifest, stream, write_source
 from synergen.errors import ConfigMismatchError, SynergenError
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer):
-    return make_corpus(str(tmp_path_factory.mktemp("tokens")), tokenizer)
 
 
 def test_rank_split_balances_tokens_and_counts():

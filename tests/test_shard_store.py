@@ -13,20 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from loader_corpus import as_bytes, make_corpus, make_tokenizer, manifest, stream, write_source
+from loader_corpus import corpus, tokenizer  # noqa: F401 - module-scoped fixtures shared by the loader tests
+from loader_corpus import as_bytes, manifest, stream, write_source
 from pipeline.token_shards import INDEX_SUFFIX, TokenSample, decode_token_sample, encode_token_sample, read_shard_index
 from pipeline.catalog import CATALOG_NAME
 from synergen.errors import ShardError
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer):
-    return make_corpus(str(tmp_path_factory.mktemp("tokens")), tokenizer)
 
 
 def _one_source(root, tokenizer, n=3):

@@ -11,65 +11,59 @@ from typing import Any
 from train.metrics import read_metrics
 
 
-def plot_losses(runs: dict[str, Path], png: Path) -> Path:
-    """Loss per task over the steps of each run, runs placed one after the other on the step axis."""
+def _plot_runs(runs: dict[str, Path], png: Path, height: float, series, ylabel: str, style_axes) -> Path:
+    """Each run's metrics.jsonl on one step axis, runs one after the other (a grey line where one ends);
+    `series(recs)` names the (key, label, line style) to draw, `style_axes(ax)` finishes the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, height), dpi=100)
     offset = 0
     for name, path in runs.items():
         recs = read_metrics(path)
         steps = [offset + r["step"] for r in recs]
-        for key, style in (("loss/und", "-"), ("loss/gen", "--")):
-            if any(key in r for r in recs):
-                ax.plot(steps, [r.get(key, float("nan")) for r in recs], style, label=f"{name}: {key.split('/')[1]}")
+        for key, label, style in series(recs):
+            ax.plot(steps, [r.get(key, float("nan")) for r in recs], style, label=f"{name}: {label}")
         if recs:
             offset = steps[-1]
             ax.axvline(offset, color="grey", lw=0.5)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (gen: text + 2 x code CE)")
-    ax.set_yscale("log")
-    ax.legend()
+    ax.set_ylabel(ylabel)
+    style_axes(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png)
     plt.close(fig)
     return png
+
+
+def plot_losses(runs: dict[str, Path], png: Path) -> Path:
+    """Loss per task over the steps of each run, runs placed one after the other on the step axis."""
+    def series(recs):
+        return [(key, key.split("/")[1], style) for key, style in (("loss/und", "-"), ("loss/gen", "--"))
+                if any(key in r for r in recs)]
+
+    def axes(ax):
+        ax.set_yscale("log")
+        ax.legend()
+
+    return _plot_runs(runs, png, 4, series, "loss (gen: text + 2 x code CE)", axes)
 
 
 def plot_weights(runs: dict[str, Path], png: Path) -> Path:
     """The weight each source was sampled with at every step (`weight/TASK/SOURCE` of metrics.jsonl), runs one after
     the other on the step axis: static weights are flat lines, a schedule steps, online reweighting moves."""
-    import matplotlib
+    def series(recs):
+        return [(key, key[len("weight/"):], "-") for key in sorted({k for r in recs for k in r if k.startswith("weight/")})]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def axes(ax):
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=7)
 
-    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
-    offset = 0
-    for name, path in runs.items():
-        recs = read_metrics(path)
-        steps = [offset + r["step"] for r in recs]
-        keys = sorted({k for r in recs for k in r if k.startswith("weight/")})
-        for key in keys:
-            ax.plot(steps, [r.get(key, float("nan")) for r in recs], label=f"{name}: {key[len('weight/'):]}")
-        if recs:
-            offset = steps[-1]
-            ax.axvline(offset, color="grey", lw=0.5)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("sampling weight")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    plt.close(fig)
-    return png
+    return _plot_runs(runs, png, 3, series, "sampling weight", axes)
 
 
 def plot_plan_vs_run(rows, png: Path) -> Path:
