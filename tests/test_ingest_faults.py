@@ -44,14 +44,20 @@ def _kill_one_shard_worker(stop):
 
 
 def test_killed_worker_loses_no_row_and_rerun_downloads_nothing(ray_cluster, web, tmp_path):
-    paths = [f"slow/1/i{i}.jpg" if i % 4 == 0 else f"files/i{i}.jpg" for i in range(12)]
+    # every shard holds one URL the server answers only after a worker was killed: the kill lands mid-shard
+    paths = [f"held/i{i}.jpg" if i % 4 == 0 else f"files/i{i}.jpg" for i in range(12)]
     m, _, urls = _setup(web, tmp_path, paths, 12)
     out = str(tmp_path / "out")
     stop = threading.Event()
     killed = []
-    killer = threading.Thread(target=lambda: killed.append(_kill_one_shard_worker(stop)), daemon=True)
+
+    def kill_then_release():
+        killed.append(_kill_one_shard_worker(stop))
+        web.release()
+
+    killer = threading.Thread(target=kill_then_release, daemon=True)
     killer.start()
-    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=5)
+    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=60)
     stop.set()
     assert killed and killed[0] is not None
     assert s["rows_in"] == 12 and s["ok"] == 12 and s["rows_in"] == s["ok"] + s["failed"] + s["filtered"]

@@ -20,7 +20,7 @@ import json, sys
 from pipeline.ingest import run_ingest
 from pipeline.sources import SourceManifest
 m = SourceManifest.model_validate_json(sys.argv[1])
-s = run_ingest(m, sys.argv[2], shard_size=2, allow_networks=("127.0.0.0/8",), ray_address=sys.argv[3], timeout=10,
+s = run_ingest(m, sys.argv[2], shard_size=2, allow_networks=("127.0.0.0/8",), ray_address=sys.argv[3], timeout=60,
                dedup_actors=4, thread_count=4)
 print("SUMMARY " + json.dumps(s))
 """
@@ -31,8 +31,13 @@ def _driver(m, out, address):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _summary(proc, timeout=150):
-    stdout, stderr = proc.communicate(timeout=timeout)
+def _summary(proc, timeout=90):
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"the ingest driver ran past {timeout} s; its log:\n{stderr[-4000:]}") from None
     assert proc.returncode == 0, stderr[-3000:]
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("SUMMARY "))[8:])
 
@@ -43,7 +48,10 @@ def test_job_survives_losing_the_node_of_a_dedup_actor_and_shards_spread_over_no
     for i in range(12):
         Image.new("RGB", (80, 80), (i * 11 % 255, 200 - i * 7, 60)).save(web.root / f"i{i}.jpg")
     (web.root / "copy.jpg").write_bytes((web.root / "i0.jpg").read_bytes())
-    urls = [web.url(f"slow/1/i{i}.jpg") for i in range(12)] + [web.url("files/copy.jpg")]
+    # shard 0 (rows 0-1) downloads at once; every later shard waits on the server until the node is gone, so the
+    # kill lands mid-job however fast the machine is
+    urls = [web.url(f"files/i{i}.jpg") for i in range(2)] + [web.url(f"held/i{i}.jpg") for i in range(2, 12)]
+    urls.append(web.url("files/copy.jpg"))
     pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(len(urls))]}), tmp_path / "l.parquet")
     m = SourceManifest(name="mn", task="gen", url_lists=[str(tmp_path / "l.parquet")], filters={"dedup_near": False})
     out = str(tmp_path / "out")
@@ -60,6 +68,7 @@ def test_job_survives_losing_the_node_of_a_dedup_actor_and_shards_spread_over_no
                     cluster.remove_node(victim, allow_graceful=False)
                     killed = victim
             time.sleep(0.1)
+        web.release()
         s = _summary(proc)
         assert killed is not None, "the job ended before a node could be killed"
         assert not Path(f"{out}/_staging").exists() or not any(Path(f"{out}/_staging").iterdir())

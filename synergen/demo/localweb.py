@@ -4,6 +4,8 @@ Serves files from a folder and a few misbehaving endpoints, so downloads exercis
     /files/NAME                 the file (content type from the extension)
     /status/CODE                an empty response with that status
     /slow/SECONDS/NAME          sleeps, then serves NAME (timeouts; `/slow/` answers fast after `unslow()`)
+    /held/NAME                  waits until `release()` (at most `held_max_s`), then serves NAME: a test decides
+                                when a job's downloads may finish, instead of racing a clock
     /reset                      closes the connection without a response (connection reset)
     /truncated/NAME             announces the full length, sends half the body, closes
     /redirect?to=URL            302 to URL
@@ -69,6 +71,9 @@ class _Handler(BaseHTTPRequestHandler):
             if not self.server.unslowed:
                 time.sleep(float(parts[1]))
             return self._send_file(parts[2])
+        if kind == "held":
+            self.server.released.wait(self.server.held_max_s)
+            return self._send_file("/".join(parts[1:]))
         if kind == "reset":
             self.close_connection = True
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -125,6 +130,8 @@ class _Server(ThreadingHTTPServer):
         self.hits: collections.Counter[str] = collections.Counter()
         self.unslowed = False
         self.trickle_interval = 0.2
+        self.released = threading.Event()
+        self.held_max_s = 120.0
         self.stopping = threading.Event()
 
 
@@ -151,11 +158,16 @@ class LocalWeb:
         """From now on `/slow/...` answers at once (a server that timed out before recovers)."""
         self._server.unslowed = True
 
+    def release(self) -> None:
+        """`/held/...` requests waiting now, and all later ones, are served."""
+        self._server.released.set()
+
     def start(self) -> "LocalWeb":
         self._thread.start()
         return self
 
     def stop(self) -> None:
         self._server.stopping.set()  # ends trickling responses
+        self._server.released.set()  # and held ones
         self._server.shutdown()
         self._server.server_close()
