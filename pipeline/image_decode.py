@@ -25,9 +25,6 @@ from PIL import Image, ImageOps
 
 from pipeline import netguard
 
-# 8192 x 8192 x 4 bytes: an 8k RGBA image at 8 bits per sample; the same at 16 bits is refused.
-DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024
-
 # Bytes per pixel of Pillow's own storage, by mode (RGB is stored in 4 bytes).
 _STORAGE = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 4, "F": 4}
 _BITS_16 = (";16", "I;16")
@@ -82,7 +79,7 @@ class Normaliser:
     both permanent.
     """
 
-    def __init__(self, encode_quality: int = 95, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES):
+    def __init__(self, encode_quality: int = 95, max_decoded_bytes: int = netguard.DEFAULT_MAX_DECODED_BYTES):
         self.encode_quality = encode_quality
         self.max_decoded_bytes = max_decoded_bytes
         cv2.setNumThreads(1)  # a shard task holds one CPU (img2dataset's resizer does the same)

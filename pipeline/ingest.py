@@ -29,7 +29,6 @@ import statistics
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -43,9 +42,10 @@ from pipeline import ledger as L
 from pipeline import image_decode, netguard, politeness
 from pipeline import rawshard as R
 from pipeline.dedup import start_dedup
+from pipeline.ingest_config import IngestOptions
 from pipeline.rawshard import shard_name  # noqa: F401 - re-exported (tokenize imports it from here until it moves)
 from pipeline.sources import SourceManifest, check_url_lists, iter_url_list_parts, load_source_manifest
-from synergen.errors import SynergenError
+from synergen.errors import SynergenError, validated
 from synergen.local_ray import init_ray
 
 log = logging.getLogger(__name__)
@@ -60,32 +60,6 @@ PLAN_COLUMNS = ["row_id", "rid64", "url", "caption", "caption_utf8"]  # then ext
 
 class IngestError(SynergenError):
     """The ingest job cannot run (bad output location, inconsistent ledger) or a shard failed all its retries."""
-
-
-@dataclass
-class IngestOptions:
-    """Knobs of one ingest job; defaults suit a single machine."""
-
-    shard_size: int = 1000
-    allow_private_network: bool = False
-    allow_networks: tuple[str, ...] = ()  # CIDRs allowed although private, e.g. ("127.0.0.0/8",); link-local never
-    timeout: float = 10.0  # seconds per socket operation
-    download_deadline_s: float = netguard.DEFAULT_TOTAL_TIMEOUT  # one download, all of it (trickling hosts: `timeout`)
-    shard_download_deadline_s: float | None = None  # a shard's whole download phase; None: from the two above
-    thread_count: int = 32
-    max_attempts: int = 3  # downloads per URL across re-runs before a retryable failure is final
-    task_retries: int = 3  # Ray retries of one shard task (worker or node died, or img2dataset returned ok=False)
-    shard_deadline_s: float | None = None  # None: 3x the median shard time so far (at least 60 s)
-    shard_wall_s: float | None = None  # an attempt running longer is abandoned (cancelled); None: 4x the deadline
-    max_in_flight: int | None = None  # shard attempts running at once; None: 2x the cluster's CPUs
-    dedup_actors: int | None = None  # index shards; None: one per 16 cluster CPUs (at least 1)
-    per_host_connections: int | None = None  # job-wide concurrent downloads per host (None: unlimited)
-    per_host_rps: float | None = None  # job-wide download starts per second per host (None: unlimited)
-    max_bytes: int = netguard.DEFAULT_MAX_BYTES
-    max_pixels: int = netguard.DEFAULT_MAX_PIXELS
-    max_decoded_bytes: int = image_decode.DEFAULT_MAX_DECODED_BYTES  # width x height x bytes per pixel
-    encode_quality: int = 95
-    connect_audit: str | None = None  # file where workers record every connect address (tests prove the guard)
 
 
 # ---------------------------------------------------------------- filters built from the manifest
@@ -149,7 +123,7 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     from img2dataset.writer import WebDatasetSampleWriter
     import webdataset as wds
 
-    opts = IngestOptions(**spec["options"])
+    opts = IngestOptions.model_validate(spec["options"])
     m = SourceManifest.model_validate(spec["manifest"])
     sid = spec["shard"]
     with fsspec.open(R.input_path(spec["out"], sid), "rb") as f:
@@ -420,16 +394,17 @@ def _close_failed_shard(fs, root: str, sid: int) -> None:
     L.write_parquet_atomic(fs, R.fragment_path(root, sid), L.fragment_table(recs, "shard_failed"))
 
 
-def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000, allow_private_network: bool = False,
-               ray_address: str | None = None, url_lists: list[str] | None = None,
+def run_ingest(manifest: SourceManifest | str, out: str, ray_address: str | None = None, url_lists: list[str] | None = None,
                progress: Callable[[int, int | None], None] | None = None, **options) -> dict:
-    """Ingest the manifest's URL lists into `out` (local path or s3://); returns the job summary (also `_summary.json`)."""
+    """Ingest the manifest's URL lists into `out` (local path or s3://); returns the job summary (also `_summary.json`).
+
+    `options` are `IngestOptions`' fields; values that do not validate raise ConfigError naming each and the fix."""
     import ray
 
     m = load_source_manifest(manifest) if isinstance(manifest, str) else manifest
     if url_lists is not None:
         m = m.model_copy(update={"url_lists": list(url_lists)})
-    opts = IngestOptions(shard_size=shard_size, allow_private_network=allow_private_network, **options)
+    opts = validated(IngestOptions, "run_ingest", "ingest options", **options)
     t_start = time.time()
     fs, root = fsspec.core.url_to_fs(out)
     for folder in (root, f"{root}/{R.INPUTS}", f"{root}/{R.FRAGMENTS}"):
@@ -459,7 +434,7 @@ def run_ingest(manifest: SourceManifest | str, out: str, shard_size: int = 1000,
     manifest_dump = m.model_dump()
 
     def submit(sid: int, n: int):
-        spec = {"shard": sid, "out": out, "attempt": f"a{n}", "options": asdict(opts), "filters": fc,
+        spec = {"shard": sid, "out": out, "attempt": f"a{n}", "options": opts.model_dump(), "filters": fc,
                 "manifest": manifest_dump, "share": window + 1}  # +1: a straggler's second attempt
         return task.options(name=f"ingest-shard-{shard_name(sid)}").remote(spec, dedup)
 

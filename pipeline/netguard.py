@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 8k x 8k; a 20000x20000 PNG bomb (400M pixels) is refused
 DEFAULT_TOTAL_TIMEOUT = 60.0  # seconds for one download, all of it (a 32 MiB body needs ~4.5 Mbit/s)
+# Decoded size limit of pipeline.image_decode (here with the other limits, light to import for the CLI):
+# 8192 x 8192 x 4 bytes, an 8k RGBA image at 8 bits per sample; the same at 16 bits is refused.
+DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024
 # Cloud metadata / instance services: refused always, whatever allow_private_network or allow_networks say.
 METADATA_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "169.254.0.0/16",      # link-local v4: AWS/GCP/Azure/OpenStack/DigitalOcean metadata, ECS task metadata

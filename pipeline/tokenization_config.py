@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class QualityThresholds(BaseModel):
@@ -53,10 +53,15 @@ class TokenizeConfig(BaseModel):
     quality: QualityThresholds = Field(default_factory=QualityThresholds)
     ray_address: str | None = Field(None, description="Ray cluster address (default: a local Ray)")
 
+    @field_validator("fold")
+    @classmethod
+    def _fold(cls, fold: str) -> str:
+        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", fold.strip().lower()):
+            raise ValueError(f"fold {fold!r} is not ROWSxCOLS; write it like '2x8'")
+        return fold
+
     @model_validator(mode="after")
     def _resolve(self) -> "TokenizeConfig":
-        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", self.fold.strip().lower()):
-            raise ValueError(f"fold {self.fold!r} is not ROWSxCOLS; write it like '2x8'")
         if self.min_side is None:
             self.min_side = self.image_size // 2
         return self

@@ -10,6 +10,7 @@ import os
 
 import typer
 
+from pipeline.ingest_config import IngestOptions
 from pipeline.tokenization_config import TokenizeConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="synergen: SynerGen-VL pretraining, from URL lists to a trained model.")
@@ -21,10 +22,16 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def options_from(model: type, what: str, flags: dict[str, str] | None = None):
+def options_from(model: type, what: str, flags: dict[str, str] | None = None, arguments: tuple[str, ...] = (),
+                 hidden: tuple[str, ...] = ()):
     """The command's options are `model`'s fields (pydantic): their types, defaults and descriptions, so no default
-    is restated here; a nested model's fields are flat options. The command receives the validated model; values
-    that do not validate are reported like a bad config (each option, the value, the fix) with exit code 2."""
+    is restated here; a nested model's fields are flat options, a list or tuple field a repeatable option, a field
+    in `arguments` a positional argument, one in `hidden` an option left out of --help. `flags` renames a field's
+    flag. The command's own parameters after the first (things that are no field: a manifest, an output folder)
+    stay as it declares them, before the fields.
+
+    The command receives the validated model (then its own parameters by name); values that do not validate are
+    reported like a bad config, each named by its flag (`explain_validation`), with exit code 2."""
     import functools
     import inspect
     import typing
@@ -35,8 +42,11 @@ def options_from(model: type, what: str, flags: dict[str, str] | None = None):
 
     def cli_type(ann):
         args = [a for a in typing.get_args(ann) if a is not type(None)]
-        if typing.get_origin(ann) is typing.Literal or (args and typing.get_origin(args[0]) is typing.Literal):
+        origin = typing.get_origin(ann)
+        if origin is typing.Literal or (args and typing.get_origin(args[0]) is typing.Literal):
             return str  # pydantic checks the choice and names the allowed values
+        if origin in (list, tuple):
+            return list[args[0]]  # repeatable; pydantic makes the tuple
         return typing.Optional[args[0]] if len(args) == 1 and type(None) in typing.get_args(ann) else ann
 
     fields = []  # (parent or None, name, FieldInfo)
@@ -46,16 +56,29 @@ def options_from(model: type, what: str, flags: dict[str, str] | None = None):
             fields += [(name, sub, sf) for sub, sf in ann.model_fields.items()]
         else:
             fields.append((None, name, f))
+    unknown = (set(flags) | set(arguments) | set(hidden)) - {name for _, name, _ in fields}
+    assert not unknown, f"options_from({model.__name__}): no fields {sorted(unknown)}"
 
     def decorate(fn):
-        params = []
-        for _, name, f in fields:
-            flag = flags.get(name, f"--{name.replace('_', '-')}")
-            if f.annotation is bool and "/" not in flag:
-                flag = f"{flag}/--no-{flag[2:]}"
+        own = list(inspect.signature(fn).parameters.values())[1:]  # after the model
+        params, names = [], {}  # names: dotted field path -> what the user typed (flag or ARGUMENT)
+        for parent, name, f in fields:
             default = ... if f.is_required() else f.get_default(call_default_factory=True)
+            if isinstance(default, tuple):
+                default = list(default)
+            if name in arguments:
+                info = typer.Argument(default, help=f.description, show_default=default is not ...)
+                names[name] = name.upper()
+            else:
+                flag = flags.get(name, f"--{name.replace('_', '-')}")
+                if f.annotation is bool and "/" not in flag:
+                    flag = f"{flag}/--no-{flag[2:]}"
+                info = typer.Option(default, flag, help=f.description, hidden=name in hidden)
+                names[f"{parent}.{name}" if parent else name] = flag.split("/")[0]
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=cli_type(f.annotation),
-                                            default=typer.Option(default, flag, help=f.description)))
+                                            default=info))
+        clash = {p.name for p in own} & {p.name for p in params}
+        assert not clash, f"{fn.__name__}: parameters {clash} are also fields of {model.__name__}"
 
         @functools.wraps(fn)
         def command(**given):
@@ -65,16 +88,18 @@ def options_from(model: type, what: str, flags: dict[str, str] | None = None):
             for parent, name, _ in fields:
                 (values.setdefault(parent, {}) if parent else values)[name] = given[name]
             try:
-                cfg = validated(model, f"synergen {fn.__name__.removesuffix('_cmd').replace('_', '-')}", what, **values)
+                cfg = validated(model, f"synergen {fn.__name__.removesuffix('_cmd').replace('_', '-')}", what,
+                                flags=names, **values)
             except ConfigError as e:
                 from rich.console import Console
+                from rich.markup import escape
 
-                Console().print(f"[red]error:[/red] {e}")
+                Console().print(f"[red]error:[/red] {escape(str(e))}")
                 raise typer.Exit(2) from None
-            return fn(cfg)
+            return fn(cfg, **{p.name: given[p.name] for p in own})
 
-        command.__signature__ = inspect.Signature(params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + params)
+        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
         del command.__wrapped__  # typer reads the signature above, not the wrapped function's
         return command
 
@@ -87,20 +112,12 @@ def options_from(model: type, what: str, flags: dict[str, str] | None = None):
 
 
 @app.command()
+@options_from(IngestOptions, "ingest options", flags={"download_deadline_s": "--download-deadline"}, hidden=("connect_audit",))
 def ingest(
+    opts: IngestOptions,
     manifest: str = typer.Argument(..., help="Source manifest, e.g. manifests/sources/laion_aesthetics.yaml"),
     out: str = typer.Option(..., "--out", help="Output folder: local path or s3://bucket/prefix"),
-    shard_size: int = typer.Option(1000, "--shard-size", help="Input rows per shard"),
     ray_address: str = typer.Option(None, "--ray-address", help="Ray cluster address (default: a local Ray)"),
-    allow_private_network: bool = typer.Option(False, "--allow-private-network",
-                                               help="Allow loopback and private addresses (local mirrors); cloud metadata addresses stay refused"),
-    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per socket operation of a download"),
-    download_deadline: float = typer.Option(60.0, "--download-deadline",
-                                            help="Seconds one download may take in all (connect, headers, body); "
-                                                 "slower hosts fail as timeout and are retried by a re-run"),
-    max_attempts: int = typer.Option(3, "--max-attempts", help="Downloads per URL across re-runs for retryable failures"),
-    task_retries: int = typer.Option(3, "--task-retries", help="Further attempts of a shard whose attempt died or hung"),
-    shard_wall_s: float = typer.Option(None, "--shard-wall-s", help="Abandon a shard attempt running longer (default: 4x the straggler deadline)"),
 ) -> None:
     """Download a corpus into raw shards; re-run the same command to resume or retry. Exits 1 when shards remain unfinished."""
     from rich.console import Console
@@ -114,9 +131,7 @@ def ingest(
     try:
         with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console) as bar:
             job = bar.add_task("rows", total=None)
-            summary = run_ingest(manifest, out, shard_size=shard_size, allow_private_network=allow_private_network,
-                                 ray_address=ray_address, timeout=timeout, max_attempts=max_attempts,
-                                 download_deadline_s=download_deadline, task_retries=task_retries, shard_wall_s=shard_wall_s,
+            summary = run_ingest(manifest, out, ray_address=ray_address, **opts.model_dump(),
                                  progress=lambda done, total: bar.update(job, completed=done, total=total))
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")

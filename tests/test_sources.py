@@ -26,7 +26,7 @@ def test_laion_manifest_uses_the_released_column_names():
     ("name: x\ntask: gen\nurl_lists: [a.parquet]\nfilters: {min_sid: 3}\n", "filters.min_sid", "remove it"),
     ("name: x\ntask: both\nurl_lists: [a.parquet]\n", "task", "allowed values"),
     ("name: x\ntask: gen\n", "url_lists", "add it"),
-    ("name: x\ntask: gen\nurl_lists: a.parquet\nfilters: {min_side: -1}\n", "filters.min_side", "fix the value"),
+    ("name: x\ntask: gen\nurl_lists: a.parquet\nfilters: {min_side: -1}\n", "filters.min_side", "greater than or equal to 0"),
 ])
 def test_bad_manifest_names_file_key_and_fix(tmp_path, body, key, fix):
     p = tmp_path / "bad.yaml"
