@@ -12,6 +12,7 @@ import typer
 
 from pipeline.ingest_config import IngestOptions
 from pipeline.tokenization_config import TokenizeConfig
+from train.generate_config import GenerateConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="synergen: SynerGen-VL pretraining, from URL lists to a trained model.")
 
@@ -73,7 +74,9 @@ def options_from(model: type, what: str, flags: dict[str, str] | None = None, ar
                 flag = flags.get(name, f"--{name.replace('_', '-')}")
                 if f.annotation is bool and "/" not in flag:
                     flag = f"{flag}/--no-{flag[2:]}"
-                info = typer.Option(default, flag, help=f.description, hidden=name in hidden)
+                listed = typing.get_origin(cli_type(f.annotation)) is list  # typer would show `<list[str]>`
+                metavar = f"<{typing.get_args(cli_type(f.annotation))[0].__name__}>" if listed else None
+                info = typer.Option(default, flag, help=f.description, hidden=name in hidden, metavar=metavar)
                 names[f"{parent}.{name}" if parent else name] = flag.split("/")[0]
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=cli_type(f.annotation),
                                             default=info))
@@ -367,53 +370,16 @@ def train_cmd(
 
 
 @app.command("generate")
-def generate(
-    model_path: str = typer.Argument(..., help="Trained SynerGen-VL directory (save_pretrained; local or s3://)."),
-    tokenizer_path: str = typer.Option(None, "--tokenizer", help="Text tokenizer directory (local or s3://); default: the model's folder."),
-    vq_path: str = typer.Option(..., "--vq", help="VQ tokenizer (model.vq.VQTokenizer.from_pretrained; local or s3://)."),
-    caption: list[str] = typer.Option(None, "--caption", help="Text-to-image: one image per caption (repeatable)."),
-    image: list[str] = typer.Option(None, "--image", help="Image-to-text: caption each image file (repeatable); tiled as tokenize did."),
-    out: str = typer.Option("generated", "--out", help="Folder for generated PNGs (text-to-image)."),
-    cfg_scale: float = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale (1 = none)."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (0 = greedy)."),
-    top_k: int = typer.Option(None, "--top-k", help="Sample among the k most likely codes/tokens."),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens", help="Image-to-text: longest caption in tokens."),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("cpu", "--device"),
-) -> None:
-    """Generate images from captions (--caption) or captions from images (--image)."""
-    from pathlib import Path
-
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from pipeline.tiling import to_images
+@options_from(GenerateConfig, "generate options", arguments=("model",))
+def generate(cfg: GenerateConfig) -> None:
+    """Generate images from captions (--caption) or captions from images (--image); prints one line per output:
+    the PNG written and its caption, or the image file and its caption."""
     from synergen.errors import SynergenError
-    from train.generate import TrainedModel
+    from train.generate import run_generate
 
-    if bool(caption) == bool(image):
-        typer.echo("error: give --caption (text-to-image) or --image (image-to-text), not both or neither", err=True)
-        raise typer.Exit(2)
     try:
-        tm = TrainedModel.load(model_path, tokenizer_path, vq_path, device=device)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        if caption:
-            pixels = tm.images(caption, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, generator=gen)
-            Path(out).mkdir(parents=True, exist_ok=True)
-            for i, (c, im) in enumerate(zip(caption, to_images(pixels))):
-                path = Path(out) / f"{i:03d}.png"
-                im.save(path)
-                typer.echo(f"{path}\t{c}")
-        else:
-            pics = []
-            for f in image:
-                try:
-                    pics.append(Image.open(f))
-                except (OSError, UnidentifiedImageError) as e:
-                    raise SynergenError(f"--image {f}: not a readable image ({e})") from None
-            texts = tm.captions(pics, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-            for f, t in zip(image, texts):
-                typer.echo(f"{f}\t{t}")
+        for where, text in run_generate(cfg):
+            typer.echo(f"{where}\t{text}")
     except SynergenError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -1,4 +1,4 @@
-"""A trained SynerGen-VL used as it was trained: `synergen generate` and the demo's evaluation.
+"""A trained SynerGen-VL used as it was trained: `synergen generate` (`run_generate`) and the demo's evaluation.
 
 Everything that made the training data is reused, never re-derived: the tokenizer is checked against the
 model (`model.template.check_model_tokenizer`), prompts are the loader's own sequences cut where the answer
@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import fsspec
 import torch
 
 from model.folding import fold_codes
 from model.template import LayoutIds, check_model_tokenizer
-from synergen.errors import ConfigMismatchError
+from synergen.errors import ConfigMismatchError, SynergenError
+from train.generate_config import GenerateConfig
 from train.sequence import generation_prompt, understanding_prompt
 
 log = logging.getLogger(__name__)
@@ -70,20 +72,67 @@ class TrainedModel:
         return groups.reshape(-1, groups.shape[-1]), prompt.tolist()
 
     def captions(self, images: list, max_new_tokens: int = 48, temperature: float = 0.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> list[str]:
-        """Image-to-text for PIL images."""
-        encoded = [self.encode_image(im) for im in images]
-        codes = torch.cat([c for c, _ in encoded]).to(next(self.model.parameters()).device)
-        out = self.model.generate_text([p for _, p in encoded], codes, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_k=top_k, generator=generator, stop_id=self.ids.end[0])
+                 generator: torch.Generator | None = None, batch_size: int = 16) -> list[str]:
+        """Image-to-text for PIL images, `batch_size` images per forward."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            encoded = [self.encode_image(im) for im in images[i:i + batch_size]]
+            codes = torch.cat([c for c, _ in encoded]).to(next(self.model.parameters()).device)
+            out += self.model.generate_text([p for _, p in encoded], codes, max_new_tokens=max_new_tokens,
+                                            temperature=temperature, top_k=top_k, generator=generator, stop_id=self.ids.end[0])
         return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
 
     def images(self, captions: list[str], cfg_scale: float | None = None, temperature: float = 1.0, top_k: int | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Text-to-image: pixels `[B, 3, H, W]` in [-1, 1] (needs the VQ)."""
+               generator: torch.Generator | None = None, batch_size: int = 16) -> list:
+        """Text-to-image: one PIL RGB image per caption (needs the VQ), `batch_size` captions per forward."""
+        from pipeline.tiling import to_images
+
         enc = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        prompts = [generation_prompt(self.ids, enc(c)).tolist() for c in captions]
         uncond = generation_prompt(self.ids, [], uncond=True).tolist()
-        _, pixels = self.model.generate_images(prompts, uncond_prompt=uncond, cfg_scale=cfg_scale, temperature=temperature,
-                                               top_k=top_k, generator=generator, vq=self.vq)
-        return pixels
+        out = []
+        for i in range(0, len(captions), batch_size):
+            prompts = [generation_prompt(self.ids, enc(c)).tolist() for c in captions[i:i + batch_size]]
+            _, pixels = self.model.generate_images(prompts, uncond_prompt=uncond, cfg_scale=cfg_scale, temperature=temperature,
+                                                   top_k=top_k, generator=generator, vq=self.vq)
+            out += to_images(pixels)
+        return out
+
+
+def open_image(path: str, what: str = "image"):
+    """A local or remote (fsspec) image file as PIL RGB, or SynergenError naming the file."""
+    import io
+
+    import fsspec
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except FileNotFoundError:
+        raise SynergenError(f"{what} {path}: no such file; give the path of an image file") from None
+    except (OSError, UnidentifiedImageError) as e:
+        raise SynergenError(f"{what} {path}: not a readable image ({e}); give a PNG, JPEG or WebP file") from None
+
+
+def run_generate(cfg: GenerateConfig) -> list[tuple[str, str]]:
+    """`synergen generate`: text-to-image writes `cfg.out/NNN.png` per caption and returns (png path, caption);
+    image-to-text returns (image file, generated caption), in the order given."""
+    tm = TrainedModel.load(cfg.model, cfg.tokenizer, cfg.vq, device=cfg.device)
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    if cfg.caption:
+        images = tm.images(cfg.caption, cfg_scale=cfg.cfg_scale, temperature=cfg.temperature, top_k=cfg.top_k,
+                           generator=gen, batch_size=cfg.batch_size)
+        fs, root = fsspec.core.url_to_fs(cfg.out)
+        fs.makedirs(root, exist_ok=True)
+        paths = []
+        for i, im in enumerate(images):
+            paths.append(f"{cfg.out.rstrip('/')}/{i:03d}.png")
+            with fsspec.open(paths[-1], "wb") as f:
+                im.save(f, format="PNG")
+        log.info("generate: %d images -> %s", len(paths), cfg.out)
+        return list(zip(paths, cfg.caption))
+    pictures = [open_image(f) for f in cfg.image]
+    texts = tm.captions(pictures, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                        generator=gen, batch_size=cfg.batch_size)
+    return list(zip(cfg.image, texts))

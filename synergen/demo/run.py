@@ -231,30 +231,22 @@ def evaluate(cfg: DemoConfig, model_dir: Path, eval_rows: list[dict], image_dir:
 
     from synergen.demo.corpus import classify_image
     from pipeline.tiling import resize_center_crop, to_images, to_pixels
-    from train.generate import TrainedModel
+    from train.generate import TrainedModel, open_image
 
     tm = TrainedModel.load(str(model_dir), cfg.tokenizer, cfg.vq)
     gen = torch.Generator().manual_seed(cfg.seed)
     samples_dir = out_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
 
-    # Text -> image.
-    images = []
-    with torch.no_grad():
-        for i in range(0, len(eval_rows), 16):
-            pix = tm.images([r["caption"] for r in eval_rows[i:i + 16]], cfg_scale=cfg.cfg_scale, temperature=cfg.temperature,
-                            top_k=cfg.top_k, generator=gen)
-            images += to_images(pix)
-    # Image -> text, each image preprocessed as tokenize did for the stage (`TrainedModel.encode_image`).
-    pictures = [Image.open(image_dir / r["file"]).convert("RGB") for r in eval_rows]
+    # Text -> image, then image -> text (each image preprocessed as tokenize did for the stage: TrainedModel).
+    images = tm.images([r["caption"] for r in eval_rows], cfg_scale=cfg.cfg_scale, temperature=cfg.temperature,
+                       top_k=cfg.top_k, generator=gen)
+    pictures = [open_image(str(image_dir / r["file"])) for r in eval_rows]
     # The check's ceiling: how often the classifier names the target itself after a VQ round trip (the
     # tiny VQ blurs 64-px shapes), i.e. the best a perfect generator could score here.
     grid_codes = tm.vq.encode(to_pixels([resize_center_crop(p, cfg.image_size) for p in pictures]))  # [N, gh, gw]
     ceiling = [classify_image(im) for im in to_images(tm.vq.decode(grid_codes))]
-    captions = []
-    with torch.no_grad():
-        for i in range(0, len(pictures), 16):
-            captions += tm.captions(pictures[i:i + 16], max_new_tokens=24)
+    captions = tm.captions(pictures, max_new_tokens=24)
 
     samples, img_hits, cap_hits, img_colour, img_shape, cap_colour, cap_shape = [], 0, 0, 0, 0, 0, 0
     for i, (r, im, cap) in enumerate(zip(eval_rows, images, captions)):
