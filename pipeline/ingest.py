@@ -401,10 +401,10 @@ def run_ingest(manifest: SourceManifest | str, out: str, ray_address: str | None
     `options` are `IngestOptions`' fields; values that do not validate raise ConfigError naming each and the fix."""
     import ray
 
+    opts = validated(IngestOptions, "run_ingest", "ingest options", **options)
     m = load_source_manifest(manifest) if isinstance(manifest, str) else manifest
     if url_lists is not None:
         m = m.model_copy(update={"url_lists": list(url_lists)})
-    opts = validated(IngestOptions, "run_ingest", "ingest options", **options)
     t_start = time.time()
     fs, root = fsspec.core.url_to_fs(out)
     for folder in (root, f"{root}/{R.INPUTS}", f"{root}/{R.FRAGMENTS}"):

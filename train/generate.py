@@ -117,7 +117,9 @@ def open_image(path: str, what: str = "image"):
 
 def run_generate(cfg: GenerateConfig) -> list[tuple[str, str]]:
     """`synergen generate`: text-to-image writes `cfg.out/NNN.png` per caption and returns (png path, caption);
-    image-to-text returns (image file, generated caption), in the order given."""
+    image-to-text returns (image file, generated caption), in the order given. Images are read first, so a bad
+    file fails before any model loads."""
+    pictures = [open_image(f) for f in cfg.image]
     tm = TrainedModel.load(cfg.model, cfg.tokenizer, cfg.vq, device=cfg.device)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     if cfg.caption:
@@ -132,7 +134,6 @@ def run_generate(cfg: GenerateConfig) -> list[tuple[str, str]]:
                 im.save(f, format="PNG")
         log.info("generate: %d images -> %s", len(paths), cfg.out)
         return list(zip(paths, cfg.caption))
-    pictures = [open_image(f) for f in cfg.image]
     texts = tm.captions(pictures, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                         generator=gen, batch_size=cfg.batch_size)
     return list(zip(cfg.image, texts))
