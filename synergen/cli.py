@@ -5,8 +5,11 @@ Each subcommand imports its stage lazily, so `synergen --help` stays fast.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import typing
 
 import typer
 
@@ -33,53 +36,17 @@ def options_from(model: type, what: str, flags: dict[str, str] | None = None, ar
 
     The command receives the validated model (then its own parameters by name); values that do not validate are
     reported like a bad config, each named by its flag (`explain_validation`), with exit code 2."""
-    import functools
-    import inspect
-    import typing
-
-    from pydantic import BaseModel
-
-    flags = flags or {}
-
-    def cli_type(ann):
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        origin = typing.get_origin(ann)
-        if origin is typing.Literal or (args and typing.get_origin(args[0]) is typing.Literal):
-            return str  # pydantic checks the choice and names the allowed values
-        if origin in (list, tuple):
-            return list[args[0]]  # repeatable; pydantic makes the tuple
-        return typing.Optional[args[0]] if len(args) == 1 and type(None) in typing.get_args(ann) else ann
-
-    fields = []  # (parent or None, name, FieldInfo)
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            fields += [(name, sub, sf) for sub, sf in ann.model_fields.items()]
-        else:
-            fields.append((None, name, f))
-    unknown = (set(flags) | set(arguments) | set(hidden)) - {name for _, name, _ in fields}
+    fields = _flat_fields(model)
+    unknown = (set(flags or {}) | set(arguments) | set(hidden)) - {name for _, name, _ in fields}
     assert not unknown, f"options_from({model.__name__}): no fields {sorted(unknown)}"
+    params, names = [], {}  # names: dotted field path -> what the user typed (flag or ARGUMENT)
+    for parent, name, f in fields:
+        param, names[f"{parent}.{name}" if parent else name] = _cli_parameter(name, f, (flags or {}).get(name),
+                                                                              name in arguments, name in hidden)
+        params.append(param)
 
     def decorate(fn):
         own = list(inspect.signature(fn).parameters.values())[1:]  # after the model
-        params, names = [], {}  # names: dotted field path -> what the user typed (flag or ARGUMENT)
-        for parent, name, f in fields:
-            default = ... if f.is_required() else f.get_default(call_default_factory=True)
-            if isinstance(default, tuple):
-                default = list(default)
-            if name in arguments:
-                info = typer.Argument(default, help=f.description, show_default=default is not ...)
-                names[name] = name.upper()
-            else:
-                flag = flags.get(name, f"--{name.replace('_', '-')}")
-                if f.annotation is bool and "/" not in flag:
-                    flag = f"{flag}/--no-{flag[2:]}"
-                listed = typing.get_origin(cli_type(f.annotation)) is list  # typer would show `<list[str]>`
-                metavar = f"<{typing.get_args(cli_type(f.annotation))[0].__name__}>" if listed else None
-                info = typer.Option(default, flag, help=f.description, hidden=name in hidden, metavar=metavar)
-                names[f"{parent}.{name}" if parent else name] = flag.split("/")[0]
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=cli_type(f.annotation),
-                                            default=info))
         clash = {p.name for p in own} & {p.name for p in params}
         assert not clash, f"{fn.__name__}: parameters {clash} are also fields of {model.__name__}"
 
@@ -107,6 +74,47 @@ def options_from(model: type, what: str, flags: dict[str, str] | None = None, ar
         return command
 
     return decorate
+
+
+def _flat_fields(model: type) -> list[tuple[str | None, str, object]]:
+    """(parent or None, name, FieldInfo) of a model's fields, a nested model's fields in its place."""
+    from pydantic import BaseModel
+
+    fields = []
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            fields += [(name, sub, sf) for sub, sf in f.annotation.model_fields.items()]
+        else:
+            fields.append((None, name, f))
+    return fields
+
+
+def _cli_type(ann):
+    """The type typer parses a field's value as (pydantic then validates it)."""
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal or (args and typing.get_origin(args[0]) is typing.Literal):
+        return str  # pydantic checks the choice and names the allowed values
+    if origin in (list, tuple):
+        return list[args[0]]  # repeatable; pydantic makes the tuple
+    return typing.Optional[args[0]] if len(args) == 1 and type(None) in typing.get_args(ann) else ann
+
+
+def _cli_parameter(name: str, f, flag: str | None, argument: bool, hidden: bool) -> tuple[inspect.Parameter, str]:
+    """A field as a typer parameter, and what a user types to set it (`--flag`, or the ARGUMENT's name)."""
+    default = ... if f.is_required() else f.get_default(call_default_factory=True)
+    if isinstance(default, tuple):
+        default = list(default)
+    typ = _cli_type(f.annotation)
+    if argument:
+        info, typed = typer.Argument(default, help=f.description, show_default=default is not ...), name.upper()
+    else:
+        flag = flag or f"--{name.replace('_', '-')}"
+        if f.annotation is bool and "/" not in flag:
+            flag = f"{flag}/--no-{flag[2:]}"
+        metavar = f"<{typing.get_args(typ)[0].__name__}>" if typing.get_origin(typ) is list else None  # not `<list[str]>`
+        info, typed = typer.Option(default, flag, help=f.description, hidden=hidden, metavar=metavar), flag.split("/")[0]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=typ, default=info), typed
 
 
 # ---- stage commands: each block below is owned by its stage; add new commands in their own block ----
