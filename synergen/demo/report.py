@@ -115,8 +115,6 @@ def write_report(out: Path, stats: dict[str, Any]) -> Path:
     targets.mkdir(exist_ok=True)
     for s in ev["samples"]:
         shutil.copy(out / "www" / s["target"], targets / s["target"])
-
-    ing = stats["ingest"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>synergen demo</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
@@ -124,48 +122,64 @@ def write_report(out: Path, stats: dict[str, Any]) -> Path:
         "img.s{width:96px;height:96px;image-rendering:pixelated}</style></head><body>",
         "<h1>synergen demo: shapes corpus, end to end</h1>",
         "<h2>Learning check (held-out captions and images)</h2>",
-        _table([
-            ("held-out samples", ev["n"]),
-            ("generated images: dominant shape and colour match", f"{ev['image_match']:.0%} (chance {ev['chance']:.0%})"),
-            ("generated images: colour / shape alone", f"{ev['image_colour']:.0%} / {ev['image_shape']:.0%} "
-                                                         f"(chance {ev['chance_colour']:.0%} / {ev['chance_shape']:.0%})"),
-            ("ceiling: the target itself after a VQ round trip, classified", f"{ev['vq_ceiling']:.0%} "
-                                                                              f"(colour alone {ev['vq_ceiling_colour']:.0%})"),
-            ("generated captions: name the right shape and colour", f"{ev['caption_match']:.0%} (chance {ev['chance']:.0%})"),
-            ("generated captions: colour / shape alone", f"{ev['caption_colour']:.0%} / {ev['caption_shape']:.0%}"),
-        ]),
+        _learning_check(ev),
         "<h2>Loss curves</h2><img src='loss.png' alt='loss curves'>",
         "<h2>Mixture weights per step</h2><img src='weights.png' alt='sampling weight of each source per step'>",
         "<h2>Stages</h2>",
-        "<h3>Ingest (local web -> raw shards, Ray)</h3>",
-        _table([("rows in", ing.get("rows_in")), ("ok", ing.get("ok")), ("failed", ing.get("failed")),
-                ("filtered", ing.get("filtered")), ("shards", ing.get("shards_total")), ("samples/s", ing.get("samples_per_s"))]),
+        *_stage_sections(stats),
+        _samples(ev["samples"]),
+        "</body></html>",
     ]
+    page = rep / "index.html"
+    page.write_text("\n".join(parts))
+    return page
+
+
+def _learning_check(ev: dict[str, Any]) -> str:
+    return _table([
+        ("held-out samples", ev["n"]),
+        ("generated images: dominant shape and colour match", f"{ev['image_match']:.0%} (chance {ev['chance']:.0%})"),
+        ("generated images: colour / shape alone", f"{ev['image_colour']:.0%} / {ev['image_shape']:.0%} "
+                                                     f"(chance {ev['chance_colour']:.0%} / {ev['chance_shape']:.0%})"),
+        ("ceiling: the target itself after a VQ round trip, classified", f"{ev['vq_ceiling']:.0%} "
+                                                                          f"(colour alone {ev['vq_ceiling_colour']:.0%})"),
+        ("generated captions: name the right shape and colour", f"{ev['caption_match']:.0%} (chance {ev['chance']:.0%})"),
+        ("generated captions: colour / shape alone", f"{ev['caption_colour']:.0%} / {ev['caption_shape']:.0%}"),
+    ])
+
+
+def _stage_sections(stats: dict[str, Any]) -> list[str]:
+    """A heading and a table per stage: ingest, tokenize per task, train per stage, timings."""
+    ing = stats["ingest"]
+    parts = ["<h3>Ingest (local web -> raw shards, Ray)</h3>", _table([
+        ("rows in", ing.get("rows_in")), ("ok", ing.get("ok")), ("failed", ing.get("failed")),
+        ("filtered", ing.get("filtered")), ("shards", ing.get("shards_total")), ("samples/s", ing.get("samples_per_s"))])]
     for task, t in stats["tokenize"].items():
         parts += [f"<h3>Tokenize ({task})</h3>", _table([
             ("samples in", t.get("samples_in")), ("tokenized", t.get("tokenized")), ("filtered", t.get("filtered")),
             ("shards", t.get("shards")), ("bytes", t.get("bytes")), ("image tokens", t.get("image_tokens")),
             ("text tokens", t.get("text_tokens")), ("samples/s", t.get("samples_per_s")),
             ("encoder busy fraction", t.get("encoder_busy_fraction"))])]
-    for name, s in train.items():
+    for name, s in stats["train"].items():
         parts += [f"<h3>Train: {html.escape(name)}</h3>", _table([
             ("steps", s["steps"]), ("loss, first 10% of steps", s["loss_first"]), ("loss, last 10%", s["loss_last"]),
             ("und loss, last 10%", s["loss_und_last"]), ("gen loss, last 10%", s["loss_gen_last"]),
             ("tokens/s", s["tokens_per_s"]), ("samples/s", s["samples_per_s"]),
             ("data-wait fraction of step time", s["data_wait_fraction"]), ("packing efficiency", s["packing_efficiency"]),
             ("seconds in steps", s["seconds"])])]
-    parts += ["<h3>Timings (s)</h3>", _table(list(stats["timings_s"].items()))]
-    parts += ["<h2>Samples</h2><table><tr><th>held-out caption</th><th>target</th><th>generated image</th><th>classified as</th>"
-              "<th>generated caption for the target</th></tr>"]
-    for s in ev["samples"]:
+    return parts + ["<h3>Timings (s)</h3>", _table(list(stats["timings_s"].items()))]
+
+
+def _samples(samples: list[dict[str, Any]]) -> str:
+    """Each held-out caption beside its target, the generated image (and its class), the generated caption."""
+    rows = ["<h2>Samples</h2><table><tr><th>held-out caption</th><th>target</th><th>generated image</th><th>classified as</th>"
+            "<th>generated caption for the target</th></tr>"]
+    for s in samples:
         ok_i = "ok" if s["image_ok"] else "bad"
         ok_c = "ok" if s["caption_ok"] else "bad"
-        parts.append(
+        rows.append(
             f"<tr><td>{html.escape(s['caption'])}</td><td><img class='s' src='targets/{html.escape(s['target'])}'></td>"
             f"<td class='{ok_i}'><img class='s' src='samples/{html.escape(s['generated_image'])}'></td>"
             f"<td class='{ok_i}'>{html.escape(' '.join(str(x) for x in s['classified'][::-1]))}</td>"
             f"<td class='{ok_c}'>{html.escape(s['generated_caption'])}</td></tr>")
-    parts.append("</table></body></html>")
-    page = rep / "index.html"
-    page.write_text("\n".join(parts))
-    return page
+    return "\n".join([*rows, "</table>"])

@@ -129,10 +129,38 @@ def _quantize_st(model, x: torch.Tensor):
     return recon, flat, zq, codes
 
 
-def train_demo_vq(cfg: VQTrainConfig) -> dict:
-    """Train, save to `cfg.out` (fp16 safetensors + config.json + train_report.json); return the report."""
+def _initial_model(cfg: VQTrainConfig):
+    """The Emu3VQVAE to train: `cfg.init`'s weights (fine-tune) or random ones, in training mode, fp32."""
     from transformers import Emu3VQVAE
 
+    if cfg.init:
+        model = VQTokenizer.from_pretrained(cfg.init).model.float().train()
+        if model.config.codebook_size != cfg.codebook_size:
+            raise ConfigMismatchError(f"--init {cfg.init} has codebook {model.config.codebook_size}, not --codebook-size {cfg.codebook_size}")
+        return model
+    return Emu3VQVAE(tiny_emu3_config(cfg.codebook_size)).train()
+
+
+def _report_saved(cfg: VQTrainConfig, held: torch.Tensor, train_seconds: float) -> dict:
+    """The report of the VQ as saved in `cfg.out` (fp16 weights): held-out PSNR and codes, round-trip accuracy;
+    also writes its held-out reconstruction sheet there."""
+    tok = VQTokenizer.from_pretrained(cfg.out)
+    write_reconstruction_sheet(tok, held[:24], Path(cfg.out, "heldout_reconstructions.png"))
+    codes = torch.cat([tok.encode(held[i : i + 50]) for i in range(0, len(held), 50)])
+    recon = torch.cat([tok.decode(codes[i : i + 50]) for i in range(0, len(codes), 50)])
+    return {
+        "config": asdict(cfg),
+        "heldout_psnr_db": round(psnr(recon, held), 2),
+        "heldout_distinct_codes": int(codes.unique().numel()),
+        "params": sum(p.numel() for p in tok.model.parameters()),
+        "train_seconds": train_seconds,
+        "model_id": tok.model_id,
+        **roundtrip_accuracy(tok, image_size=cfg.image_size),
+    }
+
+
+def train_demo_vq(cfg: VQTrainConfig) -> dict:
+    """Train, save to `cfg.out` (fp16 safetensors + config.json + train_report.json); return the report."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
@@ -140,12 +168,7 @@ def train_demo_vq(cfg: VQTrainConfig) -> dict:
     train, held = pixels[: -cfg.holdout], pixels[-cfg.holdout :]
     log.info("demo corpus: %d train, %d held-out images at %d px (%.1fs)", len(train), len(held), cfg.image_size, time.time() - t0)
 
-    if cfg.init:
-        model = VQTokenizer.from_pretrained(cfg.init).model.float().train()
-        if model.config.codebook_size != cfg.codebook_size:
-            raise ConfigMismatchError(f"--init {cfg.init} has codebook {model.config.codebook_size}, not --codebook-size {cfg.codebook_size}")
-    else:
-        model = Emu3VQVAE(tiny_emu3_config(cfg.codebook_size)).train()
+    model = _initial_model(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -174,21 +197,9 @@ def train_demo_vq(cfg: VQTrainConfig) -> dict:
                      loss.item(), 10 * torch.log10(4 / rec.detach()).item(), int(used.sum()), len(dead), time.time() - t_train)
             used[:] = False
 
-    tok = VQTokenizer(model.eval())
-    tok.save_pretrained(cfg.out)
-    tok = VQTokenizer.from_pretrained(cfg.out)  # measure what was saved (fp16 weights)
-    codes = torch.cat([tok.encode(held[i : i + 50]) for i in range(0, len(held), 50)])
-    recon = torch.cat([tok.decode(codes[i : i + 50]) for i in range(0, len(codes), 50)])
-    report = {
-        "config": asdict(cfg),
-        "heldout_psnr_db": round(psnr(recon, held), 2),
-        "heldout_distinct_codes": int(codes.unique().numel()),
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_seconds": round(time.time() - t_train, 1),
-        "model_id": tok.model_id,
-        **roundtrip_accuracy(tok, image_size=cfg.image_size),
-    }
-    write_reconstruction_sheet(tok, held[:24], Path(cfg.out, "heldout_reconstructions.png"))
+    train_seconds = round(time.time() - t_train, 1)
+    VQTokenizer(model.eval()).save_pretrained(cfg.out)
+    report = _report_saved(cfg, held, train_seconds)
     Path(cfg.out, "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("saved %s: held-out PSNR %.2f dB, round-trip shape %.2f colour %.2f", cfg.out, report["heldout_psnr_db"],
              report["roundtrip_shape_acc"], report["roundtrip_colour_acc"])
