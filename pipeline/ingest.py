@@ -119,9 +119,6 @@ def download_shard(spec: dict, dedup) -> dict:
 
 def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     import ray
-    from img2dataset.downloader import Downloader
-    from img2dataset.writer import WebDatasetSampleWriter
-    import webdataset as wds
 
     opts = IngestOptions.model_validate(spec["options"])
     m = SourceManifest.model_validate(spec["manifest"])
@@ -143,35 +140,51 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
         politeness.install(politeness.HostLimiter(
             max(1, opts.per_host_connections // share) if opts.per_host_connections else None,
             opts.per_host_rps / share if opts.per_host_rps else None, max_wait=opts.timeout))
+    staged_meta, staged_img = _download(rows, todo, opts, tmp, sid) if todo else ({}, {})
+    records = _records(rows, sid, staged_meta, staged_img, spec["filters"], dedup)
+    staged, stats, n_bytes, frag_ms = _stage_shard(spec, m, rows, records, staged_img, tmp / "final", t0)
+    return {"shard": sid, "attempt": spec["attempt"], "staged": staged, "counts": stats["counts"], "image_bytes": n_bytes,
+            "duration": stats["duration"], "downloaded": len(todo), "fragment_ms": frag_ms, "node": ray.get_runtime_context().get_node_id()}
+
+
+def _download(rows: list[dict], todo: list[int], opts: IngestOptions, tmp: Path, sid: int) -> tuple[dict, dict]:
+    """img2dataset's per-shard Downloader over rows `todo` (in that order): ({row: its img2dataset record},
+    {row: its normalised JPEG bytes}). Raises when img2dataset reports the shard failed, so Ray retries it."""
+    from img2dataset.downloader import Downloader
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    ipc = tmp / "input.arrow"
+    table = pa.table({"url": [rows[i]["url"] for i in todo], "caption": [rows[i]["caption"] for i in todo]})
+    with pa.OSFile(str(ipc), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    resizer = image_decode.Normaliser(opts.encode_quality, opts.max_decoded_bytes)
+    dl_dir = tmp / "dl"
+    dl_dir.mkdir()
+    downloader = Downloader(
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=opts.thread_count,
+        save_caption=True, extract_exif=False, output_folder=str(dl_dir), column_list=["url", "caption"],
+        timeout=opts.timeout, number_sample_per_shard=max(len(todo), 2), oom_shard_count=R.SHARD_DIGITS,
+        compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=0,
+        user_agent_token="synergen", disallowed_header_directives=list(netguard.OPT_OUT_DIRECTIVES))
+    ok, _ = downloader((0, str(ipc)))
+    if not ok:
+        raise IngestError(f"shard {shard_name(sid)}: img2dataset's downloader failed (see the worker log); Ray retries it")
+    oom = math.ceil(math.log10(max(len(todo), 2)))
     staged_meta: dict[int, dict] = {}
     staged_img: dict[int, bytes] = {}
-    if todo:
-        ipc = tmp / "input.arrow"
-        table = pa.table({"url": [rows[i]["url"] for i in todo], "caption": [rows[i]["caption"] for i in todo]})
-        with pa.OSFile(str(ipc), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
-        resizer = image_decode.Normaliser(opts.encode_quality, opts.max_decoded_bytes)
-        dl_dir = tmp / "dl"
-        dl_dir.mkdir()
-        downloader = Downloader(
-            sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=opts.thread_count,
-            save_caption=True, extract_exif=False, output_folder=str(dl_dir), column_list=["url", "caption"],
-            timeout=opts.timeout, number_sample_per_shard=max(len(todo), 2), oom_shard_count=R.SHARD_DIGITS,
-            compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=0,
-            user_agent_token="synergen", disallowed_header_directives=list(netguard.OPT_OUT_DIRECTIVES))
-        ok, _ = downloader((0, str(ipc)))
-        if not ok:
-            raise IngestError(f"shard {shard_name(sid)}: img2dataset's downloader failed (see the worker log); Ray retries it")
-        oom = math.ceil(math.log10(max(len(todo), 2)))
-        for rec in pq.read_table(dl_dir / f"{shard_name(0)}.parquet").to_pylist():
-            staged_meta[todo[int(rec["key"]) % 10**oom]] = rec
-        with tarfile.open(dl_dir / f"{shard_name(0)}.tar") as tf:
-            for member in tf:
-                k, _, ext = member.name.partition(".")
-                if ext == "jpg":
-                    staged_img[todo[int(k) % 10**oom]] = tf.extractfile(member).read()
+    for rec in pq.read_table(dl_dir / f"{shard_name(0)}.parquet").to_pylist():
+        staged_meta[todo[int(rec["key"]) % 10**oom]] = rec
+    with tarfile.open(dl_dir / f"{shard_name(0)}.tar") as tf:
+        for member in tf:
+            k, _, ext = member.name.partition(".")
+            if ext == "jpg":
+                staged_img[todo[int(k) % 10**oom]] = tf.extractfile(member).read()
+    return staged_meta, staged_img
 
-    fc = spec["filters"]
+
+def _records(rows: list[dict], sid: int, staged_meta: dict, staged_img: dict, fc: dict, dedup) -> list[dict]:
+    """Each input row's ledger record: its state and reason after download, the image filters and the job-wide
+    dedup (one `claim_many` call for the shard's ok rows)."""
     img_filters = image_filters(fc)
     records, claims = [], []
     for i, r in enumerate(rows):
@@ -205,9 +218,16 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
         for i, d in zip(claims, decisions):
             if d is not None:
                 records[i].update(status="filtered", state="filtered", reason=d[0], dup_of=d[1])
+    return records
 
-    # final shard: tar in row order (deterministic), parquet with every row, stats, ledger fragment
-    final = tmp / "final"
+
+def _stage_shard(spec: dict, m: SourceManifest, rows: list[dict], records: list[dict], staged_img: dict, final: Path,
+                 t0: float) -> tuple[str, dict, int, float]:
+    """Write the shard (tar in row order, so deterministic; parquet with every row; stats; ledger fragment) into
+    `final`, then copy it under `<out>/_staging/`: (staged URL, stats, image bytes, fragment write ms)."""
+    import webdataset as wds
+
+    sid = spec["shard"]
     final.mkdir()
     name = shard_name(sid)
     n_bytes = 0
@@ -245,8 +265,7 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
     fs.makedirs(path, exist_ok=True)
     for f in sorted(final.iterdir()):
         fs.put_file(str(f), f"{path}/{f.name}")
-    return {"shard": sid, "attempt": spec["attempt"], "staged": staged, "counts": counts, "image_bytes": n_bytes,
-            "duration": stats["duration"], "downloaded": len(todo), "fragment_ms": frag_ms, "node": ray.get_runtime_context().get_node_id()}
+    return staged, {**stats, "counts": counts}, n_bytes, frag_ms
 
 
 def shard_counts(records: list[dict]) -> dict:
@@ -398,7 +417,11 @@ def run_ingest(manifest: SourceManifest | str, out: str, ray_address: str | None
                progress: Callable[[int, int | None], None] | None = None, **options) -> dict:
     """Ingest the manifest's URL lists into `out` (local path or s3://); returns the job summary (also `_summary.json`).
 
-    `options` are `IngestOptions`' fields; values that do not validate raise ConfigError naming each and the fix."""
+    `options` are `IngestOptions`' fields; values that do not validate raise ConfigError naming each and the fix.
+
+    Long because it is the driver's one scheduling loop: the attempts running, each shard's attempt count, the
+    straggler deadline and wall time, the published and failed shards are state that setup, the loop and the
+    summary share (split, they would travel as a dozen arguments or a class holding nothing else)."""
     import ray
 
     opts = validated(IngestOptions, "run_ingest", "ingest options", **options)

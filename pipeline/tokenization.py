@@ -295,7 +295,11 @@ def _published_stats(out: str, shard: int) -> dict | None:
 
 def tokenize_shard(cfg: TokenizeConfig, shard: int, url: str, encoders: list, vq_info: dict) -> dict:
     """Ray task: tokenize raw shard `shard` at `url` into token shard `shard_name(shard).tar`, publish it and its
-    stats file, and return the stats. Idempotent: a retry after publishing returns the published stats."""
+    stats file, and return the stats. Idempotent: a retry after publishing returns the published stats.
+
+    Long because it is one streaming pipeline whose three closures (`write_ready`, `receive`, `submit`) share
+    its state: samples in key order, the open encoder batch, the batches in flight, the code histogram; as a
+    class the same lines would only move apart from the loop that drives them."""
     import ray
 
     done = _published_stats(cfg.out, shard)
@@ -429,9 +433,6 @@ def _window(cfg: TokenizeConfig) -> int:
 def run_tokenize(cfg: TokenizeConfig, progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Run the job; returns the summary (also written to `<out>/_summary.json`). Raises QualityGateError, or
     UnfinishedShardsError (after publishing and cataloguing every other shard) when shards failed."""
-    from model.vq import VQTokenizer
-    from pipeline.text_tokenizer import load_text_tokenizer, tokenizer_id
-
     t0 = time.time()
     cfg.source = cfg.source or cfg.raw.rstrip("/").rsplit("/", 1)[-1]
     shards = list_raw_shards(cfg.raw)
@@ -439,14 +440,7 @@ def run_tokenize(cfg: TokenizeConfig, progress: Callable[[int, int, dict], None]
     todo = [(i, u) for i, u in shards if i not in stats]
     log.info("%d raw shards in %s: %d already tokenized, %d to do", len(shards), cfg.raw, len(shards) - len(todo), len(todo))
 
-    # Check the checkpoints before starting Ray work: a bad path fails here with a clear message.
-    vq = VQTokenizer.from_pretrained(cfg.vq)
-    tokenizer = load_text_tokenizer(cfg.tokenizer)
-    Fold.parse(cfg.fold).check_grid(*vq.grid(cfg.image_size, cfg.image_size))
-    vq_info = {"model_id": vq.model_id, "codebook_size": vq.codebook_size, "downsample": vq.downsample,
-               "text_tokenizer": tokenizer_id(cfg.tokenizer), "vocab_hash": vocab_hash(tokenizer)}
-    del vq, tokenizer
-
+    vq_info = _checked_checkpoints(cfg)
     busy, encoder_s, failed, now = float("nan"), 0.0, {}, []
     if todo:
         failed, now, encoder_s, wall = _run_shard_tasks(cfg, todo, vq_info, progress)
@@ -456,29 +450,8 @@ def run_tokenize(cfg: TokenizeConfig, progress: Callable[[int, int, dict], None]
     rows = [stats[i] for i in sorted(stats)]
     write_catalog(cfg.out, rows)
     flagged = [r["path"] for r in rows if r["flagged"]]
-    filtered: Counter = Counter()
-    for r in rows:
-        filtered.update(r["filtered"])
-    nodes = Counter(st.get("node") for _, st in now)
-    successes = [r.get("raw_successes") for r in rows]
-    wall_all = time.time() - t0
-    summary = {
-        "raw": cfg.raw, "out": cfg.out, "task": cfg.task, "source": cfg.source,
-        "samples_in": sum(r["samples_in"] for r in rows),
-        "raw_successes": None if failed or None in successes else sum(successes),
-        "tokenized": sum(r["samples"] for r in rows),
-        "filtered": dict(filtered),
-        "shards": len(rows), "shards_written_now": len(now), "shards_skipped": len(shards) - len(todo),
-        "unfinished_shards": [shard_name(i) + ".tar" for i in sorted(failed)],
-        "bytes": sum(r["bytes"] for r in rows),
-        "image_tokens": sum(r["image_tokens"] for r in rows), "text_tokens": sum(r["text_tokens"] for r in rows),
-        "samples_per_s": (sum(st["samples_in"] for _, st in now) / wall_all) if now else 0.0,
-        "encoder_busy_fraction": busy, "encoder_seconds": encoder_s, "wall_s": wall_all,
-        "shards_by_node": dict(nodes),
-        "flagged_shards": flagged, "vq_model": vq_info["model_id"], "fold": cfg.fold,
-        "catalog": _join(cfg.out, CATALOG_NAME), "config": cfg.model_dump(exclude={"quality"}),
-        "quality": cfg.quality.model_dump(),
-    }
+    summary = _job_summary(cfg, rows, now, failed, len(shards) - len(todo), vq_info, time.time() - t0)
+    summary |= {"encoder_busy_fraction": busy, "encoder_seconds": encoder_s}
     with fsspec.open(_join(cfg.out, SUMMARY_NAME), "w") as f:
         json.dump(summary, f, indent=1)
     if failed:
@@ -494,6 +467,44 @@ def run_tokenize(cfg: TokenizeConfig, progress: Callable[[int, int, dict], None]
             "matches these images, or relax --min-* thresholds"
         )
     return summary
+
+
+def _checked_checkpoints(cfg: TokenizeConfig) -> dict:
+    """What the shard tasks need of the VQ and the text tokenizer, loaded once here before any Ray work, so a bad
+    path or a fold that does not tile the VQ's grid fails at once with a clear message."""
+    from model.vq import VQTokenizer
+    from pipeline.text_tokenizer import load_text_tokenizer, tokenizer_id
+
+    vq = VQTokenizer.from_pretrained(cfg.vq)
+    tokenizer = load_text_tokenizer(cfg.tokenizer)
+    Fold.parse(cfg.fold).check_grid(*vq.grid(cfg.image_size, cfg.image_size))
+    return {"model_id": vq.model_id, "codebook_size": vq.codebook_size, "downsample": vq.downsample,
+            "text_tokenizer": tokenizer_id(cfg.tokenizer), "vocab_hash": vocab_hash(tokenizer)}
+
+
+def _job_summary(cfg: TokenizeConfig, rows: list[dict], now: list, failed: dict, skipped: int, vq_info: dict,
+                 wall_s: float) -> dict:
+    """The job's `_summary.json` over every published shard's stats (`rows`) and this run's (`now`)."""
+    filtered: Counter = Counter()
+    for r in rows:
+        filtered.update(r["filtered"])
+    successes = [r.get("raw_successes") for r in rows]
+    return {
+        "raw": cfg.raw, "out": cfg.out, "task": cfg.task, "source": cfg.source,
+        "samples_in": sum(r["samples_in"] for r in rows),
+        "raw_successes": None if failed or None in successes else sum(successes),
+        "tokenized": sum(r["samples"] for r in rows),
+        "filtered": dict(filtered),
+        "shards": len(rows), "shards_written_now": len(now), "shards_skipped": skipped,
+        "unfinished_shards": [shard_name(i) + ".tar" for i in sorted(failed)],
+        "bytes": sum(r["bytes"] for r in rows),
+        "image_tokens": sum(r["image_tokens"] for r in rows), "text_tokens": sum(r["text_tokens"] for r in rows),
+        "samples_per_s": (sum(st["samples_in"] for _, st in now) / wall_s) if now else 0.0,
+        "wall_s": wall_s, "shards_by_node": dict(Counter(st.get("node") for _, st in now)),
+        "flagged_shards": [r["path"] for r in rows if r["flagged"]], "vq_model": vq_info["model_id"], "fold": cfg.fold,
+        "catalog": _join(cfg.out, CATALOG_NAME), "config": cfg.model_dump(exclude={"quality"}),
+        "quality": cfg.quality.model_dump(),
+    }
 
 
 def _run_shard_tasks(cfg: TokenizeConfig, todo: list[tuple[int, str]], vq_info: dict,
