@@ -4,9 +4,18 @@ these fields and never restates a default."""
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _check_fold(fold: str) -> str:
+    if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", fold.strip().lower()):
+        raise ValueError(f"fold {fold!r} is not ROWSxCOLS; write it like '2x8'")
+    return fold
+
+
+FoldSpec = Annotated[str, AfterValidator(_check_fold)]  # a fold as configs spell it: ROWSxCOLS, e.g. "2x8"
 
 
 class QualityThresholds(BaseModel):
@@ -31,7 +40,7 @@ class TokenizeConfig(BaseModel):
     task: Literal["und", "gen"] = Field(description="und (tiled, understanding) or gen (one centre crop, generation)")
     vq: str = Field(description="Trained VQ checkpoint folder (e.g. model/assets/demo_vq) or s3:// URL")
     tokenizer: str = Field(description="The LLM's text tokenizer folder (e.g. model/assets/demo_tokenizer)")
-    fold: str = Field("2x8", description="Fold ROWSxCOLS (paper: 2x8)")
+    fold: FoldSpec = Field("2x8", description="Fold ROWSxCOLS (paper: 2x8)")
     max_tiles: int = Field(6, ge=1, description="Most dynamic-resolution tiles per image (und)")
     thumbnail: bool = Field(False, description="Append a whole-image thumbnail when tiled (und)")
     image_size: int = Field(512, gt=0, description="Tile size (und) or image size (gen) in pixels")
@@ -52,13 +61,6 @@ class TokenizeConfig(BaseModel):
     psnr_images: int = Field(4, ge=0, description="Images per shard decoded for the PSNR of the quality gate")
     quality: QualityThresholds = Field(default_factory=QualityThresholds)
     ray_address: str | None = Field(None, description="Ray cluster address (default: a local Ray)")
-
-    @field_validator("fold")
-    @classmethod
-    def _fold(cls, fold: str) -> str:
-        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", fold.strip().lower()):
-            raise ValueError(f"fold {fold!r} is not ROWSxCOLS; write it like '2x8'")
-        return fold
 
     @model_validator(mode="after")
     def _resolve(self) -> "TokenizeConfig":

@@ -15,6 +15,7 @@ import typer
 
 from pipeline.ingest_config import IngestOptions
 from pipeline.tokenization_config import TokenizeConfig
+from synergen.demo.config import DemoConfig, VQTrainConfig
 from train.generate_config import GenerateConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="synergen: SynerGen-VL pretraining, from URL lists to a trained model.")
@@ -27,17 +28,19 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 
 def options_from(model: type, what: str, flags: dict[str, str] | None = None, arguments: tuple[str, ...] = (),
-                 hidden: tuple[str, ...] = ()):
+                 hidden: tuple[str, ...] = (), exclude: tuple[str, ...] = ()):
     """The command's options are `model`'s fields (pydantic): their types, defaults and descriptions, so no default
     is restated here; a nested model's fields are flat options, a list or tuple field a repeatable option, a field
-    in `arguments` a positional argument, one in `hidden` an option left out of --help. `flags` renames a field's
+    in `arguments` a positional argument, one in `hidden` an option left out of --help, one in `exclude` no option
+    (its default holds: for values a flag cannot spell, like a dict). `flags` renames a field's
     flag. The command's own parameters after the first (things that are no field: a manifest, an output folder)
     stay as it declares them, before the fields.
 
     The command receives the validated model (then its own parameters by name); values that do not validate are
     reported like a bad config, each named by its flag (`explain_validation`), with exit code 2."""
     fields = _flat_fields(model)
-    unknown = (set(flags or {}) | set(arguments) | set(hidden)) - {name for _, name, _ in fields}
+    unknown = (set(flags or {}) | set(arguments) | set(hidden) | set(exclude)) - {name for _, name, _ in fields}
+    fields = [(parent, name, f) for parent, name, f in fields if name not in exclude]
     assert not unknown, f"options_from({model.__name__}): no fields {sorted(unknown)}"
     params, names = [], {}  # names: dotted field path -> what the user typed (flag or ARGUMENT)
     for parent, name, f in fields:
@@ -210,26 +213,23 @@ def tokenize_cmd(cfg: TokenizeConfig) -> None:
 
 
 @app.command("vq-train")
+@options_from(VQTrainConfig, "vq-train options")
 def vq_train_cmd(
-    out: str = typer.Option("model/assets/demo_vq", "--out", help="Output folder for the trained VQ"),
-    tokenizer_out: str = typer.Option("model/assets/demo_tokenizer", "--tokenizer-out", help="Also write the demo BPE here ('' to skip)"),
-    steps: int = typer.Option(1000, "--steps", help="Optimizer steps (batch 16)"),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per step"),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (one-cycle)"),
-    l1_weight: float = typer.Option(1.0, "--l1-weight", help="Weight of the pixel L1 term"),
-    edge_weight: float = typer.Option(1.0, "--edge-weight", help="Weight of the edge (pixel-difference L1) term"),
-    init: str = typer.Option(None, "--init", help="Fine-tune this trained VQ folder instead of starting from random weights"),
-    image_size: int = typer.Option(64, "--image-size", help="Training image size in pixels"),
-    codebook_size: int = typer.Option(512, "--codebook-size", help="VQ codebook entries"),
-    seed: int = typer.Option(0, "--seed"),
+    cfg: VQTrainConfig,
+    tokenizer_out: str = typer.Option("model/assets/demo_tokenizer", "--tokenizer-out",
+                                      help="Also write the demo BPE here ('' to skip)"),
 ) -> None:
     """Train the tiny Emu3VQVAE (and the demo BPE) on the demo corpus: minutes on 2 CPU cores."""
     from pipeline.text_tokenizer import write_demo_tokenizer
-    from synergen.demo.vq_train import VQTrainConfig, train_demo_vq
+    from synergen.demo.vq_train import train_demo_vq
+    from synergen.errors import SynergenError
 
-    report = train_demo_vq(VQTrainConfig(out=out, steps=steps, image_size=image_size, codebook_size=codebook_size, seed=seed,
-                                       batch_size=batch_size, lr=lr, l1_weight=l1_weight, edge_weight=edge_weight, init=init))
-    typer.echo(f"VQ {report['model_id']} -> {out}: held-out PSNR {report['heldout_psnr_db']} dB, "
+    try:
+        report = train_demo_vq(cfg)
+    except SynergenError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"VQ {report['model_id']} -> {cfg.out}: held-out PSNR {report['heldout_psnr_db']} dB, "
                f"{report['heldout_distinct_codes']} distinct codes, {report['train_seconds']} s")
     if tokenizer_out:
         write_demo_tokenizer(tokenizer_out)
@@ -448,15 +448,11 @@ def init_cmd(
 
 
 @app.command("demo")
-def demo_cmd(
-    out: str = typer.Option("demo_out", "--out", help="output folder (corpus, shards, checkpoints, report)"),
-    steps: int = typer.Option(None, "--steps", help="training steps (default: the demo's)"),
-    loss_reduction: str = typer.Option("modality_mean", "--loss-reduction", help="modality_mean (default) or token_sum (Eq. 4)"),
-) -> None:
+@options_from(DemoConfig, "demo options", exclude=("model_overrides",))
+def demo_cmd(cfg: DemoConfig) -> None:
     """Generate the demo corpus, serve it locally, ingest, tokenize, train, generate, and write the report."""
-    from synergen.demo.run import DemoConfig, run_demo
+    from synergen.demo.run import run_demo
 
-    cfg = DemoConfig(out=out, loss_reduction=loss_reduction, **({} if steps is None else {"steps": steps}))
     report = run_demo(cfg, echo=typer.echo)
     typer.echo(f"report: {report}")
 

@@ -17,6 +17,7 @@ from pipeline.ingest_config import IngestOptions
 from pipeline.sources import load_source_manifest
 from pipeline.tokenization_config import TokenizeConfig
 from synergen.cli import app
+from synergen.demo.config import DemoConfig, VQTrainConfig
 from synergen.errors import ManifestError
 from train.generate_config import GenerateConfig
 
@@ -26,15 +27,18 @@ def _params(command: str) -> dict:
     return {p.name: p for p in group.commands[command].params}
 
 
-@pytest.mark.parametrize("command,model", [("ingest", IngestOptions), ("tokenize", TokenizeConfig),
-                                           ("generate", GenerateConfig)])
-def test_command_options_are_the_config_fields_with_their_defaults(command, model):
+@pytest.mark.parametrize("command,model,excluded", [
+    ("ingest", IngestOptions, ()), ("tokenize", TokenizeConfig, ()), ("generate", GenerateConfig, ()),
+    ("vq-train", VQTrainConfig, ()), ("demo", DemoConfig, ("model_overrides",)),  # a dict: no flag spells it
+])
+def test_command_options_are_the_config_fields_with_their_defaults(command, model, excluded):
     params = _params(command)
     fields = {}
     for name, f in model.model_fields.items():
         sub = getattr(f.annotation, "model_fields", None)
         fields |= sub if sub else {name: f}
-    for name, f in fields.items():
+    assert not set(excluded) & set(params)
+    for name, f in ((n, f) for n, f in fields.items() if n not in excluded):
         assert name in params, f"`synergen {command}` has no option for {model.__name__}.{name}"
         if not f.is_required():
             want = f.get_default(call_default_factory=True)
@@ -71,6 +75,19 @@ def test_tokenize_errors_name_flags_of_nested_fields_and_validators():
                                    "--fold", "2by8", "--max-flagged-share", "2"])
     assert res.exit_code == 2
     assert "--fold: fold '2by8' is not ROWSxCOLS" in res.output and "--max-flagged-share:" in res.output, res.output
+
+
+@pytest.mark.parametrize("command,args,flag", [
+    ("demo", ["--n-images", "10", "--n-eval", "10"], "--n-eval"),
+    ("demo", ["--fold", "2"], "--fold"),
+    ("demo", ["--loss-reduction", "mean"], "--loss-reduction"),
+    ("vq-train", ["--holdout", "3000"], "--holdout"),
+    ("vq-train", ["--lr", "0"], "--lr"),
+])
+def test_demo_and_vq_train_refuse_bad_values_by_flag_before_any_work(tmp_path, command, args, flag):
+    res = CliRunner().invoke(app, [command, "--out", str(tmp_path / "out"), *args])
+    assert res.exit_code == 2 and f"{flag}:" in res.output, res.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_config_file_error_still_names_the_file_and_key(tmp_path):

@@ -19,50 +19,14 @@ import logging
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from synergen.demo.config import DemoConfig
+
 log = logging.getLogger(__name__)
-
-REPO = Path(__file__).resolve().parents[2]
-ASSETS = REPO / "model" / "assets"
-
-
-@dataclass
-class DemoConfig:
-    """Sizes and knobs of the demo; the defaults make `make demo` (well under 15 minutes on 2 cores)."""
-
-    out: str = "demo_out"
-    n_images: int = 1600  # rendered scenes, held-out ones included
-    n_eval: int = 48  # held out of ingest and training, used by the learning check
-    image_size: int = 64  # the tiny VQ's training size: an 8x8 code grid
-    fold: str = "2x4"  # 8 LLM positions per image
-    vq: str = str(ASSETS / "demo_vq")
-    tokenizer: str = str(ASSETS / "demo_tokenizer")
-    mixture: str = str(REPO / "manifests" / "mixtures" / "demo.yaml")
-    source_manifest: str = str(REPO / "manifests" / "sources" / "demo.yaml")
-    deepspeed: str = str(REPO / "infra" / "deepspeed" / "zero0_cpu.json")
-    # Total optimizer steps; stage 1 takes `stage1_share` of them, then all parameters. With 600 the older
-    # demo VQ gave 12% right images, with 1,200 21%; the current VQ 44% at 1,200 (chance 8%).
-    steps: int = 1200
-    stage1_share: float = 0.25
-    lr: float = 2e-3
-    warmup_steps: int = 30
-    model_overrides: dict[str, Any] = field(default_factory=lambda: {
-        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_layers": 2,
-    })
-    # The paper's 7.5 suits a large model; the tiny one's samples are cleaner with mild guidance, low temperature.
-    cfg_scale: float = 2.0
-    temperature: float = 0.2
-    top_k: int | None = 4
-    seed: int = 0
-    threads: int = 2
-    loss_reduction: str = "modality_mean"  # or "token_sum" (Eq. 4); model.config says why the default
-
 
 def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
@@ -126,7 +90,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = lambda s: None) -> P
     for old in ("urls", "raw", "tokens", "cache", "train", "report"):
         shutil.rmtree(out / old, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    stats: dict[str, Any] = {"config": asdict(cfg), "timings_s": {}}
+    stats: dict[str, Any] = {"config": cfg.model_dump(), "timings_s": {}}
     t_all = time.time()
     eval_rows = prepare_data(cfg, out, stats, echo)
 

@@ -21,7 +21,6 @@ import io
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,32 +28,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.vq import VQTokenizer, tiny_emu3_config
+from synergen.demo.config import VQTrainConfig
 from synergen.errors import ConfigMismatchError
 from synergen.demo.corpus import SHAPES, COLOURS, POSITIONS, Scene, SceneObject, classify_image, render, write_demo_corpus
 from pipeline.tiling import psnr, resize_center_crop, to_images, to_pixels
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VQTrainConfig:
-    """What `synergen vq-train` trains; model/assets/demo_vq/README.md lists the runs that made the demo VQ."""
-
-    out: str = "model/assets/demo_vq"
-    image_size: int = 64
-    codebook_size: int = 512
-    n_images: int = 2400
-    holdout: int = 200
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 2e-3
-    l1_weight: float = 1.0
-    edge_weight: float = 1.0
-    beta: float = 0.25
-    restart_every: int = 50
-    seed: int = 0
-    threads: int = 2
-    init: str | None = None  # start from this trained VQ folder (fine-tune) instead of random weights
 
 
 def load_demo_pixels(n: int, seed: int, image_size: int) -> torch.Tensor:
@@ -149,7 +128,7 @@ def _report_saved(cfg: VQTrainConfig, held: torch.Tensor, train_seconds: float) 
     codes = torch.cat([tok.encode(held[i : i + 50]) for i in range(0, len(held), 50)])
     recon = torch.cat([tok.decode(codes[i : i + 50]) for i in range(0, len(codes), 50)])
     return {
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
         "heldout_psnr_db": round(psnr(recon, held), 2),
         "heldout_distinct_codes": int(codes.unique().numel()),
         "params": sum(p.numel() for p in tok.model.parameters()),
