@@ -21,7 +21,7 @@ class DemoConfig(BaseModel):
 
     out: str = Field("demo_out", description="Output folder (corpus, shards, checkpoints, report)")
     n_images: int = Field(1600, ge=2, description="Rendered scenes, held-out ones included")
-    n_eval: int = Field(48, ge=1, description="Scenes held out of ingest and training, used by the learning check")
+    n_eval: int = Field(48, ge=0, description="Scenes held out of ingest and training, used by the learning check")
     image_size: int = Field(64, gt=0, description="Image size in pixels (the tiny VQ's training size: an 8x8 code grid)")
     fold: FoldSpec = Field("2x4", description="Token folding ROWSxCOLS (2x4: 8 LLM positions per image)")
     vq: str = Field(str(ASSETS / "demo_vq"), description="Trained VQ folder")
