@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 from model.batch import PackedBatch
 from model.config import add_special_tokens, config_ids_from_tokenizer, parameter_counts
 from model.convert_internlm2 import convert_internlm2
+from model.init_config import InitConfig
 from model.modeling import SynerGenVLForCausalLM
 from model.template import DEFAULT_TEMPLATE, LayoutIds, check_model_tokenizer
 from synergen import storage
@@ -106,6 +107,23 @@ def max_text_logit_diff(llm: Qwen2ForCausalLM, model: SynerGenVLForCausalLM, ids
         ours = model.text_logits(text_batch(seq, model.config.fold_geometry.size))[..., : ref.shape[-1]]
         worst = max(worst, float((ours.float() - ref.float()).abs().max()))
     return worst
+
+
+def init_from_config(cfg: InitConfig) -> InitReport:
+    """`synergen init`: the vision settings from `cfg` (codebook and downsample from its VQ, else Emu3's), then
+    `init_from_llm`."""
+    codebook, down = 32768, 8  # Emu3's VQ (DESIGN.md)
+    if cfg.vq:
+        from model.vq import VQTokenizer
+
+        v = VQTokenizer.from_pretrained(cfg.vq)
+        codebook, down = v.codebook_size, v.downsample
+    if cfg.image_size % down:
+        raise InitError(f"image size {cfg.image_size} is not a multiple of the VQ downsample {down}; "
+                        f"give a multiple of {down} (--image-size)")
+    vision = {"codebook_size": codebook, "vq_downsample": down, "image_grid": [cfg.image_size // down] * 2,
+              "fold": [int(x) for x in cfg.fold.lower().split("x")], "head_layers": cfg.head_layers}
+    return init_from_llm(cfg.llm, cfg.out, tokenizer=cfg.tokenizer, vision=vision, sequence_template=cfg.template)
 
 
 def init_from_llm(llm: str, out: str, tokenizer: str | None = None, vision: dict[str, Any] | None = None,

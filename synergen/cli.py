@@ -15,6 +15,7 @@ import typer
 
 from pipeline.ingest_config import IngestOptions
 from pipeline.tokenization_config import TokenizeConfig
+from model.init_config import InitConfig
 from synergen.demo.config import DemoConfig, VQTrainConfig
 from train.generate_config import GenerateConfig
 
@@ -397,42 +398,25 @@ def generate(cfg: GenerateConfig) -> None:
 
 
 @app.command("init")
-def init_cmd(
-    llm: str = typer.Argument(..., help="Qwen2/Qwen2.5 or InternLM2 checkpoint folder (local or s3://)."),
-    out: str = typer.Option(..., "--out", help="Where to write model + tokenizer (local or s3://); train configs name it."),
-    tokenizer: str = typer.Option(None, "--tokenizer", help="The LLM's tokenizer folder (default: the LLM folder)."),
-    vq: str = typer.Option(None, "--vq", help="VQ folder: take codebook_size and downsample from it (default: Emu3's 32768 / 8)."),
-    image_size: int = typer.Option(512, "--image-size", help="Pixels per image/tile side (paper: 512) -> code grid size / downsample."),
-    fold: str = typer.Option("2x8", "--fold", help="Token folding fh x fw (paper: 2x8)."),
-    head_layers: int = typer.Option(4, "--head-layers", help="Unfolding head depth (paper: 4)."),
-    template: str = typer.Option("raw", "--template", help="Sequence template: raw or chat (the LLM's chat template; model.template)."),
-) -> None:
+@options_from(InitConfig, "init options", arguments=("llm",))
+def init_cmd(cfg: InitConfig) -> None:
     """Build a SynerGen-VL from a pretrained LLM: tokens added to its tokenizer, weights copied, text logits checked."""
     from dataclasses import asdict
 
     from rich.console import Console
     from rich.table import Table
 
-    from model.from_llm import init_from_llm
-    from model.vq import VQTokenizer
+    from model.from_llm import init_from_config
     from synergen.errors import SynergenError
 
     console = Console()
     try:
-        codebook, down = 32768, 8  # Emu3's VQ (DESIGN.md)
-        if vq:
-            v = VQTokenizer.from_pretrained(vq)
-            codebook, down = v.codebook_size, v.downsample
-        if image_size % down:
-            raise SynergenError(f"--image-size {image_size} is not a multiple of the VQ downsample {down}")
-        vision = {"codebook_size": codebook, "vq_downsample": down, "image_grid": [image_size // down] * 2,
-                  "fold": [int(x) for x in fold.lower().split("x")], "head_layers": head_layers}
-        report = init_from_llm(llm, out, tokenizer=tokenizer, vision=vision, sequence_template=template)
+        report = init_from_config(cfg)
     except (SynergenError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     r = asdict(report)
-    table = Table(title=f"synergen init: {llm} -> {out}")
+    table = Table(title=f"synergen init: {cfg.llm} -> {cfg.out}")
     table.add_column("")
     table.add_column("value", justify="right")
     for key in ("llm_family", "tied_embeddings", "llm_vocab_size", "vocab_size", "bos", "sequence_template"):

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from model.init_config import InitConfig
 from pipeline.ingest_config import IngestOptions
 from pipeline.sources import load_source_manifest
 from pipeline.tokenization_config import TokenizeConfig
@@ -29,7 +30,8 @@ def _params(command: str) -> dict:
 
 @pytest.mark.parametrize("command,model,excluded", [
     ("ingest", IngestOptions, ()), ("tokenize", TokenizeConfig, ()), ("generate", GenerateConfig, ()),
-    ("vq-train", VQTrainConfig, ()), ("demo", DemoConfig, ("model_overrides",)),  # a dict: no flag spells it
+    ("vq-train", VQTrainConfig, ()), ("init", InitConfig, ()),
+    ("demo", DemoConfig, ("model_overrides",)),  # a dict: no flag spells it
 ])
 def test_command_options_are_the_config_fields_with_their_defaults(command, model, excluded):
     params = _params(command)
@@ -83,6 +85,8 @@ def test_tokenize_errors_name_flags_of_nested_fields_and_validators():
     ("demo", ["--loss-reduction", "mean"], "--loss-reduction"),
     ("vq-train", ["--holdout", "3000"], "--holdout"),
     ("vq-train", ["--lr", "0"], "--lr"),
+    ("init", ["llm-folder", "--template", "jinja"], "--template"),
+    ("init", ["llm-folder", "--fold", "2x0"], "--fold"),
 ])
 def test_demo_and_vq_train_refuse_bad_values_by_flag_before_any_work(tmp_path, command, args, flag):
     res = CliRunner().invoke(app, [command, "--out", str(tmp_path / "out"), *args])
