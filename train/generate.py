@@ -98,11 +98,10 @@ class TrainedModel:
         return out
 
 
-def open_image(path: str, what: str = "image"):
+def open_image(path: str):
     """A local or remote (fsspec) image file as PIL RGB, or SynergenError naming the file."""
     import io
 
-    import fsspec
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -110,9 +109,9 @@ def open_image(path: str, what: str = "image"):
             data = f.read()
         return Image.open(io.BytesIO(data)).convert("RGB")
     except FileNotFoundError:
-        raise SynergenError(f"{what} {path}: no such file; give the path of an image file") from None
+        raise SynergenError(f"image {path}: no such file; give the path of an image file") from None
     except (OSError, UnidentifiedImageError) as e:
-        raise SynergenError(f"{what} {path}: not a readable image ({e}); give a PNG, JPEG or WebP file") from None
+        raise SynergenError(f"image {path}: not a readable image ({e}); give a PNG, JPEG or WebP file") from None
 
 
 def run_generate(cfg: GenerateConfig) -> list[tuple[str, str]]:
