@@ -19,7 +19,6 @@ failed_retryable (reason `shard_failed`) and the summary's `shards_failed` non-e
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import json
 import logging
@@ -204,7 +203,7 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
         meta = staged_meta.get(i, {})
         downloaded = not r["prefilter"]
         rec = {"row_id": r["row_id"], "rid64": r["rid64"], "url": netguard.redact_url(r["url"]) if r["url"] else r["url"],
-               "url_hash": R.url_hash(r["url"]), "shard": sid, "key": r["key"], "sha256": meta.get("sha256"),
+               "url_hash": netguard.url_hash(r["url"]), "shard": sid, "key": r["key"], "sha256": meta.get("sha256"),
                "phash": None, "dup_of": r["dup_of"], "attempts": (r["attempts"] or 0) + int(downloaded),
                "width": meta.get("width"), "height": meta.get("height"),
                "original_width": meta.get("original_width"), "original_height": meta.get("original_height"),
@@ -358,7 +357,7 @@ class Planner:
 
     def _fresh(self, batch: pa.Table, occ: UrlOccurrences) -> pa.Table:
         urls = batch["url"].to_pylist()
-        digests = [hashlib.sha1((u or "").encode("utf-8", "surrogatepass")).hexdigest()[:20] for u in urls]
+        digests = [netguard.url_hash(u) for u in urls]
         h64 = np.array([int(d[:16], 16) for d in digests], np.uint64)
         n = occ.add(h64)
         row_ids = [f"{d}-{k}" for d, k in zip(digests, n.tolist())]

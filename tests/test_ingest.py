@@ -85,6 +85,7 @@ def test_ingest_local_every_bad_input_counted(ray_cluster, web, tmp_path):
     assert dup["dup_of"] == next(r["row_id"] for r in ledger if r["url"] == rows[0][0] and r["state"] == "ok")
     states = {r["state"] for r in ledger}
     assert states == {"ok", "filtered", "opted_out", "failed_retryable", "failed_permanent"}
+    assert all(r["row_id"].startswith(r["url_hash"] + "-") for r in ledger)  # one URL identity everywhere
     samples = list(wds.WebDataset(sorted(glob.glob(str(tmp_path / "out" / "*.tar"))), shardshuffle=False).decode("pil"))
     assert len(samples) == 2 and {x["txt"] for x in samples} == {"a good image", "another good image"}
     assert samples[0]["jpg"].size == (160, 120)  # original size kept (resize_mode "no")
