@@ -22,7 +22,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 RID_DTYPE = "S24"  # claimers' row ids are "<20 hex>-0" (later occurrences of a URL are never downloaded)
-DIRECTORY_MAX_VALUES = 1 << 24  # key values a bucket directory may span (64 MiB of uint32 starts at most, per key)
 
 
 class BandKeys:
@@ -38,7 +37,6 @@ class BandKeys:
         m = max_distance + 2
         bands = [(i * 64 // m, (i + 1) * 64 // m) for i in range(m)]
         self.pairs = [(bands[a], bands[b]) for a in range(m) for b in range(a + 1, m)]
-        self.bits = [(ahi - alo) + (bhi - blo) for (alo, ahi), (blo, bhi) in self.pairs]  # a key value's width
 
     def value(self, h: int, key: int) -> int:
         (alo, ahi), (blo, bhi) = self.pairs[key]
@@ -58,19 +56,15 @@ def _owner(value: int, band: int, n_shards: int) -> int:
 class DedupShard:
     """One shard of the index: the exact hashes and near-hash keys it owns (see the module docstring).
 
-    Near entries live per key in a sorted table (values, hashes, row-id indices: 20 bytes an entry) found with
+    Near entries live per key in a sorted table (values, hashes, row-id indices: 16 bytes an entry) found with
     `searchsorted` for a whole batch at once, plus a small dict of entries committed since the last merge; the
-    dict is merged into the table (a linear merge of two sorted runs) when it passes `merge_at` entries. Once a
-    table is dense (at least one entry per 4 possible key values: ~1M entries for d=4's 22-bit keys), a directory
-    of bucket starts (4 bytes per possible value) replaces the binary search: a bucket is then two reads instead of
-    ~2 x log2(entries) cache misses, so the cost of a claim stops growing with the index.
+    dict is merged into the table (a linear merge of two sorted runs) when it passes `merge_at` entries.
     """
 
     def __init__(self, index: int, n_shards: int, exact: bool = True, near: bool = True, max_distance: int = 4,
-                 rebuild_from: str | None = None, merge_at: int = 1 << 20, dense_fill: float = 0.25):
+                 rebuild_from: str | None = None, merge_at: int = 1 << 20):
         self.index, self.n_shards = index, n_shards
         self.exact, self.near, self.max_distance, self.merge_at = exact, near, max_distance, merge_at
-        self.dense_fill = dense_fill  # entries per possible key value from which a table gets a bucket directory
         self.keys = BandKeys(max_distance)
         n_keys = len(self.keys.pairs)
         self._by_sha: dict[bytes, str] = {}
@@ -78,7 +72,6 @@ class DedupShard:
         self._n_rids = 0
         empty = (np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros(0, np.uint32))
         self._tables = [empty] * n_keys  # per key: (values sorted, hashes, row-id indices)
-        self._dirs: list[np.ndarray | None] = [None] * n_keys  # per key: bucket starts by value, when dense
         self._bulk: list[list[tuple]] = [[] for _ in range(n_keys)]  # add_many chunks not merged yet
         self._delta: list[dict[int, list]] = [{} for _ in range(n_keys)]  # value -> [(hash, row-id index)]
         self._n_delta = 0
@@ -146,11 +139,6 @@ class DedupShard:
             self._tables[k] = (v[order], np.concatenate([p[1] for p in parts])[order],
                                np.concatenate([p[2] for p in parts])[order])
             self._bulk[k], self._delta[k] = [], {}
-            span = 1 << self.keys.bits[k]
-            if span <= DIRECTORY_MAX_VALUES and len(v) >= self.dense_fill * span:
-                starts = np.zeros(span + 1, np.uint32)
-                np.cumsum(np.bincount(self._tables[k][0].astype(np.intp), minlength=span), out=starts[1:])
-                self._dirs[k] = starts
         self._n_delta = 0
 
     def owns_sha(self, sha: str) -> bool:
@@ -179,11 +167,7 @@ class DedupShard:
             hs = np.array([probes[j][1] for j in js], np.uint64)
             vals = self.keys.values(hs, k)
             table_v, table_h, table_r = self._tables[k]
-            starts = self._dirs[k]
-            if starts is not None:
-                lo, hi = starts[vals].astype(np.int64), starts[vals + np.uint64(1)].astype(np.int64)
-            else:
-                lo, hi = np.searchsorted(table_v, vals, "left"), np.searchsorted(table_v, vals, "right")
+            lo, hi = np.searchsorted(table_v, vals, "left"), np.searchsorted(table_v, vals, "right")
             cnt = hi - lo
             total = int(cnt.sum())
             if total:

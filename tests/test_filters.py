@@ -4,7 +4,6 @@ import io
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from PIL import Image, ImageDraw
 
@@ -90,10 +89,7 @@ def _oracle(claims, max_distance):
     return out
 
 
-@pytest.mark.parametrize("shard_kw", [{}, {"merge_at": 300, "dense_fill": 0.0}], ids=["search", "directory"])
-def test_sharded_vectorised_dedup_agrees_with_brute_force(shard_kw):
-    """Both bucket lookups (binary search; the directory of a dense table, with frequent merges) decide as a
-    brute-force scan does."""
+def test_sharded_vectorised_dedup_agrees_with_brute_force():
     rng = np.random.default_rng(0)
     bases = rng.integers(0, 2**63, 150, dtype=np.uint64)
     claims = []
@@ -103,10 +99,9 @@ def test_sharded_vectorised_dedup_agrees_with_brute_force(shard_kw):
             h ^= 1 << int(bit)
         sha = f"{rng.integers(0, 500):064x}"
         claims.append((f"r{i}", sha, h))
-    d = Dedup([DedupShard(k, 4, max_distance=4, **shard_kw) for k in range(4)], exact=True, near=True, max_distance=4)
+    d = Dedup([DedupShard(k, 4, max_distance=4) for k in range(4)], exact=True, near=True, max_distance=4)
     got = [x for start in range(0, len(claims), 25) for x in d.claim_many(claims[start:start + 25])]
     want = _oracle(claims, 4)
-    assert any(t is not None for shard in d.shards for t in shard._dirs) == bool(shard_kw)  # the path under test ran
     assert sum(w is None for w in want) > 50 and sum(w is not None for w in want) > 100
     for g, w in zip(got, want):
         if w is None or w[0] == "duplicate_exact":
