@@ -19,7 +19,6 @@ failed_retryable (reason `shard_failed`) and the summary's `shards_failed` non-e
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import json
 import logging
@@ -191,7 +190,7 @@ def _records(rows: list[dict], sid: int, staged_meta: dict, staged_img: dict, fc
         meta = staged_meta.get(i, {})
         downloaded = not r["prefilter"]
         rec = {"row_id": r["row_id"], "rid64": r["rid64"], "url": netguard.redact_url(r["url"]) if r["url"] else r["url"],
-               "url_hash": R.url_hash(r["url"]), "shard": sid, "key": r["key"], "sha256": meta.get("sha256"),
+               "url_hash": netguard.url_hash(r["url"]), "shard": sid, "key": r["key"], "sha256": meta.get("sha256"),
                "phash": None, "dup_of": r["dup_of"], "attempts": (r["attempts"] or 0) + int(downloaded),
                "width": meta.get("width"), "height": meta.get("height"),
                "original_width": meta.get("original_width"), "original_height": meta.get("original_height"),
@@ -281,13 +280,20 @@ def shard_counts(records: list[dict]) -> dict:
 
 
 class UrlOccurrences:
-    """Occurrence numbers of URLs across the whole list, in numpy: 12 bytes per distinct URL (a sorted array of
-    64-bit URL hashes and their counts), so row ids (`<sha1[:20]>-<n>`, stable when rows are appended) and
-    duplicate URLs are found without a Python object per row."""
+    """Occurrence numbers of URLs across the whole list, in numpy: 12 bytes per distinct URL (sorted arrays of 64-bit
+    URL hashes and their counts), so row ids (`<sha1[:20]>-<n>`, stable when rows are appended) and duplicate URLs
+    are found without a Python object per row.
+
+    The arrays are kept as a few sorted runs whose sizes at least halve from the first to the last (a log-structured
+    merge): each batch becomes a run and equal-sized neighbours merge, so every hash is re-sorted O(log runs) times
+    in all rather than once per batch, and a lookup is one binary search per run (at most ~log2(rows/batch) runs).
+    """
 
     def __init__(self):
-        self.hashes = np.zeros(0, np.uint64)
-        self.counts = np.zeros(0, np.uint32)
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted unique hashes, counts), biggest first
+
+    def __len__(self) -> int:
+        return sum(len(h) for h, _ in self.runs)
 
     def add(self, h: np.ndarray) -> np.ndarray:
         """Occurrence number of each hash of this batch (0 for a URL's first row), counting earlier batches."""
@@ -295,18 +301,21 @@ class UrlOccurrences:
         hs = h[order]
         starts = np.r_[True, hs[1:] != hs[:-1]] if len(hs) else np.zeros(0, bool)
         group_start = np.maximum.accumulate(np.where(starts, np.arange(len(hs)), 0))
-        rank = np.arange(len(hs)) - group_start
-        pos = np.clip(np.searchsorted(self.hashes, hs), 0, max(len(self.hashes) - 1, 0))
-        prev = np.where(self.hashes[pos] == hs, self.counts[pos], 0) if len(self.hashes) else np.zeros(len(hs), np.uint32)
+        prev = np.zeros(len(hs), np.int64)
+        for rh, rn in self.runs:  # a hash may sit in several runs (appended in several batches): its counts add up
+            pos = np.clip(np.searchsorted(rh, hs), 0, len(rh) - 1)
+            prev += np.where(rh[pos] == hs, rn[pos], 0)
         occ = np.empty(len(h), np.int64)
-        occ[order] = prev + rank
-        uniq, n = hs[starts], np.diff(np.r_[np.flatnonzero(starts), len(hs)]).astype(np.uint32)
-        allh = np.concatenate([self.hashes, uniq])
-        alln = np.concatenate([self.counts, n])
-        o = np.argsort(allh, kind="stable")
-        allh, alln = allh[o], alln[o]
-        first = np.r_[True, allh[1:] != allh[:-1]]
-        self.hashes, self.counts = allh[first], np.add.reduceat(alln, np.flatnonzero(first)).astype(np.uint32)
+        occ[order] = prev + np.arange(len(hs)) - group_start
+        if len(hs):
+            self.runs.append((hs[starts], np.diff(np.r_[np.flatnonzero(starts), len(hs)]).astype(np.uint32)))
+        while len(self.runs) > 1 and len(self.runs[-1][0]) * 2 > len(self.runs[-2][0]):
+            (ah, an), (bh, bn) = self.runs.pop(), self.runs.pop()
+            allh, alln = np.concatenate([bh, ah]), np.concatenate([bn, an])
+            o = np.argsort(allh, kind="stable")
+            allh, alln = allh[o], alln[o]
+            first = np.r_[True, allh[1:] != allh[:-1]]
+            self.runs.append((allh[first], np.add.reduceat(alln, np.flatnonzero(first)).astype(np.uint32)))
         return occ
 
 
@@ -341,7 +350,7 @@ class Planner:
 
     def _fresh(self, batch: pa.Table, occ: UrlOccurrences) -> pa.Table:
         urls = batch["url"].to_pylist()
-        digests = [hashlib.sha1((u or "").encode("utf-8", "surrogatepass")).hexdigest()[:20] for u in urls]
+        digests = [netguard.url_hash(u) for u in urls]
         h64 = np.array([int(d[:16], 16) for d in digests], np.uint64)
         n = occ.add(h64)
         row_ids = [f"{d}-{k}" for d, k in zip(digests, n.tolist())]

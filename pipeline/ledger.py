@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import rawshard as R
+from pipeline.netguard import url_hash
 
 FAILED_STATES = ("opted_out", "failed_retryable", "failed_permanent")
 LEDGER_SCHEMA = pa.schema([
@@ -191,7 +192,7 @@ def pending_records(inputs: pa.Table, sid: int) -> pa.Table:
     urls = inputs["url"].to_pylist()
     return pa.table({
         "row_id": inputs["row_id"], "url": pa.array([redact_url(u) if u else u for u in urls], pa.string()),
-        "url_hash": pa.array([R.url_hash(u) for u in urls], pa.string()), "shard": pa.array([sid] * n, pa.int64()),
+        "url_hash": pa.array([url_hash(u) for u in urls], pa.string()), "shard": pa.array([sid] * n, pa.int64()),
         "key": inputs["key"], "state": pa.array(["pending"] * n, pa.string()), "reason": pa.nulls(n, pa.string()),
         "dup_of": pa.nulls(n, pa.string()), "attempts": inputs["attempts"], "sha256": pa.nulls(n, pa.string()),
         "phash": pa.nulls(n, pa.uint64()), "rid64": inputs["rid64"]})

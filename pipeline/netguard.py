@@ -128,9 +128,10 @@ def mask_userinfo(url: str) -> str:
     return f"{head}://REDACTED@{netloc.rsplit('@', 1)[1]}{slash}{tail}"
 
 
-def url_hash(url: str) -> str:
-    """A stable identity of the full URL (secrets included, never revealed): 20 hex digits of its SHA-1."""
-    return hashlib.sha1(str(url).encode("utf-8", "surrogatepass")).hexdigest()[:20]
+def url_hash(url: str | None) -> str:
+    """A stable identity of the full URL (secrets included, never revealed): 20 hex digits of its SHA-1. The one
+    URL identity of the project: row ids are `<url_hash>-<occurrence>`, the ledger's `url_hash` column is this."""
+    return hashlib.sha1((url or "").encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 def _embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:

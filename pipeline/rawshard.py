@@ -13,7 +13,6 @@ Layout of an ingest output folder `<out>`:
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
@@ -53,11 +52,6 @@ def input_path(out: str, shard_id: int) -> str:
 
 def fragment_path(out: str, shard_id: int) -> str:
     return join(out, FRAGMENTS, f"{shard_name(shard_id)}.parquet")
-
-
-def url_hash(url: str | None) -> str:
-    """Stable identity of a full URL (the ledger stores the URL redacted, so secrets never reach it)."""
-    return hashlib.sha256((url or "").encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def row_key64(url_h64: np.ndarray, occurrence: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ UrlListError naming the file, the line or row group, and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -197,6 +198,9 @@ def _decode(path: str, table: pa.Table, cols: dict[str, str], m: SourceManifest,
     out: dict[str, list] = {}
     utf8 = [True] * n
     for col, src in cols.items():
+        if src not in table.schema.names:  # a JSON-lines chunk none of whose lines has this key
+            out[col] = [None] * n
+            continue
         arr = table.column(src)
         if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
             raw = arr.cast(pa.binary() if not pa.types.is_large_string(arr.type) else pa.large_binary()).to_pylist()
@@ -216,7 +220,10 @@ def _decode(path: str, table: pa.Table, cols: dict[str, str], m: SourceManifest,
     return _Part(path, out, bad, utf8)
 
 
-def _read_parquet(path: str, f, m: SourceManifest) -> _Part:
+BATCH_ROWS = 16_384  # rows per part a reader yields: a planner's memory is bounded by this, not by a file or row group
+
+
+def _parquet_parts(path: str, f, m: SourceManifest, batch_rows: int) -> Iterator[_Part]:
     import pyarrow.parquet as pq
 
     try:
@@ -225,26 +232,17 @@ def _read_parquet(path: str, f, m: SourceManifest) -> _Part:
         raise UrlListError(f"{path}: not a readable parquet file ({err}); re-download or re-export it, or remove it "
                            "from url_lists") from None
     cols = _resolve(path, pf.schema_arrow.names, m)
-    parts = []
-    for g in range(pf.num_row_groups):
-        try:
-            parts.append(pf.read_row_group(g, columns=sorted(set(cols.values()))))
-        except (pa.ArrowException, OSError) as err:
-            raise UrlListError(f"{path}: row group {g} of {pf.num_row_groups} cannot be read ({err}); re-download or "
-                               "re-export the file, or remove it from url_lists") from None
-    table = pa.concat_tables(parts) if parts else pf.schema_arrow.empty_table().select(sorted(set(cols.values())))
-    offsets = [0]
-    for p in parts:
-        offsets.append(offsets[-1] + p.num_rows)
-
-    def where(i):
-        g = next(k for k in range(len(parts)) if offsets[k] <= i < offsets[k + 1])
-        return f"{path}: row group {g}, row {i - offsets[g]}"
-
-    return _decode(path, table, cols, m, where)
+    first = 0
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=sorted(set(cols.values()))):
+            yield _decode(path, pa.Table.from_batches([batch]), cols, m, lambda i, o=first: f"{path}: row {o + i}")
+            first += batch.num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise UrlListError(f"{path}: rows after {first} cannot be read ({err}); re-download or re-export the file, "
+                           "or remove it from url_lists") from None
 
 
-def _read_csv(path: str, f, m: SourceManifest) -> _Part:
+def _csv_parts(path: str, f, m: SourceManifest, batch_rows: int) -> Iterator[_Part]:
     import pyarrow.csv as pcsv
 
     skipped: list[str] = []
@@ -254,31 +252,65 @@ def _read_csv(path: str, f, m: SourceManifest) -> _Part:
                        f"{row.actual_columns} fields, the header {row.expected_columns}")
         return "skip"
 
+    def part(batches: list[pa.RecordBatch], first: int) -> _Part:
+        got = _decode(path, pa.Table.from_batches(batches, reader.schema), cols, m, lambda i: f"{path}: data row {first + i + 1}")
+        bad = _with_bad_rows(got, list(skipped))
+        skipped.clear()
+        return bad
+
     try:
         # quoted captions may hold newlines; text read as bytes and decoded per value (a bad one spoils one row)
         reader = pcsv.open_csv(f, parse_options=pcsv.ParseOptions(newlines_in_values=True, invalid_row_handler=skip),
                                convert_options=pcsv.ConvertOptions(check_utf8=False, column_types={
                                    c: pa.binary() for c in (m.url_column, m.caption_column)}))
         cols = _resolve(path, reader.schema.names, m)
-        table = reader.read_all()
+        batches, n, first = [], 0, 0
+        for block in reader:  # a block of ~1 MB of text, cut into parts of batch_rows
+            for at in range(0, block.num_rows, batch_rows):
+                batch = block.slice(at, batch_rows)
+                take = min(batch.num_rows, batch_rows - n)
+                batches.append(batch.slice(0, take))
+                n += take
+                if n == batch_rows:
+                    yield part(batches, first)
+                    batches, first, n = [], first + n, 0
+                if take < batch.num_rows:
+                    batches.append(batch.slice(take))
+                    n += batch.num_rows - take
+        if batches or skipped or not first:
+            yield part(batches, first)
     except pa.ArrowInvalid as err:
         raise UrlListError(f"{path}: not a readable CSV file ({err}); fix the named line (quote fields that hold "
                            "commas, quotes or newlines) or remove the file from url_lists") from None
-    part = _decode(path, table, cols, m, lambda i: f"{path}: data row {i + 1}")
-    return _with_bad_rows(part, skipped)
 
 
-def _read_jsonl(path: str, f, m: SourceManifest) -> _Part:
+def _jsonl_parts(path: str, f, m: SourceManifest, batch_rows: int) -> Iterator[_Part]:
+    cols: dict[str, str] | None = None  # resolved from the first lines; a later line's missing key reads as None
+    lines: list[bytes] = []
+    first = 0  # line number (0-based) of lines[0]
+    for line in f:
+        lines.append(line)
+        if len(lines) >= batch_rows:
+            part, cols = _jsonl_part(path, lines, first, cols, m)
+            yield part
+            first, lines = first + len(lines), []
+    if lines or cols is None:
+        yield _jsonl_part(path, lines, first, cols, m)[0]
+
+
+def _jsonl_part(path: str, lines: list[bytes], first: int, cols: dict[str, str] | None,
+                m: SourceManifest) -> tuple[_Part, dict[str, str]]:
+    """One chunk of JSON lines: pyarrow parses a clean chunk at once; a chunk with a malformed line is parsed line
+    by line, the bad lines counted and the rest kept."""
     import pyarrow.json as pjson
 
-    data = f.read()
-    try:
-        table = pjson.read_json(pa.BufferReader(data))
-        return _decode(path, table, _resolve(path, table.schema.names, m), m, lambda i: f"{path}: line {i + 1}")
-    except pa.ArrowInvalid:
-        pass  # a malformed line somewhere: parse line by line, count the bad ones, keep the rest
+    with contextlib.suppress(pa.ArrowInvalid):
+        table = pjson.read_json(pa.BufferReader(b"".join(x if x.endswith(b"\n") else x + b"\n" for x in lines)))
+        cols = cols or _resolve(path, table.schema.names, m)
+        table = table.select([c for c in set(cols.values()) if c in table.schema.names])
+        return _decode(path, table, cols, m, lambda i: f"{path}: line {first + i + 1}"), cols
     rows, skipped = [], []
-    for n, line in enumerate(data.split(b"\n"), 1):
+    for n, line in enumerate(lines, first + 1):
         if not line.strip():
             continue
         try:
@@ -289,14 +321,14 @@ def _read_jsonl(path: str, f, m: SourceManifest) -> _Part:
             rows.append(obj)
         except (ValueError, UnicodeError) as err:
             skipped.append(f"{path}: line {n}: {err}")
-    if not rows and skipped:
-        raise UrlListError(f"{skipped[0]}; no line of this file is a JSON object; give one JSON object per line "
-                           "(JSON Lines) or remove the file from url_lists")
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    cols = _resolve(path, names, m)
+    if cols is None:
+        if not rows and skipped:
+            raise UrlListError(f"{skipped[0]}; no line of this file is a JSON object; give one JSON object per line "
+                               "(JSON Lines) or remove the file from url_lists")
+        cols = _resolve(path, list(dict.fromkeys(k for r in rows for k in r)), m)
     part = _Part(path, {c: [r.get(src) for r in rows] for c, src in cols.items()}, [None] * len(rows),
                  [True] * len(rows))
-    return _with_bad_rows(part, skipped)
+    return _with_bad_rows(part, skipped), cols
 
 
 def _with_bad_rows(part: _Part, skipped: list[str]) -> _Part:
@@ -309,20 +341,21 @@ def _with_bad_rows(part: _Part, skipped: list[str]) -> _Part:
     return part
 
 
-_READERS = {"parquet": _read_parquet, "csv": _read_csv, "jsonl": _read_jsonl}
+_READERS = {"parquet": _parquet_parts, "csv": _csv_parts, "jsonl": _jsonl_parts}
 
 
-def _read_one(path: str, fmt: str, m: SourceManifest) -> _Part:
+def _iter_parts(path: str, fmt: str, m: SourceManifest, batch_rows: int = BATCH_ROWS) -> Iterator[_Part]:
+    """One URL-list file's rows, at most `batch_rows` per part (plus the part's counted bad lines), in order."""
     try:
         with fsspec.open(path, "rb", compression="infer") as f:
-            part = _READERS[fmt](path, f, m)
+            for part in _READERS[fmt](path, f, m, batch_rows):
+                bad = [b for b in part.bad if b]
+                if bad:
+                    log.warning("%s: %d unreadable rows counted as %s and skipped, e.g. %s", path, len(bad), BAD_ROW, bad[0])
+                yield part
     except (OSError, EOFError, zlib.error, pa.ArrowException) as err:  # unreadable bytes, a broken .gz, a vanished object
         raise UrlListError(f"{path}: cannot read the URL list ({type(err).__name__}: {err}); check the file or remove "
                            "it from url_lists") from None
-    bad = [b for b in part.bad if b]
-    if bad:
-        log.warning("%s: %d unreadable rows counted as %s and skipped, e.g. %s", path, len(bad), BAD_ROW, bad[0])
-    return part
 
 
 def row_ids(urls: list[str]) -> list[str]:
@@ -341,8 +374,7 @@ def read_url_list(m: SourceManifest) -> pa.Table:
     (None, or `url_list_bad_row` for a row that could not be read: it is counted, never downloaded), extras."""
     urls, captions, utf8, bad = [], [], [], []
     extras: dict[str, list] = {c: [] for c in m.extra_columns}
-    for path in expand_url_lists(m.url_lists):
-        part = _read_one(path, _format_of(path, m.format), m)
+    for part in (p for path in expand_url_lists(m.url_lists) for p in _iter_parts(path, _format_of(path, m.format), m)):
         urls.extend(None if u is None else str(u) for u in part.columns[m.url_column])
         captions.extend(None if c is None else str(c) for c in part.columns[m.caption_column])
         utf8.extend(part.caption_utf8)
@@ -370,7 +402,7 @@ def check_url_lists(m: SourceManifest) -> list[tuple[str, str]]:
     for path in expand_url_lists(m.url_lists):
         fmt = _format_of(path, m.format)
         if fmt == "jsonl":
-            _read_one(path, fmt, m)  # its columns are known only from its lines
+            next(_iter_parts(path, fmt, m))  # its columns are known only from its (first) lines
         else:
             try:
                 with fsspec.open(path, "rb", compression="infer") as f:
@@ -384,33 +416,15 @@ def check_url_lists(m: SourceManifest) -> list[tuple[str, str]]:
     return files
 
 
-def iter_url_list_parts(m: SourceManifest, files: list[tuple[str, str]]) -> Iterator[pa.Table]:
-    """The URL lists' rows in order, a parquet row group or a csv/jsonl file at a time (so a planner's memory does not
-    grow with a parquet list): url, caption (str or None), caption_utf8, bad_row (None or BAD_ROW), extras."""
-    import pyarrow.parquet as pq
-
-    def table(part: _Part) -> pa.Table:
-        cols = {"url": pa.array([None if u is None else str(u) for u in part.columns[m.url_column]], pa.string()),
-                "caption": pa.array([None if c is None else str(c) for c in part.columns[m.caption_column]], pa.string()),
-                "caption_utf8": pa.array(part.caption_utf8, pa.bool_()),
-                "bad_row": pa.array([BAD_ROW if b else None for b in part.bad], pa.string())}
-        return pa.table(cols | {c: pa.array(part.columns[c]) for c in m.extra_columns})
-
+def iter_url_list_parts(m: SourceManifest, files: list[tuple[str, str]],
+                        batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+    """The URL lists' rows in order, at most `batch_rows` (plus counted bad lines) at a time whatever the format,
+    file or row-group size, so a planner's memory does not grow with the list: url, caption (str or None),
+    caption_utf8, bad_row (None or BAD_ROW), extras."""
     for path, fmt in files:
-        if fmt != "parquet":
-            yield table(_read_one(path, fmt, m))
-            continue
-        try:
-            with fsspec.open(path, "rb", compression="infer") as f:
-                pf = pq.ParquetFile(f)
-                cols = _resolve(path, pf.schema_arrow.names, m)
-                for g in range(pf.num_row_groups):
-                    rg = pf.read_row_group(g, columns=sorted(set(cols.values())))
-                    part = _decode(path, rg, cols, m, lambda i, g=g: f"{path}: row group {g}, row {i}")
-                    if any(part.bad):
-                        log.warning("%s: %d unreadable rows counted as %s, e.g. %s", path, sum(map(bool, part.bad)),
-                                    BAD_ROW, next(b for b in part.bad if b))
-                    yield table(part)
-        except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
-            raise UrlListError(f"{path}: cannot read the URL list ({type(err).__name__}: {err}); re-download or "
-                               "re-export it, or remove it from url_lists") from None
+        for part in _iter_parts(path, fmt, m, batch_rows):
+            cols = {"url": pa.array([None if u is None else str(u) for u in part.columns[m.url_column]], pa.string()),
+                    "caption": pa.array([None if c is None else str(c) for c in part.columns[m.caption_column]], pa.string()),
+                    "caption_utf8": pa.array(part.caption_utf8, pa.bool_()),
+                    "bad_row": pa.array([BAD_ROW if b else None for b in part.bad], pa.string())}
+            yield pa.table(cols | {c: pa.array(part.columns[c]) for c in m.extra_columns})

@@ -85,6 +85,7 @@ def test_ingest_local_every_bad_input_counted(ray_cluster, web, tmp_path):
     assert dup["dup_of"] == next(r["row_id"] for r in ledger if r["url"] == rows[0][0] and r["state"] == "ok")
     states = {r["state"] for r in ledger}
     assert states == {"ok", "filtered", "opted_out", "failed_retryable", "failed_permanent"}
+    assert all(r["row_id"].startswith(r["url_hash"] + "-") for r in ledger)  # one URL identity everywhere
     samples = list(wds.WebDataset(sorted(glob.glob(str(tmp_path / "out" / "*.tar"))), shardshuffle=False).decode("pil"))
     assert len(samples) == 2 and {x["txt"] for x in samples} == {"a good image", "another good image"}
     assert samples[0]["jpg"].size == (160, 120)  # original size kept (resize_mode "no")
@@ -121,3 +122,22 @@ def test_missing_url_column_fails_before_any_download(ray_cluster, web, tmp_path
     with pytest.raises(UrlListError, match="'url'"):
         run_ingest(_manifest(str(tmp_path / "l.parquet")), str(tmp_path / "out"), allow_networks=LOOPBACK)
     assert sum(web.hits.values()) == 0
+
+
+def test_url_occurrences_number_every_row_like_a_dict_counter_across_many_batches():
+    """The planner's occurrence numbers (row ids `<hash>-<n>`, duplicate URLs) equal a plain dict's, whatever the
+    batch sizes and however its sorted runs merged."""
+    import numpy as np
+
+    from pipeline.ingest import UrlOccurrences
+
+    rng = np.random.default_rng(0)
+    occ, seen = UrlOccurrences(), {}
+    for size in [*rng.integers(0, 700, 60), 5_000]:
+        h = rng.integers(0, 3_000, size).astype(np.uint64)  # many repeats within and across batches
+        want = []
+        for x in h.tolist():
+            want.append(seen.get(x, 0))
+            seen[x] = want[-1] + 1
+        assert occ.add(h).tolist() == want
+    assert len(occ) <= 2 * len(seen) and len(occ.runs) <= 8  # merged: few runs, each hash in few of them

@@ -139,3 +139,25 @@ def test_missing_filtered_column_error_suggests_a_fix_that_works(tmp_path):
     assert "column_aliases: {aesthetic: [AESTHETIC_SCORE]}" in str(e.value)
     t = read_url_list(_manifest(tmp_path, [str(tmp_path / "l.parquet")], column_aliases={"aesthetic": ["AESTHETIC_SCORE"]}, **kw))
     assert t.column("aesthetic").to_pylist() == [6.0]
+
+
+def test_every_format_streams_in_bounded_parts_in_order_with_bad_lines_counted_where_they_are(tmp_path):
+    """A planner reads a list a bounded part at a time whatever the file: one 10k-row row group, a 10k-line CSV or
+    JSONL file; every row arrives once, in order, and a bad line deep in the file is named by its own line."""
+    from pipeline.sources import check_url_lists, iter_url_list_parts
+
+    n = 10_000
+    urls = [f"http://h/{i}" for i in range(n)]
+    pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(n)]}), tmp_path / "l.parquet",
+                   row_group_size=n)
+    (tmp_path / "l.csv").write_text("url,caption\n" + "".join(f"{u},c{i}\n" for i, u in enumerate(urls)))
+    lines = [f'{{"url": "{u}", "caption": "c{i}"}}\n' for i, u in enumerate(urls)]
+    lines[7_000] = '{"url": "http://h/7000", "capt\n'  # malformed, in the fourth part of 2,048 lines
+    (tmp_path / "l.jsonl").write_text("".join(lines))
+    for name, bad in (("l.parquet", 0), ("l.csv", 0), ("l.jsonl", 1)):
+        m = _manifest(tmp_path, [str(tmp_path / name)])
+        parts = list(iter_url_list_parts(m, check_url_lists(m), batch_rows=2_048))
+        assert len(parts) == 5 and max(p.num_rows for p in parts) <= 2_048 + bad, name
+        got = [u for p in parts for u in p.column("url").to_pylist() if u is not None]
+        assert got == [u for i, u in enumerate(urls) if not (bad and i == 7_000)], name
+        assert sum(p.column("bad_row").null_count for p in parts) == n - bad, name
