@@ -138,7 +138,7 @@ def test_killed_run_resumes_with_identical_losses_past_a_corrupt_checkpoint(tmp_
 
     proc = subprocess.Popen([synergen, "train", str(killed)], env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed_out / "checkpoints/step_00000008" / MARKER
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a wait, not a timing check: generous for a loaded machine
     while not marker.exists():
         assert proc.poll() is None and time.time() < deadline, "training stopped before its step-8 checkpoint"
         time.sleep(0.02)
