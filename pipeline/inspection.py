@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from model.folding import Fold, unfold_codes
 from pipeline.token_shards import iter_token_shard
 from pipeline.catalog import CATALOG_NAME, read_catalog
+from pipeline.inspection_config import InspectConfig
 from synergen.errors import ConfigMismatchError, SynergenError
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,11 @@ def load_vq_for(rows: list[dict], vq_url: str | None):
             "pass --vq with the checkpoint the catalog names"
         )
     return vq
+
+
+def inspect_dataset(cfg: InspectConfig) -> tuple[dict, str | None]:
+    """`synergen inspect`: the summary, and the page's path when `cfg.html` asks for one."""
+    return summarize(cfg.target), (write_html(cfg.target, cfg.html, n=cfg.n, vq_url=cfg.vq) if cfg.html else None)
 
 
 def write_html(target: str, out: str, n: int = 8, vq_url: str | None = None) -> str:

@@ -17,6 +17,7 @@ from pipeline.ingest_config import IngestOptions
 from pipeline.tokenization_config import TokenizeConfig
 from model.init_config import InitConfig
 from synergen.demo.config import DemoConfig, VQTrainConfig
+from pipeline.inspection_config import InspectConfig
 from train.generate_config import GenerateConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="synergen: SynerGen-VL pretraining, from URL lists to a trained model.")
@@ -238,23 +239,19 @@ def vq_train_cmd(
 
 
 @app.command("inspect")
-def inspect_cmd(
-    target: str = typer.Argument(..., help="A token dataset's _catalog.parquet (or its folder), or one token shard"),
-    html_out: str = typer.Option(None, "--html", help="Write an HTML page of N samples here"),
-    n: int = typer.Option(8, "--n", help="Samples on the page"),
-    vq: str = typer.Option(None, "--vq", help="VQ checkpoint that made the codes (default: the demo VQ, checked against the catalog)"),
-) -> None:
+@options_from(InspectConfig, "inspect options", arguments=("target",))
+def inspect_cmd(cfg: InspectConfig) -> None:
     """Print a token dataset's summary; optionally write an HTML page of decoded samples."""
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.inspection import summarize, write_html
+    from pipeline.inspection import inspect_dataset
     from synergen.errors import SynergenError
 
     console = Console()
     try:
-        s = summarize(target)
-        table = Table(title=f"{target}: VQ {s['vq_model']}, fold {s['fold']}, tokenizer {s['text_tokenizer']}")
+        s, page = inspect_dataset(cfg)
+        table = Table(title=f"{cfg.target}: VQ {s['vq_model']}, fold {s['fold']}, tokenizer {s['text_tokenizer']}")
         for col in ("source", "task", "shards", "samples", "image tokens", "text tokens", "bytes", "bytes/sample"):
             table.add_column(col, justify="left" if col in ("source", "task") else "right")
         for g in [*s["groups"], {"source": "total", "task": "", **s["total"]}]:
@@ -263,8 +260,8 @@ def inspect_cmd(
         console.print(table)
         if s["flagged"]:
             console.print(f"[yellow]flagged shards: {', '.join(s['flagged'])}[/yellow]")
-        if html_out:
-            console.print(f"wrote {write_html(target, html_out, n=n, vq_url=vq)}")
+        if page:
+            console.print(f"wrote {page}")
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

@@ -20,6 +20,7 @@ from pipeline.tokenization_config import TokenizeConfig
 from synergen.cli import app
 from synergen.demo.config import DemoConfig, VQTrainConfig
 from synergen.errors import ManifestError
+from pipeline.inspection_config import InspectConfig
 from train.generate_config import GenerateConfig
 
 
@@ -30,7 +31,7 @@ def _params(command: str) -> dict:
 
 @pytest.mark.parametrize("command,model,excluded", [
     ("ingest", IngestOptions, ()), ("tokenize", TokenizeConfig, ()), ("generate", GenerateConfig, ()),
-    ("vq-train", VQTrainConfig, ()), ("init", InitConfig, ()),
+    ("vq-train", VQTrainConfig, ()), ("init", InitConfig, ()), ("inspect", InspectConfig, ()),
     ("demo", DemoConfig, ("model_overrides",)),  # a dict: no flag spells it
 ])
 def test_command_options_are_the_config_fields_with_their_defaults(command, model, excluded):
