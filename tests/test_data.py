@@ -336,3 +336,26 @@ def test_worker_batches_travel_in_shared_slots_and_a_slot_reused_unread_is_an_er
             pickle.loads(blobs[0])  # batch 3 went into batch 1's slot (2 slots) before batch 1 was read
     finally:
         slots.close()
+
+
+def test_unknown_data_option_fails_synergen_train_before_it_starts_naming_the_key(tmp_path):
+    """A misspelt key under a train config's `data_options:` stops `synergen train` at config load (exit 2, nothing
+    written), naming the file, `data_options.<key>` and the valid keys, not a TypeError from inside the trainer."""
+    from typer.testing import CliRunner
+
+    from synergen.cli import app
+    from train.config import TrainConfig
+    from train.data import LoaderConfig
+
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(yaml.safe_dump({"model": "tiny", "mixture": str(tmp_path / "m.yaml"), "steps": 1, "output_dir": str(out),
+                                   "data_options": {"cache_dir": str(tmp_path / "c"), "cahce_bytes": 1 << 20}}))
+    res = CliRunner().invoke(app, ["train", str(cfg)], env={"COLUMNS": "200"})
+    assert res.exit_code == 2, res.output
+    assert "run.yaml" in res.output and "'data_options.cahce_bytes'" in res.output
+    assert "valid keys here: on_bad_shard, cache_dir, cache_bytes" in res.output and "Traceback" not in res.output
+    assert not out.exists()
+    good = TrainConfig.load(str(cfg), {"data_options": {"cache_bytes": 1 << 20, "on_bad_shard": "skip"}})
+    loader = LoaderConfig(rank=1, world_size=2, **good.data_options.model_dump())
+    assert (loader.cache_bytes, loader.on_bad_shard, loader.rank) == (1 << 20, "skip", 1)

@@ -24,13 +24,15 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, fields
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from model.batch import PackedBatch
 from synergen.errors import ConfigMismatchError, ShardError, SynergenError
+from train.config import DataOptions
 from train.mixture import MixtureManifest, online_weights, resolve_weights
 from train.packing import ROW_ARRAYS, pack, packing_efficiency
 from train.plan import STATE_VERSION, Planner, assign_ranks
@@ -41,25 +43,20 @@ from train.sources import ModelDataSpec, resolve_sources
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoaderConfig:
-    """How this process reads the stream (the mixture itself is the manifest)."""
+class LoaderConfig(DataOptions):
+    """How this process reads the stream (the mixture itself is the manifest): the train config's `data_options`
+    plus this process's rank, the world size and the seed. Bad values raise pydantic's ValidationError; wrap
+    with `synergen.errors.validated` where they come from a user."""
 
-    rank: int = 0
-    world_size: int = 1
+    rank: int = Field(0, ge=0)
+    world_size: int = Field(1, ge=1)
     seed: int = 0
-    on_bad_shard: Literal["error", "skip"] = "error"
-    cache_dir: str | None = None  # this machine's source tables (default: <tmp>/synergen-shards)
-    cache_bytes: int = 8 << 30
-    max_steps: int | None = None  # stop after this step (None: stream forever, epochs counted)
-    migrate_order: bool = False  # resume a state saved with another sample order: each source starts its next epoch
-    storage_options: dict = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world_size:
-            raise SynergenError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
-        if self.on_bad_shard not in ("error", "skip"):
-            raise SynergenError(f"on_bad_shard={self.on_bad_shard!r}: use 'error' or 'skip'")
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> "LoaderConfig":
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        return self
 
 
 @dataclass
