@@ -36,7 +36,7 @@ from train.config import DataOptions
 from train.mixture import MixtureManifest, online_weights, resolve_weights
 from train.packing import ROW_ARRAYS, pack, packing_efficiency
 from train.plan import STATE_VERSION, Planner, assign_ranks
-from train.sequence import LayoutIds, SequenceSpec, layout_of
+from train.sequence import Layout, LayoutIds, SequenceSpec, layout_of
 from train.shard_store import ShardStore, SourceTable
 from train.sources import ModelDataSpec, resolve_sources
 
@@ -243,6 +243,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         self.online = online_weights(manifest, {n: s.size for n, s in self.sources.items()})  # None unless a task reweights
         self._state: dict | None = None
         self._slots: BatchSlots | None = None  # set by StreamingLoader while its DataLoader workers run
+        self._layouts: dict[tuple, Layout] = {}
 
     def _load_tables(self, retry_bad: bool = False) -> dict[str, SourceTable]:
         return {n: self.store.table(s, retry_bad) for n, s in self.sources.items() if s.size.samples > 0}
@@ -332,7 +333,10 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                     log.warning("rank %d leaves a sample out of step %d (the plan stays the same on every rank): %s", c.rank, step, sample)
                     unread.append(str(sample))
                     continue
-                docs.append((sample, layout_of(r.n_images, r.tiles, r.thumbnail, task, view, length, self.seq), uncond, name))
+                lay = (r.n_images, r.tiles, r.thumbnail, task, view, length)  # few distinct: made once per process
+                if lay not in self._layouts:
+                    self._layouts[lay] = layout_of(*lay, self.seq)
+                docs.append((sample, self._layouts[lay], uncond, name))
                 keys.append((name, epoch, sample.key))
             batch = pack(docs, self.seq.seq_len, self.ids, task, slot.alloc if slot else None)
             batches[task] = batch
