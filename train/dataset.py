@@ -387,7 +387,9 @@ class StreamingLoader:
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                              persistent_workers=False, **kw)
-        slots = BatchSlots(self.num_workers, (self.prefetch_factor or 2) + 1) if self.num_workers else None
+        # workers reach the slots by fork (memfds: Linux); elsewhere their batches travel pickled
+        shared = self.num_workers and hasattr(os, "memfd_create")
+        slots = BatchSlots(self.num_workers, (self.prefetch_factor or 2) + 1) if shared else None
         self.dataset._slots = slots
         try:
             for sb in loader:
