@@ -297,8 +297,8 @@ def test_each_worker_decodes_only_its_own_samples(corpus, tokenizer, tmp_path):
 
 
 def test_worker_batches_travel_narrowed_and_arrive_exact(corpus, tokenizer):
-    """What a DataLoader worker pickles per step: codes and positions as uint16, ids as int32 (a quarter to a half
-    of int64), widened back to the same int64 tensors on arrival."""
+    """A batch pickled with its arrays (from a spawned worker, or by a user): codes and positions as uint16, ids as
+    int32 (a quarter to a half of int64), widened back to the same int64 tensors on arrival."""
     import pickle
 
     sb = stream(corpus, tokenizer, 1)[0][0]

@@ -99,7 +99,7 @@ def _step_batch(step: int, arrays: dict, meta: dict, report: dict, state: dict, 
     return StepBatch(step, batches, report, state, samples)
 
 
-def _step_batch_from_slot(token: str, worker: int, k: int, seq: int, size: int, layout: dict, step: int, meta: dict,
+def _step_batch_from_slot(token: str, worker: int, k: int, seq: int, size: int, layout: list, step: int, meta: dict,
                           report: dict, state: dict, samples: dict) -> StepBatch:
     slots = BatchSlots.open.get(token)
     if slots is None:
@@ -150,13 +150,13 @@ class BatchSlots:
         """In the main process: copies of a batch's arrays, per `alloc` of its writer (one list per task)."""
         mm = self._map(worker, k, size)
         head = np.frombuffer(mm, np.uint64, 1)
-        ok = head[0] == seq
-        out = [[np.frombuffer(mm, np.dtype(dt), math.prod(shape), off).reshape(shape).copy() for off, shape, dt in arrays]
-               for arrays in layout] if ok else []
-        if not ok or head[0] != seq:  # checked after the copy too: a worker may have started over it meanwhile
-            raise SynergenError(f"DataLoader worker {worker} reused a batch slot before its batch {seq} was read (the slot "
-                                f"holds batch {int(head[0])}): a bug in synergen; set num_workers: 0 to train on meanwhile")
-        return out
+        if head[0] == seq:
+            out = [[np.frombuffer(mm, np.dtype(dt), math.prod(shape), off).reshape(shape).copy() for off, shape, dt in arrays]
+                   for arrays in layout]
+            if head[0] == seq:  # still: the worker did not start over the slot while it was copied
+                return out
+        raise SynergenError(f"DataLoader worker {worker} reused a batch slot before its batch {seq} was read (the slot "
+                            f"holds batch {int(head[0])}): a bug in synergen; set num_workers: 0 to train on meanwhile")
 
     def close(self) -> None:
         BatchSlots.open.pop(self.token, None)
