@@ -297,8 +297,8 @@ def test_each_worker_decodes_only_its_own_samples(corpus, tokenizer, tmp_path):
 
 
 def test_worker_batches_travel_narrowed_and_arrive_exact(corpus, tokenizer):
-    """What a DataLoader worker pickles per step: codes and positions as uint16, ids as int32 (a quarter to a half
-    of int64), widened back to the same int64 tensors on arrival."""
+    """A batch pickled with its arrays (from a spawned worker, or by a user): codes and positions as uint16, ids as
+    int32 (a quarter to a half of int64), widened back to the same int64 tensors on arrival."""
     import pickle
 
     sb = stream(corpus, tokenizer, 1)[0][0]
@@ -310,3 +310,52 @@ def test_worker_batches_travel_narrowed_and_arrive_exact(corpus, tokenizer):
     assert as_bytes(back) == as_bytes(sb)
     assert all(t.dtype == getattr(sb.batches[k], n).dtype for k, b in back.batches.items() for n, t in vars(b).items()
                if isinstance(t, torch.Tensor))
+
+
+def test_worker_batches_travel_in_shared_slots_and_a_slot_reused_unread_is_an_error(corpus, tokenizer, monkeypatch):
+    """A DataLoader worker packs each batch into a shared-memory slot: what crosses its pipe is a header of a few
+    KiB (not the arrays), the main process copies out exactly the in-process batch, and a slot written again before
+    its batch was read is an error naming the worker, never a silently mixed batch."""
+    import pickle
+    from types import SimpleNamespace
+
+    from synergen.errors import SynergenError
+    from train.dataset import BatchSlots
+
+    single, loader = stream(corpus, tokenizer, 4)
+    ds = loader.dataset
+    ds._slots = slots = BatchSlots(workers=1, per_worker=2)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
+    try:
+        blobs = [pickle.dumps(sb, protocol=pickle.HIGHEST_PROTOCOL) for sb in ds]  # as the worker's pipe does
+        wide = sum(t.numel() * t.element_size() for b in single[0].batches.values() for t in vars(b).values()
+                   if isinstance(t, torch.Tensor))
+        assert max(map(len, blobs)) < min(8192, wide / 4)
+        assert [as_bytes(pickle.loads(b)) for b in blobs[2:]] == [as_bytes(x) for x in single[2:]]
+        with pytest.raises(SynergenError, match="worker 0 reused a batch slot before its batch 1 was read"):
+            pickle.loads(blobs[0])  # batch 3 went into batch 1's slot (2 slots) before batch 1 was read
+    finally:
+        slots.close()
+
+
+def test_unknown_data_option_fails_synergen_train_before_it_starts_naming_the_key(tmp_path):
+    """A misspelt key under a train config's `data_options:` stops `synergen train` at config load (exit 2, nothing
+    written), naming the file, `data_options.<key>` and the valid keys, not a TypeError from inside the trainer."""
+    from typer.testing import CliRunner
+
+    from synergen.cli import app
+    from train.config import TrainConfig
+    from train.data import LoaderConfig
+
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(yaml.safe_dump({"model": "tiny", "mixture": str(tmp_path / "m.yaml"), "steps": 1, "output_dir": str(out),
+                                   "data_options": {"cache_dir": str(tmp_path / "c"), "cahce_bytes": 1 << 20}}))
+    res = CliRunner().invoke(app, ["train", str(cfg)], env={"COLUMNS": "200"})
+    assert res.exit_code == 2, res.output
+    assert "run.yaml" in res.output and "'data_options.cahce_bytes'" in res.output
+    assert "valid keys here: on_bad_shard, cache_dir, cache_bytes" in res.output and "Traceback" not in res.output
+    assert not out.exists()
+    good = TrainConfig.load(str(cfg), {"data_options": {"cache_bytes": 1 << 20, "on_bad_shard": "skip"}})
+    loader = LoaderConfig(rank=1, world_size=2, **good.data_options.model_dump())
+    assert (loader.cache_bytes, loader.on_bad_shard, loader.rank) == (1 << 20, "skip", 1)

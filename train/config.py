@@ -32,6 +32,21 @@ STAGE_DEFAULTS: dict[Any, dict[str, Any]] = {
 }
 
 
+class DataOptions(BaseModel):
+    """What a train config sets of the loader (`data_options:`); `train.data.LoaderConfig` adds the rank, world
+    size and seed, which come from the run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    on_bad_shard: Literal["error", "skip"] = Field("error", description="skip: every rank passes over bad shards, named")
+    cache_dir: str | None = Field(None, description="this machine's source tables (default: <tmp>/synergen-shards)")
+    cache_bytes: int = Field(8 << 30, ge=0, description="bound of the table cache (other runs' tables are evicted)")
+    max_steps: int | None = Field(None, ge=0, description="stop after this loader step (None: stream forever)")
+    migrate_order: bool = Field(False, description="resume a state saved with another sample order: each source "
+                                                   "starts its next epoch in this loader's order")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for remote catalogs and shards")
+
+
 class TrainConfig(BaseModel):
     """Everything one training run needs; `resolved()` fills the stage defaults."""
 
@@ -51,7 +66,7 @@ class TrainConfig(BaseModel):
     # --- data
     mixture: str = Field(description="mixture manifest (YAML) naming the sources and their catalogs")
     data_root: str | None = Field(None, description="overrides the mixture's data_root (where its catalogs are)")
-    data_options: dict[str, Any] = Field(default_factory=dict, description="train.data.LoaderConfig fields (cache_dir, on_bad_shard, ...)")
+    data_options: DataOptions = Field(default_factory=DataOptions, description="the loader's options (cache_dir, on_bad_shard, ...)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes building batches ahead of the step")
     grad_accum: int = Field(1, ge=1, description="loader steps (global batches) per optimizer step (Table 8: none)")
 

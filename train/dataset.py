@@ -17,46 +17,46 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import mmap
 import os
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field, fields
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from model.batch import PackedBatch
 from synergen.errors import ConfigMismatchError, ShardError, SynergenError
+from train.config import DataOptions
 from train.mixture import MixtureManifest, online_weights, resolve_weights
-from train.packing import pack, packing_efficiency
+from train.packing import ROW_ARRAYS, pack, packing_efficiency
 from train.plan import STATE_VERSION, Planner, assign_ranks
-from train.sequence import LayoutIds, SequenceSpec, layout_of
+from train.sequence import Layout, LayoutIds, SequenceSpec, layout_of
 from train.shard_store import ShardStore, SourceTable
 from train.sources import ModelDataSpec, resolve_sources
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoaderConfig:
-    """How this process reads the stream (the mixture itself is the manifest)."""
+class LoaderConfig(DataOptions):
+    """How this process reads the stream (the mixture itself is the manifest): the train config's `data_options`
+    plus this process's rank, the world size and the seed. Bad values raise pydantic's ValidationError; wrap
+    with `synergen.errors.validated` where they come from a user."""
 
-    rank: int = 0
-    world_size: int = 1
+    rank: int = Field(0, ge=0)
+    world_size: int = Field(1, ge=1)
     seed: int = 0
-    on_bad_shard: Literal["error", "skip"] = "error"
-    cache_dir: str | None = None  # this machine's source tables (default: <tmp>/synergen-shards)
-    cache_bytes: int = 8 << 30
-    max_steps: int | None = None  # stop after this step (None: stream forever, epochs counted)
-    migrate_order: bool = False  # resume a state saved with another sample order: each source starts its next epoch
-    storage_options: dict = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world_size:
-            raise SynergenError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
-        if self.on_bad_shard not in ("error", "skip"):
-            raise SynergenError(f"on_bad_shard={self.on_bad_shard!r}: use 'error' or 'skip'")
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> "LoaderConfig":
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        return self
 
 
 @dataclass
@@ -68,12 +68,15 @@ class StepBatch:
     report: dict
     state: dict  # loader state after this step: save it with the checkpoint of this step
     samples: dict[str, list[tuple[str, int, str]]]  # task -> (source, epoch, key) of this rank's documents
+    slot: tuple | None = field(default=None, repr=False)  # in a DataLoader worker: where BatchSlots holds the arrays
 
     def __reduce__(self):
-        # From a DataLoader worker, tensors would each go through a new shared-memory file (~30 ms a step for
-        # 7 tensors); as numpy arrays they travel in the pickle itself, each int64 array narrowed on the way to
-        # the smallest of uint16 (codes, positions) or int32 (ids, labels with -100), which quarters or halves
-        # what is pickled, piped and unpickled; the receiver widens them back.
+        meta = {t: (b.doc_sources, b.task) for t, b in self.batches.items()}
+        if self.slot is not None:  # the arrays wait in shared memory: only where they are travels
+            return _step_batch_from_slot, (*self.slot, self.step, meta, self.report, self.state, self.samples)
+        # Elsewhere (a spawned worker, a user's pickle) as numpy arrays in the pickle itself, each int64 array narrowed
+        # on the way to the smallest of uint16 (codes, positions) or int32 (ids, labels with -100); the receiver widens
+        # them back.
         arrays = {}
         for t, b in self.batches.items():
             arrays[t] = {}
@@ -83,16 +86,108 @@ class StepBatch:
                     v = v.numpy()
                     if v.dtype == np.int64:
                         v = v.astype(np.uint16 if v.size and 0 <= v.min() and v.max() < 65536 else np.int32)
-                arrays[t][f.name] = v
-        return _step_batch, (self.step, arrays, self.report, self.state, self.samples)
+                    arrays[t][f.name] = v
+        return _step_batch, (self.step, arrays, meta, self.report, self.state, self.samples)
 
 
-def _step_batch(step: int, arrays: dict, report: dict, state: dict, samples: dict) -> StepBatch:
+def _step_batch(step: int, arrays: dict, meta: dict, report: dict, state: dict, samples: dict) -> StepBatch:
     def tensor(v: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(v.astype(np.int64) if v.dtype in (np.int32, np.uint16) else v)
 
-    batches = {t: PackedBatch(**{k: (tensor(v) if isinstance(v, np.ndarray) else v) for k, v in a.items()}) for t, a in arrays.items()}
+    batches = {t: PackedBatch(**{k: tensor(v) for k, v in a.items()}, doc_sources=meta[t][0], task=meta[t][1])
+               for t, a in arrays.items()}
     return StepBatch(step, batches, report, state, samples)
+
+
+def _step_batch_from_slot(token: str, worker: int, k: int, seq: int, size: int, layout: list, step: int, meta: dict,
+                          report: dict, state: dict, samples: dict) -> StepBatch:
+    slots = BatchSlots.open.get(token)
+    if slots is None:
+        raise SynergenError(f"a DataLoader worker's batch of step {step} arrived after its StreamingLoader finished; "
+                            "iterate a StreamingLoader's batches only while it runs")
+    names = [f for f, _, _ in ROW_ARRAYS] + ["image_codes"]
+    batches = {t: PackedBatch(**{f: torch.from_numpy(a) for f, a in zip(names, arrays)}, doc_sources=meta[t][0], task=meta[t][1])
+               for t, arrays in zip(meta, slots.take(worker, k, seq, size, layout))}
+    return StepBatch(step, batches, report, state, samples)
+
+
+class BatchSlots:
+    """Shared memory that DataLoader workers pack their batches into, so only a small header crosses a worker's pipe.
+
+    Made by the main process before the workers fork: per worker `per_worker` slots, each an anonymous memory file
+    (memfd) that the worker grows as its batches need and the main process maps to copy a batch out when it arrives
+    (one copy, no pickling of arrays, no shared-memory file per tensor). A worker writes slot k again `per_worker`
+    batches later; the DataLoader keeps at most prefetch_factor batches of a worker in flight, so
+    per_worker = prefetch_factor + 1 never overwrites an unread batch, and each slot's header (the batch's sequence
+    number, zero while one is written) makes a violation an error rather than a silently mixed batch."""
+
+    HEADER = 64  # bytes before the arrays: the sequence number, then padding to keep arrays aligned
+    open: dict[str, "BatchSlots"] = {}  # this process's slots in use, by token (what a batch's header names)
+
+    def __init__(self, workers: int, per_worker: int):
+        self.token = uuid.uuid4().hex
+        self.per_worker = per_worker
+        self.fds = [[os.memfd_create(f"synergen-batch-{w}-{k}") for k in range(per_worker)] for w in range(workers)]
+        self._maps: dict[tuple[int, int], mmap.mmap] = {}
+        BatchSlots.open[self.token] = self
+
+    def _map(self, worker: int, k: int, size: int) -> mmap.mmap:
+        mm = self._maps.get((worker, k))
+        if mm is None or len(mm) < size:
+            fd = self.fds[worker][k]
+            have = os.fstat(fd).st_size
+            if have < size:  # only the slot's worker grows it, before it names the new size in a header
+                have = max(size, 2 * have)
+                os.ftruncate(fd, have)
+            mm = self._maps[(worker, k)] = mmap.mmap(fd, have)  # an old map lives on while arrays view it
+        return mm
+
+    def writer(self, worker: int, seq: int) -> "_SlotWriter":
+        """In a worker: where its batch number `seq` (>= 1) goes, one `alloc` per task."""
+        return _SlotWriter(self, worker, seq)
+
+    def take(self, worker: int, k: int, seq: int, size: int, layout: list) -> list[list[np.ndarray]]:
+        """In the main process: copies of a batch's arrays, per `alloc` of its writer (one list per task)."""
+        mm = self._map(worker, k, size)
+        head = np.frombuffer(mm, np.uint64, 1)
+        if head[0] == seq:
+            out = [[np.frombuffer(mm, np.dtype(dt), math.prod(shape), off).reshape(shape).copy() for off, shape, dt in arrays]
+                   for arrays in layout]
+            if head[0] == seq:  # still: the worker did not start over the slot while it was copied
+                return out
+        raise SynergenError(f"DataLoader worker {worker} reused a batch slot before its batch {seq} was read (the slot "
+                            f"holds batch {int(head[0])}): a bug in synergen; set num_workers: 0 to train on meanwhile")
+
+    def close(self) -> None:
+        BatchSlots.open.pop(self.token, None)
+        for mm in self._maps.values():
+            mm.close()
+        for fd in (fd for fds in self.fds for fd in fds):
+            os.close(fd)
+
+
+class _SlotWriter:
+    """One batch being written into a worker's slot: `alloc` (train.packing's allocator) per task, then `publish`."""
+
+    def __init__(self, slots: BatchSlots, worker: int, seq: int):
+        self.slots, self.worker, self.seq, self.k = slots, worker, seq, seq % slots.per_worker
+        self.end = BatchSlots.HEADER
+        self.layout: list[list[tuple[int, tuple[int, ...], str]]] = []
+        np.frombuffer(slots._map(worker, self.k, self.end), np.uint64, 1)[0] = 0  # being written
+
+    def alloc(self, shapes: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
+        offsets = []
+        for shape, dt in shapes:
+            offsets.append(self.end)
+            self.end += -(-math.prod(shape) * dt.itemsize // 64) * 64
+        mm = self.slots._map(self.worker, self.k, self.end)  # grows the slot if needed; earlier arrays stay valid
+        self.layout.append([(off, shape, dt.str) for (shape, dt), off in zip(shapes, offsets)])
+        return [np.frombuffer(mm, dt, math.prod(shape), off).reshape(shape) for (shape, dt), off in zip(shapes, offsets)]
+
+    def publish(self) -> tuple:
+        """The batch is complete: its reference, what travels in place of its arrays."""
+        np.frombuffer(self.slots._map(self.worker, self.k, self.end), np.uint64, 1)[0] = self.seq
+        return self.slots.token, self.worker, self.k, self.seq, self.end, self.layout
 
 
 def _agree(found: set[str], world_size: int) -> set[str]:
@@ -147,13 +242,16 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         self.prepared_io = {"index_bytes": self.store.index_bytes, "indices_rebuilt": self.store.rebuilt}
         self.online = online_weights(manifest, {n: s.size for n, s in self.sources.items()})  # None unless a task reweights
         self._state: dict | None = None
+        self._slots: BatchSlots | None = None  # set by StreamingLoader while its DataLoader workers run
+        self._layouts: dict[tuple, Layout] = {}
 
     def _load_tables(self, retry_bad: bool = False) -> dict[str, SourceTable]:
         return {n: self.store.table(s, retry_bad) for n, s in self.sources.items() if s.size.samples > 0}
 
     def __getstate__(self) -> dict:
         # DataLoader workers reopen the memory-mapped tables from the machine's cache rather than receive copies
-        return {**self.__dict__, "_tables": None}
+        # (and a spawned worker cannot use the slots, which reach workers by fork: its batches travel pickled)
+        return {**self.__dict__, "_tables": None, "_slots": None}
 
     # -- state
 
@@ -186,6 +284,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[StepBatch]:
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slots = self._slots if info is not None else None
         planner = self._planner()
         start = 0
         if self._state is not None:
@@ -197,12 +296,14 @@ class StreamingMixture(torch.utils.data.IterableDataset):
             while self.config.max_steps is None or step < self.config.max_steps:
                 plan = planner.plan_step(step)  # every worker plans every step (from the tables: cheap), builds only its own
                 if (step - start) % n_workers == worker:
-                    yield self._build(step, plan, planner, worker, skipped)
+                    yield self._build(step, plan, planner, worker, skipped,
+                                      slots.writer(worker, (step - start) // n_workers + 1) if slots else None)
                 step += 1
         finally:
             self.store.close()
 
-    def _build(self, step: int, plan: dict[str, dict], planner: Planner, worker: int, skipped: list[str]) -> StepBatch:
+    def _build(self, step: int, plan: dict[str, dict], planner: Planner, worker: int, skipped: list[str],
+               slot: _SlotWriter | None = None) -> StepBatch:
         c, store = self.config, self.store
         mine, rows, items = {}, {}, []
         for task, p in plan.items():
@@ -232,9 +333,12 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                     log.warning("rank %d leaves a sample out of step %d (the plan stays the same on every rank): %s", c.rank, step, sample)
                     unread.append(str(sample))
                     continue
-                docs.append((sample, layout_of(r.n_images, r.tiles, r.thumbnail, task, view, length, self.seq), uncond, name))
+                lay = (r.n_images, r.tiles, r.thumbnail, task, view, length)  # few distinct: made once per process
+                if lay not in self._layouts:
+                    self._layouts[lay] = layout_of(*lay, self.seq)
+                docs.append((sample, self._layouts[lay], uncond, name))
                 keys.append((name, epoch, sample.key))
-            batch = pack(docs, self.seq.seq_len, self.ids, task)
+            batch = pack(docs, self.seq.seq_len, self.ids, task, slot.alloc if slot else None)
             batches[task] = batch
             samples[task] = keys
             report["tasks"][task] = {
@@ -254,7 +358,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         # this process's own I/O and CPU time, cumulative: decodes equal the samples it yields, whatever ranks x workers
         report["io"] = {"rank": c.rank, "worker": worker, "decoded": store.decoded, "read_bytes": store.read_bytes,
                         **self.prepared_io, "cpu_s": time.process_time()}
-        return StepBatch(step, batches, report, state, samples)
+        return StepBatch(step, batches, report, state, samples, slot.publish() if slot else None)
 
 
 def _tally(names: list[str], source: np.ndarray, length: np.ndarray) -> dict[str, dict[str, int]]:
@@ -283,9 +387,18 @@ class StreamingLoader:
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                              persistent_workers=False, **kw)
-        for sb in loader:
-            self._state = sb.state
-            yield sb
+        # workers reach the slots by fork (memfds: Linux); elsewhere their batches travel pickled
+        shared = self.num_workers and hasattr(os, "memfd_create")
+        slots = BatchSlots(self.num_workers, (self.prefetch_factor or 2) + 1) if shared else None
+        self.dataset._slots = slots
+        try:
+            for sb in loader:
+                self._state = sb.state
+                yield sb
+        finally:
+            self.dataset._slots = None
+            if slots is not None:
+                slots.close()
 
     def state_dict(self) -> dict:
         return copy.deepcopy(self._state) if self._state is not None else self.dataset.state_dict()

@@ -451,7 +451,7 @@ def compare_run(run_dir: str) -> tuple[list[SourceRealised], int, MixtureManifes
     last = records[-1]
     loader_steps = int(last["step"]) * cfg.grad_accum
     manifest = MixtureManifest.load(cfg.mixture, data_root=cfg.data_root)
-    plans, _ = plan_mixture(manifest, loader_steps, run_layout_ids(cfg.tokenizer), cfg.data_options.get("storage_options"))
+    plans, _ = plan_mixture(manifest, loader_steps, run_layout_ids(cfg.tokenizer), cfg.data_options.storage_options)
     cum, cursors = last["mixture"]["cumulative"], last["mixture"]["sources"]
     rows = []
     for p in plans:

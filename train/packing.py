@@ -9,6 +9,8 @@ here: `train.sequence.plan_layout` falls back to fewer tiles or drops them, coun
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -38,21 +40,26 @@ def first_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-def pack(docs: list[tuple[TokenSample, Layout, bool, str]], seq_len: int, ids: LayoutIds, task: str) -> PackedBatch:
+# PackedBatch's arrays as pack writes them: (field, dtype, fill); image_codes [n_codes, fold size] comes after them
+ROW_ARRAYS = (("input_ids", np.int64, None), ("position_ids", np.int64, 0), ("document_ids", np.int64, -1),
+              ("labels", np.int64, IGNORE), ("image_mask", np.bool_, False), ("image_targets", np.bool_, False))
+
+
+def pack(docs: list[tuple[TokenSample, Layout, bool, str]], seq_len: int, ids: LayoutIds, task: str,
+         alloc: Callable[[list[tuple[tuple[int, ...], np.dtype]]], list[np.ndarray]] | None = None) -> PackedBatch:
     """Documents (sample, layout, uncond, source) -> one PackedBatch [rows, seq_len], each written in place once.
 
-    rows = 0 when there are no documents."""
+    rows = 0 when there are no documents. `alloc` gives the arrays to write into, one per (shape, dtype) of
+    ROW_ARRAYS then image_codes (default: new arrays; a DataLoader worker passes views of a shared-memory slot)."""
     rows = first_fit_decreasing([lay.length for _, lay, _, _ in docs], seq_len)
     B, T = len(rows), seq_len
-    input_ids = np.full((B, T), ids.pad, np.int64)
-    position_ids = np.zeros((B, T), np.int64)
-    document_ids = np.full((B, T), -1, np.int64)
-    labels = np.full((B, T), IGNORE, np.int64)
-    image_mask = np.zeros((B, T), bool)
-    image_targets = np.zeros((B, T), bool)
     fold_size = int(docs[0][0].codes.shape[2]) if docs else 0
     n_codes = sum(len(lay.images) * int(s.codes.shape[1]) for s, lay, _, _ in docs)
-    image_codes = np.empty((n_codes, fold_size), np.int64)  # [N_img, fh*fw], row-major over (b, t)
+    shapes = [((B, T), np.dtype(dt)) for _, dt, _ in ROW_ARRAYS] + [((n_codes, fold_size), np.dtype(np.int64))]
+    arrays = alloc(shapes) if alloc is not None else [np.empty(shape, dt) for shape, dt in shapes]
+    for a, (_, _, fill) in zip(arrays, ROW_ARRAYS):
+        a.fill(ids.pad if fill is None else fill)
+    input_ids, position_ids, document_ids, labels, image_mask, image_targets, image_codes = arrays  # codes: [N_img, fh*fw]
     arange = np.arange(T)
     sources: list[list[str]] = []
     c = 0
@@ -69,17 +76,8 @@ def pack(docs: list[tuple[TokenSample, Layout, bool, str]], seq_len: int, ids: L
             sources[-1].append(source)
             t += n
             c += k
-    return PackedBatch(
-        input_ids=torch.from_numpy(input_ids),
-        position_ids=torch.from_numpy(position_ids),
-        document_ids=torch.from_numpy(document_ids),
-        labels=torch.from_numpy(labels),
-        image_mask=torch.from_numpy(image_mask),
-        image_codes=torch.from_numpy(image_codes),
-        image_targets=torch.from_numpy(image_targets),
-        doc_sources=sources,
-        task=task,
-    )
+    return PackedBatch(**{f: torch.from_numpy(a) for (f, _, _), a in zip(ROW_ARRAYS, arrays)},
+                       image_codes=torch.from_numpy(image_codes), doc_sources=sources, task=task)
 
 
 def packing_efficiency(batch: PackedBatch) -> float:

@@ -100,6 +100,7 @@ class Planner:
         self.skip = set(skip)
         self.orders = {n: SourceOrder(n, s.size.samples, seed) for n, s in sources.items() if s.size.samples > 0}
         self.cursors: dict[str, SourceCursor] = {n: SourceCursor() for n in sources}
+        self._identity = {n: {"fingerprint": s.fingerprint, "size": s.size.samples} for n, s in sources.items()}  # O(shards): once
         self.carried: dict[str, dict] = {}  # cursors of sources not in this manifest (kept for a switch back)
         self.ledger = MixLedger()
         self.online = None  # train.reweight.OnlineWeights when a task reweights online
@@ -227,7 +228,7 @@ class Planner:
         """Loader state before `step`: the cursors and everything else that decides which sample sits at a position."""
         sources = dict(copy.deepcopy(self.carried))
         for n, c in self.cursors.items():
-            sources[n] = {**c.as_dict(), "fingerprint": self.sources[n].fingerprint, "size": self.sources[n].size.samples}
+            sources[n] = {**c.as_dict(), **self._identity[n]}
         return {"version": STATE_VERSION, "step": step, "seed": self.seed, "order": ORDER,
                 "mixture": self.mixture_id(step), "sources": sources, "skip": sorted(self.skip),
                 "mix": self.ledger.state()}

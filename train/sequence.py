@@ -18,6 +18,7 @@ Which images a sample contributes (the rule for tiles and for samples longer tha
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,34 +155,22 @@ def build_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout,
     return Sequence(input_ids, labels, image_mask, image_targets, codes, source=source, key=sample.key)
 
 
+@functools.lru_cache(maxsize=8)
+def _pieces(ids: LayoutIds) -> dict[str, np.ndarray]:
+    """The fixed token runs of the layouts as arrays, made once per LayoutIds (writing a tuple converts it each time)."""
+    return {k: np.asarray(getattr(ids, k), np.int64) for k in ("start", "prompt_und", "prompt_gen", "prompt_uncond", "turn", "end")}
+
+
 def write_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout, ids: LayoutIds, input_ids: np.ndarray,
                    labels: np.ndarray, image_mask: np.ndarray, image_targets: np.ndarray, codes: np.ndarray) -> None:
     """Write one sample's sequence into views of `layout.length` slots (labels IGNORE and masks False on entry).
 
     `codes` [len(layout.images) * groups, fh*fw] receives the chosen images' fold groups in layout order."""
     groups = int(sample.codes.shape[1])
-    t = c = 0
+    p = _pieces(ids)
+    t = 0
 
-    def image(i: int, marker: int | None, target: bool) -> None:
-        nonlocal t, c
-        if marker is not None:
-            input_ids[t] = marker
-            t += 1
-        input_ids[t] = ids.boi
-        t += 1
-        input_ids[t:t + groups] = ids.img
-        image_mask[t:t + groups] = True
-        if target:
-            image_targets[t:t + groups] = True
-        codes[c:c + groups] = sample.codes[i]
-        c += groups
-        t += groups
-        input_ids[t] = ids.eoi
-        if target:  # gen: <eoi> is a text target after the image
-            labels[t] = ids.eoi
-        t += 1
-
-    def text(tokens, target: bool = False) -> None:
+    def text(tokens: np.ndarray, target: bool = False) -> None:
         nonlocal t
         n = len(tokens)
         input_ids[t:t + n] = tokens
@@ -189,24 +178,39 @@ def write_sequence(sample: TokenSample, task: str, uncond: bool, layout: Layout,
             labels[t:t + n] = tokens
         t += n
 
-    text(ids.start)
+    text(p["start"])
     if task == "und":
         n_tiles = len(layout.images) - (layout.kind == "tiles+thumbnail")
         for j, i in enumerate(layout.images):
-            image(i, None if layout.kind == "single" else (ids.tile if j < n_tiles else ids.thumbnail), target=False)
-        text(ids.prompt_und)
-        text(ids.turn)
+            if layout.kind != "single":
+                input_ids[t] = ids.tile if j < n_tiles else ids.thumbnail
+                t += 1
+            input_ids[t] = ids.boi
+            input_ids[t + 1:t + 1 + groups] = ids.img
+            image_mask[t + 1:t + 1 + groups] = True
+            input_ids[t + 1 + groups] = ids.eoi
+            t += groups + 2
+        codes[:] = sample.codes[list(layout.images)].reshape(codes.shape)
+        text(p["prompt_und"])
+        text(p["turn"])
         text(sample.text_ids, target=True)
     else:
         if uncond:
-            text(ids.prompt_uncond)
+            text(p["prompt_uncond"])
         else:
-            text(ids.prompt_gen)
+            text(p["prompt_gen"])
             text(sample.text_ids)
-        text(ids.turn)
-        for i in layout.images:
-            image(i, None, target=True)
-    text(ids.end, target=True)
+        text(p["turn"])
+        (i,) = layout.images  # gen: one image, a code target, then <eoi> as a text target
+        input_ids[t] = ids.boi
+        input_ids[t + 1:t + 1 + groups] = ids.img
+        image_mask[t + 1:t + 1 + groups] = True
+        image_targets[t + 1:t + 1 + groups] = True
+        codes[:] = sample.codes[i]
+        t += 1 + groups
+        input_ids[t] = labels[t] = ids.eoi
+        t += 1
+    text(p["end"], target=True)
     if t != layout.length:
         raise AssertionError(f"sample {sample.key!r}: built {t} positions, planned {layout.length}")  # an invariant, not data validation
 

@@ -165,7 +165,7 @@ def build_data(cfg: TrainConfig, model, rank: int, world_size: int, tokenizer=No
     manifest = MixtureManifest.load(cfg.mixture, data_root=cfg.data_root)
     model.config.max_tiles, model.config.thumbnail = int(manifest.max_tiles), bool(manifest.thumbnail)
     spec = ModelDataSpec(model.config.fold_geometry, model.config.codebook_size, vocab_hash(tokenizer))
-    loader_cfg = LoaderConfig(rank=rank, world_size=world_size, seed=cfg.seed, **cfg.data_options)
+    loader_cfg = LoaderConfig(rank=rank, world_size=world_size, seed=cfg.seed, **cfg.data_options.model_dump())
     dataset = StreamingMixture(manifest, spec, tokenizer, loader_cfg, layout_ids=ids)
     return LoaderSteps(StreamingLoader(dataset, num_workers=cfg.num_workers))
 
