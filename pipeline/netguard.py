@@ -128,6 +128,18 @@ def mask_userinfo(url: str) -> str:
     return f"{head}://REDACTED@{netloc.rsplit('@', 1)[1]}{slash}{tail}"
 
 
+def redact_options(options):
+    """A copy of a (nested) options mapping, e.g. fsspec `storage_options`, with every value under a
+    secret-looking key (`secret`, `token`, `key`, `password`, ...) replaced by `REDACTED`: what a saved config or a
+    log may show of it."""
+    if isinstance(options, dict):
+        return {k: "REDACTED" if isinstance(k, str) and _SECRET_KEY.search(k) and not isinstance(v, (dict, list))
+                else redact_options(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact_options(v) for v in options]
+    return options
+
+
 def url_hash(url: str | None) -> str:
     """A stable identity of the full URL (secrets included, never revealed): 20 hex digits of its SHA-1. The one
     URL identity of the project: row ids are `<url_hash>-<occurrence>`, the ledger's `url_hash` column is this."""

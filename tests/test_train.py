@@ -66,6 +66,20 @@ def test_config_errors_name_the_file_the_key_and_the_fix(tmp_path, corpus):
     assert issubclass(TrainConfigError, SynergenError)
 
 
+def test_the_run_folder_config_keeps_no_storage_credentials(tmp_path):
+    from train.config import save_config
+
+    opts = {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9",
+                                                                            "aws_session_token": "tok-123"}}
+    cfg = TrainConfig(model="tiny", mixture="m.yaml", steps=1, output_dir="x", data_options={"storage_options": opts})
+    save_config(cfg, str(tmp_path / "train_config.yaml"))
+    text = (tmp_path / "train_config.yaml").read_text()
+    assert not [secret for secret in ("AKIAEXAMPLE", "s3cr3t-value", "tok-123") if secret in text]
+    saved = yaml.safe_load(text)["data_options"]["storage_options"]
+    assert saved["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9" and saved["secret"] == "REDACTED"
+    assert cfg.data_options.storage_options["secret"] == "s3cr3t-value"  # the run itself keeps using them
+
+
 def test_stage_defaults_follow_table_8():
     base = dict(model="tiny", mixture="m.yaml", steps=1000, output_dir="x")
     s1 = TrainConfig(stage=1, **base).resolved()

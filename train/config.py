@@ -160,7 +160,11 @@ class TrainConfig(BaseModel):
 
 
 def save_config(cfg: TrainConfig, url: str) -> None:
-    """Write the resolved config as YAML to `url` (local or remote)."""
+    """Write the resolved config as YAML to `url` (local or remote); credentials in `data_options.storage_options`
+    are written as `REDACTED` (the run folder is shared; the trainer's own config file keeps them)."""
+    from pipeline.netguard import redact_options
     from synergen import storage
 
-    storage.write_bytes(str(url), yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False).encode())
+    raw = json.loads(cfg.model_dump_json())
+    raw["data_options"]["storage_options"] = redact_options(raw["data_options"]["storage_options"])
+    storage.write_bytes(str(url), yaml.safe_dump(raw, sort_keys=False).encode())
