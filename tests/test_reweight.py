@@ -27,6 +27,7 @@ from train.metrics import read_metrics
 from train.mixture import MixtureManifest
 from synergen.demo.report import plot_weights
 from train.reweight import ReweightHook, ReweightSpec, initial_state, project, update
+from train.trainer import LoaderSteps
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,34 @@ def test_updates_apply_at_step_plus_one_plus_lag_without_repeats_or_skips(tmp_pa
     assert all(sb.report["tasks"]["und"]["weights"] == pytest.approx({n: 1 / 3 for n in names}) for sb in resumed)
 
 
+def test_with_grad_accum_an_update_applies_from_the_first_micro_step_of_step_s_plus_one_plus_lag(tmp_path, tokenizer):  # noqa: F811
+    root = str(tmp_path / "data")
+    names = ("u_a", "u_b")
+    for i, n in enumerate(names):
+        write_data_source(root, n, "und", [9, 8], tokenizer, seed=i)
+    mf = MixtureManifest.model_validate({"name": "accum", "data_root": root, "seq_len": 64, "tasks": {"und": {
+        "global_batch": 4, "sources": {n: {"catalogs": [n], "weight": 1} for n in names},
+        "reweight": {"policy": "exp3", "every": 2, "warmup": 1, "lag": 1}}}})
+    ds = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=3, max_steps=24, cache_dir=str(tmp_path / "c")))
+    loader = StreamingLoader(ds)
+    hook = ReweightHook.attach(LoaderSteps(loader), grad_accum=3)  # 3 loader steps per trainer step
+    updates = {3: {"u_a": 0.9, "u_b": 0.1}, 5: {"u_a": 0.2, "u_b": 0.8}, 7: {"u_a": 0.6, "u_b": 0.4}}
+    for s, w in updates.items():  # what the trainer publishes after trainer steps 3, 5, 7 (warmup 1, every 2)
+        ds.online.publish("und", s, w)
+    out = list(loader)
+    hook.close()
+    for sb in out:  # loader step k is micro-step k % 3 of trainer step k // 3 + 1
+        due = [s for s in updates if s + 1 + 1 <= sb.step // 3 + 1]
+        assert sb.report["tasks"]["und"]["weights"] == (updates[max(due)] if due else {"u_a": 0.5, "u_b": 0.5}), sb.step
+    # the update after trainer step 3 is first sampled at loader step (3 + lag) x 3 = 12
+    assert [sb.report["tasks"]["und"]["weights"]["u_a"] for sb in out[11:13]] == [0.5, 0.9]
+    assert spec_of(mf).update_steps(3).applies_at(3) == 12
+
+
+def spec_of(mf: MixtureManifest) -> ReweightSpec:
+    return mf.tasks["und"].reweight
+
+
 # ---- real runs -------------------------------------------------------------------------------------
 
 
@@ -156,6 +185,32 @@ def test_two_ranks_compute_the_same_weights_under_the_deepspeed_launcher(tmp_pat
     assert {k.split("/")[-1]: v for k, v in last.items() if "/gen/" in k} == history["gen"][0][2]  # after 3 (3 + 1 + lag 2 <= 8)
     assert history["und"][4][2] != pytest.approx({"cap_a": 1 / 3, "cap_b": 1 / 3, "cap_c": 1 / 3})
     assert history["gen"][0][2] != pytest.approx({"gen_a": 0.5, "gen_b": 0.5})
+
+
+def test_online_reweighting_trains_with_grad_accum_from_the_losses_of_every_micro_step(tmp_path, reweight_corpus):
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    steps = 6
+    cfg = TrainConfig.load(str(write_train_config(tmp_path / "accum.yaml", reweight_corpus, tmp_path / "accum", steps=steps,
+                                                  save_every=steps, grad_accum=2)))
+    result = train(cfg)
+    assert result.last_step == steps
+    records = read_metrics(tmp_path / "accum/metrics.jsonl")
+    assert [r["mixture"]["step"] for r in records] == [2 * t - 1 for t in range(1, steps + 1)]  # 2 loader steps per step
+    client = torch.load(next((tmp_path / f"accum/checkpoints/step_{steps:08d}").glob("*model_states.pt")), weights_only=False)
+    history = client["reweight"]["history"]["und"]
+    assert [h[:2] for h in history] == [[s, (s + 1) * 2] for s in range(2, steps + 1)]  # applies at loader step (s + lag) x 2
+    # exp3 every step: replaying the policy on each step's per-source losses (both micro-steps, as logged) gives its weights
+    spec = MixtureManifest.load(reweight_corpus["mixture"]).tasks["und"].reweight
+    state = initial_state({n: 1 / 3 for n in ("cap_a", "cap_b", "cap_c")})
+    for r in records[1:]:
+        state = update(spec, state, {n: r[f"source_loss/{n}"] for n in state["weights"] if f"source_loss/{n}" in r})
+        assert state["weights"] == history[r["step"] - 2][2]
+    for r in records:  # step t samples with the update after step t - 1 - lag (lag 1), from its first micro-step on
+        due = r["step"] - 2
+        want = history[due - 2][2] if due >= 2 else {n: 1 / 3 for n in ("cap_a", "cap_b", "cap_c")}
+        assert {k.split("/")[-1]: v for k, v in r.items() if k.startswith("weight/und/")} == pytest.approx(want, abs=0)
 
 
 def test_sigkilled_run_resumes_with_the_same_batches_and_weight_trajectory(tmp_path, reweight_corpus):
