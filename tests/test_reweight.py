@@ -27,7 +27,7 @@ from train.metrics import read_metrics
 from train.mixture import MixtureManifest
 from synergen.demo.report import plot_weights
 from train.reweight import ReweightHook, ReweightSpec, initial_state, project, update
-from train.trainer import LoaderSteps
+from train.trainer import LoaderSteps, Prefetcher
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +123,28 @@ def test_with_grad_accum_an_update_applies_from_the_first_micro_step_of_step_s_p
     # the update after trainer step 3 is first sampled at loader step (3 + lag) x 3 = 12
     assert [sb.report["tasks"]["und"]["weights"]["u_a"] for sb in out[11:13]] == [0.5, 0.9]
     assert spec_of(mf).update_steps(3).applies_at(3) == 12
+
+
+def test_the_prefetch_thread_ends_when_the_run_ends_before_an_update_it_waits_for(tmp_path, tokenizer):  # noqa: F811
+    root = str(tmp_path / "data")
+    for i, n in enumerate(("u_a", "u_b")):
+        write_data_source(root, n, "und", [9, 8], tokenizer, seed=i)
+    mf = MixtureManifest.model_validate({"name": "end", "data_root": root, "seq_len": 64, "tasks": {"und": {
+        "global_batch": 4, "sources": {n: {"catalogs": [n], "weight": 1} for n in ("u_a", "u_b")},
+        "reweight": {"policy": "exp3", "every": 3, "lag": 1}}}})  # lag 1 < the prefetch depth of 2
+    ds = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=3, cache_dir=str(tmp_path / "c")))
+    steps = LoaderSteps(StreamingLoader(ds))
+    hook = ReweightHook.attach(steps, grad_accum=1)
+    stream = Prefetcher(steps, depth=2)
+    hook.online.publish("und", 3, {"u_a": 0.7, "u_b": 0.3})
+    got = [next(stream)[1]["step"] for _ in range(5)]  # a run of 5 steps: it ends before the update after step 6
+    deadline = time.time() + 60
+    while not stream._q.full() and time.time() < deadline:  # steps 5 and 6 queued; step 7 waits for the update after 6
+        time.sleep(0.01)
+    hook.close()  # as the trainer ends: first the weight channel, then the prefetcher
+    stream.close()
+    assert got == [0, 1, 2, 3, 4]
+    assert not stream._thread.is_alive()
 
 
 def spec_of(mf: MixtureManifest) -> ReweightSpec:
