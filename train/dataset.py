@@ -199,6 +199,10 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                 if (step - start) % n_workers == worker:
                     yield self._build(step, plan, planner, worker, skipped)
                 step += 1
+        except SynergenError as e:
+            if info is None:
+                raise
+            yield e  # from a worker as itself: torch would re-raise it with the worker's traceback in its message
         finally:
             self.store.close()
 
@@ -284,6 +288,8 @@ class StreamingLoader:
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                              persistent_workers=False, **kw)
         for sb in loader:
+            if isinstance(sb, SynergenError):
+                raise sb
             self._state = sb.state
             yield sb
 
