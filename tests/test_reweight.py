@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -23,7 +24,7 @@ from tests.test_train import clean_env
 from tests.train_corpus import make_tokenizer, write_source, write_train_config
 from train.checkpoint import MARKER, list_tags
 from train.data import LoaderConfig, StreamingLoader, StreamingMixture
-from train.metrics import read_metrics
+from train.metrics import StepMeter, read_metrics
 from train.mixture import MixtureManifest
 from synergen.demo.report import plot_weights
 from train.reweight import ReweightHook, ReweightSpec, initial_state, project, update
@@ -58,6 +59,30 @@ def test_the_cap_limits_each_update_and_the_floor_wins_over_it():
     assert w["a"] == pytest.approx(0.5) and w["c"] == pytest.approx(0.2) and sum(w.values()) == pytest.approx(1)
     w = project({"a": 0.99, "b": 0.01}, {"a": 0.995, "b": 0.005}, floor=0.1, max_change=0.01)  # starts below the floor
     assert w["b"] >= 0.1 - 1e-12 and sum(w.values()) == pytest.approx(1)
+
+
+def test_the_policy_reads_the_same_losses_however_the_documents_are_split_over_ranks():
+    """Per-document losses (float32 sums from 1e-5, one confidently predicted target, to 1e5, a tiled image's
+    ~16k codes early in training) of one global batch, split over 1, 2 and 3 ranks in different orders: the reduced per-source losses, and so the policy's
+    weights, are the same floats; summing per rank and then over ranks (the reduction before) is not."""
+    rng = np.random.default_rng(0)
+    names = ("a", "b", "c")
+    docs = [(names[i % 3], float(np.float32(10 ** rng.uniform(-5, 5))), int(rng.integers(1, 4096))) for i in range(3000)]
+    reduced, naive = [], []
+    for world in (1, 2, 3, 2):
+        order = rng.permutation(len(docs))
+        meters = [StepMeter() for _ in range(world)]
+        for r, m in enumerate(meters):
+            m.add_documents([docs[j] for j in order[r::world]])
+        reduced.append(StepMeter.merge([m.mine() for m in meters])["source_loss"])
+        naive.append({n: sum(sum(m.source_docs[n]) for m in meters) for n in names})
+    assert all(r == reduced[0] for r in reduced)
+    assert reduced[0]["a"][1] == sum(n for s, _, n in docs if s == "a")
+    assert any(nv != naive[0] for nv in naive)  # float addition is not associative at these magnitudes
+    spec = ReweightSpec(policy="exp3", eta=5)
+    state = initial_state({n: 1 / 3 for n in names})
+    weights = [update(spec, state, {n: s / c for n, (s, c) in r.items()})["weights"] for r in reduced]
+    assert all(w == weights[0] for w in weights)
 
 
 # ---- the loader side: updates apply at the documented step; cursors never move because of them -----------
