@@ -21,12 +21,17 @@ waits for that update before planning that step, and plans up to `lag` steps ahe
 steps (global batches), the window holds the losses of all their micro-steps, and the update after trainer step s
 applies from loader step (s + lag) x K, the first micro-step of trainer step s + 1 + lag.
 
-Determinism: the losses the policy sees are summed over all ranks (`train.metrics.StepMeter.reduce`, the same
-floats on every rank), and `update` is a pure function of the policy state and those numbers, so every rank
+Determinism: the losses the policy sees are reduced over all ranks per document (`train.metrics.StepMeter`:
+each document's summed loss, summed once with `math.fsum`), so every rank holds the same floats whatever the
+split of the batch, and `update` is a pure function of the policy state and those numbers, so every rank
 computes the same weights. The policy state, the window of losses since the last update and the history of
-(apply step, weights) are saved with each checkpoint; resuming republishes the history to the loader, so the
-batches and the weight trajectory continue exactly, on any number of ranks. Weights move the sampler's shares
-only: each source's cursor is untouched, so no source repeats or skips a sample within its epoch.
+(update step, apply step, weights) are saved with each checkpoint; resuming republishes the history to the
+loader, so the batches and the weight trajectory continue exactly. On another number of ranks the batches and
+every update already computed continue exactly too, and the first step's losses are the same floats (the
+reduction does not depend on the split, and a document's loss does not depend on its row); but the model
+then trains differently (each rank's loss is normalised over its own targets and DeepSpeed averages the
+ranks' gradients), so later losses, and the updates computed from them, follow the new run. Weights move the
+sampler's shares only: each source's cursor is untouched, so no source repeats or skips a sample within its epoch.
 """
 
 from __future__ import annotations
