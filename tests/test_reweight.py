@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from synergen.errors import ConfigMismatchError
 from tests.conftest import free_port
 from tests.test_data import model_spec, tokenizer  # noqa: F401 - tokenizer is a fixture
 from tests.test_data import write_source as write_data_source
@@ -148,6 +149,11 @@ def test_with_grad_accum_an_update_applies_from_the_first_micro_step_of_step_s_p
     # the update after trainer step 3 is first sampled at loader step (3 + lag) x 3 = 12
     assert [sb.report["tasks"]["und"]["weights"]["u_a"] for sb in out[11:13]] == [0.5, 0.9]
     assert spec_of(mf).update_steps(3).applies_at(3) == 12
+    # resuming with another grad_accum would move every update to other loader steps: refused, naming the fix
+    saved = hook.state()
+    hook.online.grad_accum = 2
+    with pytest.raises(ConfigMismatchError, match="grad_accum 3 but the config has 2.*resume with grad_accum: 3"):
+        hook.load(saved, 6)
 
 
 def test_the_prefetch_thread_ends_when_the_run_ends_before_an_update_it_waits_for(tmp_path, tokenizer):  # noqa: F811

@@ -48,7 +48,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from synergen.errors import ManifestError, SynergenError
+from synergen.errors import ConfigMismatchError, ManifestError, SynergenError
 
 log = logging.getLogger(__name__)
 
@@ -314,13 +314,20 @@ class ReweightHook:
         return done
 
     def state(self) -> dict:
-        return json.loads(json.dumps({"policy": self.policy, "window": self.window, "history": self.history}))
+        return json.loads(json.dumps({"policy": self.policy, "window": self.window, "history": self.history,
+                                      "grad_accum": self.online.grad_accum}))
 
     def load(self, state: dict | None, step: int) -> None:
         """Continue after trainer step `step` from a checkpoint's state: republish its updates (applied and pending).
 
         A checkpoint without a policy state (saved before the manifest reweighted) starts the policy at the
-        starting weights; the updates the loader would wait for (update steps up to `step`) then carry those."""
+        starting weights; the updates the loader would wait for (update steps up to `step`) then carry those.
+        The run must keep its `grad_accum`: the loader's steps map to trainer steps, and so to updates, by it."""
+        saved = (state or {}).get("grad_accum", 1)  # states saved before grad_accum was allowed had 1
+        if state and saved != self.online.grad_accum:
+            raise ConfigMismatchError(f"the checkpoint at step {step} reweights online with grad_accum {saved} but the config "
+                                      f"has {self.online.grad_accum}: the loader would apply its updates at other steps; "
+                                      f"resume with grad_accum: {saved}")
         for task, spec in self.specs.items():
             if state and task in state.get("policy", {}):
                 self.policy[task] = state["policy"][task]
