@@ -148,7 +148,7 @@ def test_with_grad_accum_an_update_applies_from_the_first_micro_step_of_step_s_p
         assert sb.report["tasks"]["und"]["weights"] == (updates[max(due)] if due else {"u_a": 0.5, "u_b": 0.5}), sb.step
     # the update after trainer step 3 is first sampled at loader step (3 + lag) x 3 = 12
     assert [sb.report["tasks"]["und"]["weights"]["u_a"] for sb in out[11:13]] == [0.5, 0.9]
-    assert spec_of(mf).update_steps(3).applies_at(3) == 12
+    assert mf.tasks["und"].reweight.update_steps(3).applies_at(3) == 12
     # resuming with another grad_accum would move every update to other loader steps: refused, naming the fix
     saved = hook.state()
     hook.online.grad_accum = 2
@@ -176,10 +176,6 @@ def test_the_prefetch_thread_ends_when_the_run_ends_before_an_update_it_waits_fo
     stream.close()
     assert got == [0, 1, 2, 3, 4]
     assert not stream._thread.is_alive()
-
-
-def spec_of(mf: MixtureManifest) -> ReweightSpec:
-    return mf.tasks["und"].reweight
 
 
 # ---- real runs -------------------------------------------------------------------------------------
