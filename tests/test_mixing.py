@@ -12,6 +12,7 @@ import pytest
 
 from tests.test_data import model_spec, tokenizer, write_source  # noqa: F401 - tokenizer is a fixture
 from train.data import LoaderConfig, StreamingLoader, StreamingMixture
+from tests.mixing_reference import reference_merge
 from train.mixture import MixtureManifest, merge_by_credit, plan_mixture
 
 UND = ("u_a", "u_b", "u_c", "u_d")
@@ -144,6 +145,25 @@ def test_merge_keeps_random_costs_within_one_sample_through_weight_changes():
         worst = max(worst, float(np.abs(drawn - owed).max()))
         assert np.all(np.abs(drawn - owed) <= 300), (step, drawn - owed)
     assert worst > 100
+
+
+def test_merge_picks_exactly_what_the_pick_by_pick_reference_picks():
+    """Unit and token costs, carried credits of both signs, unbalanced credits (a source left the mixture: the
+    fallback when none is owed), sources that run out of candidates or have none, batches larger than all candidates."""
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        k = int(rng.integers(1, 9))
+        w = rng.random(k) + 0.005
+        w = list(w / w.sum())
+        unit = trial % 2 == 0
+        costs = [np.ones(int(rng.integers(0, 40)), np.int64) if unit else rng.integers(1, 4000, int(rng.integers(0, 40)))
+                 for _ in range(k)]
+        scale = 1.0 if unit else 2000.0
+        credits = list(rng.normal(0, scale, k) + (3 * scale if trial % 7 == 0 else 0))
+        batch = int(rng.integers(1, 80))
+        want = reference_merge([c.tolist() for c in costs], w, credits, batch)
+        got = merge_by_credit(costs, w, credits, batch)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), trial
 
 
 @pytest.mark.parametrize("und_unit, gen_unit", [("samples", "tokens"), ("tokens", "samples")])

@@ -5,6 +5,7 @@ weights, and a SIGKILLed run resuming to the same batches and weight trajectory 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from synergen.errors import ConfigMismatchError
 from tests.conftest import free_port
 from tests.test_data import model_spec, tokenizer  # noqa: F401 - tokenizer is a fixture
 from tests.test_data import write_source as write_data_source
@@ -23,10 +26,11 @@ from tests.test_train import clean_env
 from tests.train_corpus import make_tokenizer, write_source, write_train_config
 from train.checkpoint import MARKER, list_tags
 from train.data import LoaderConfig, StreamingLoader, StreamingMixture
-from train.metrics import read_metrics
+from train.metrics import StepMeter, read_metrics
 from train.mixture import MixtureManifest
 from synergen.demo.report import plot_weights
 from train.reweight import ReweightHook, ReweightSpec, initial_state, project, update
+from train.trainer import LoaderSteps, Prefetcher
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +61,30 @@ def test_the_cap_limits_each_update_and_the_floor_wins_over_it():
     assert w["a"] == pytest.approx(0.5) and w["c"] == pytest.approx(0.2) and sum(w.values()) == pytest.approx(1)
     w = project({"a": 0.99, "b": 0.01}, {"a": 0.995, "b": 0.005}, floor=0.1, max_change=0.01)  # starts below the floor
     assert w["b"] >= 0.1 - 1e-12 and sum(w.values()) == pytest.approx(1)
+
+
+def test_the_policy_reads_the_same_losses_however_the_documents_are_split_over_ranks():
+    """Per-document losses (float32 sums from 1e-5, one confidently predicted target, to 1e5, a tiled image's
+    ~16k codes early in training) of one global batch, split over 1, 2 and 3 ranks in different orders: the reduced per-source losses, and so the policy's
+    weights, are the same floats; summing per rank and then over ranks (the reduction before) is not."""
+    rng = np.random.default_rng(0)
+    names = ("a", "b", "c")
+    docs = [(names[i % 3], float(np.float32(10 ** rng.uniform(-5, 5))), int(rng.integers(1, 4096))) for i in range(3000)]
+    reduced, naive = [], []
+    for world in (1, 2, 3, 2):
+        order = rng.permutation(len(docs))
+        meters = [StepMeter() for _ in range(world)]
+        for r, m in enumerate(meters):
+            m.add_documents([docs[j] for j in order[r::world]])
+        reduced.append(StepMeter.merge([m.mine() for m in meters])["source_loss"])
+        naive.append({n: sum(sum(m.source_docs[n]) for m in meters) for n in names})
+    assert all(r == reduced[0] for r in reduced)
+    assert reduced[0]["a"][1] == sum(n for s, _, n in docs if s == "a")
+    assert any(nv != naive[0] for nv in naive)  # float addition is not associative at these magnitudes
+    spec = ReweightSpec(policy="exp3", eta=5)
+    state = initial_state({n: 1 / 3 for n in names})
+    weights = [update(spec, state, {n: s / c for n, (s, c) in r.items()})["weights"] for r in reduced]
+    assert all(w == weights[0] for w in weights)
 
 
 # ---- the loader side: updates apply at the documented step; cursors never move because of them -----------
@@ -100,6 +128,57 @@ def test_updates_apply_at_step_plus_one_plus_lag_without_repeats_or_skips(tmp_pa
     assert all(sb.report["tasks"]["und"]["weights"] == pytest.approx({n: 1 / 3 for n in names}) for sb in resumed)
 
 
+def test_with_grad_accum_an_update_applies_from_the_first_micro_step_of_step_s_plus_one_plus_lag(tmp_path, tokenizer):  # noqa: F811
+    root = str(tmp_path / "data")
+    names = ("u_a", "u_b")
+    for i, n in enumerate(names):
+        write_data_source(root, n, "und", [9, 8], tokenizer, seed=i)
+    mf = MixtureManifest.model_validate({"name": "accum", "data_root": root, "seq_len": 64, "tasks": {"und": {
+        "global_batch": 4, "sources": {n: {"catalogs": [n], "weight": 1} for n in names},
+        "reweight": {"policy": "exp3", "every": 2, "warmup": 1, "lag": 1}}}})
+    ds = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=3, max_steps=24, cache_dir=str(tmp_path / "c")))
+    loader = StreamingLoader(ds)
+    hook = ReweightHook.attach(LoaderSteps(loader), grad_accum=3)  # 3 loader steps per trainer step
+    updates = {3: {"u_a": 0.9, "u_b": 0.1}, 5: {"u_a": 0.2, "u_b": 0.8}, 7: {"u_a": 0.6, "u_b": 0.4}}
+    for s, w in updates.items():  # what the trainer publishes after trainer steps 3, 5, 7 (warmup 1, every 2)
+        ds.online.publish("und", s, w)
+    out = list(loader)
+    hook.close()
+    for sb in out:  # loader step k is micro-step k % 3 of trainer step k // 3 + 1
+        due = [s for s in updates if s + 1 + 1 <= sb.step // 3 + 1]
+        assert sb.report["tasks"]["und"]["weights"] == (updates[max(due)] if due else {"u_a": 0.5, "u_b": 0.5}), sb.step
+    # the update after trainer step 3 is first sampled at loader step (3 + lag) x 3 = 12
+    assert [sb.report["tasks"]["und"]["weights"]["u_a"] for sb in out[11:13]] == [0.5, 0.9]
+    assert mf.tasks["und"].reweight.update_steps(3).applies_at(3) == 12
+    # resuming with another grad_accum would move every update to other loader steps: refused, naming the fix
+    saved = hook.state()
+    hook.online.grad_accum = 2
+    with pytest.raises(ConfigMismatchError, match="grad_accum 3 but the config has 2.*resume with grad_accum: 3"):
+        hook.load(saved, 6)
+
+
+def test_the_prefetch_thread_ends_when_the_run_ends_before_an_update_it_waits_for(tmp_path, tokenizer):  # noqa: F811
+    root = str(tmp_path / "data")
+    for i, n in enumerate(("u_a", "u_b")):
+        write_data_source(root, n, "und", [9, 8], tokenizer, seed=i)
+    mf = MixtureManifest.model_validate({"name": "end", "data_root": root, "seq_len": 64, "tasks": {"und": {
+        "global_batch": 4, "sources": {n: {"catalogs": [n], "weight": 1} for n in ("u_a", "u_b")},
+        "reweight": {"policy": "exp3", "every": 3, "lag": 1}}}})  # lag 1 < the prefetch depth of 2
+    ds = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=3, cache_dir=str(tmp_path / "c")))
+    steps = LoaderSteps(StreamingLoader(ds))
+    hook = ReweightHook.attach(steps, grad_accum=1)
+    stream = Prefetcher(steps, depth=2)
+    hook.online.publish("und", 3, {"u_a": 0.7, "u_b": 0.3})
+    got = [next(stream)[1]["step"] for _ in range(5)]  # a run of 5 steps: it ends before the update after step 6
+    deadline = time.time() + 60
+    while not stream._q.full() and time.time() < deadline:  # steps 5 and 6 queued; step 7 waits for the update after 6
+        time.sleep(0.01)
+    hook.close()  # as the trainer ends: first the weight channel, then the prefetcher
+    stream.close()
+    assert got == [0, 1, 2, 3, 4]
+    assert not stream._thread.is_alive()
+
+
 # ---- real runs -------------------------------------------------------------------------------------
 
 
@@ -138,9 +217,9 @@ def weights_by_step(out: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: {k: v for k, v in r.items() if k.startswith("weight/")} for r in read_metrics(out / "metrics.jsonl")}
 
 
-def test_two_ranks_compute_the_same_weights_under_the_deepspeed_launcher(tmp_path, reweight_corpus):
-    cfg = write_train_config(tmp_path / "two.yaml", reweight_corpus, tmp_path / "two", steps=8, save_every=8,
-                             deepspeed=str(REPO / "infra/deepspeed/zero2_cpu.json"))
+def test_two_ranks_compute_the_same_weights_and_one_rank_resuming_them_reads_the_same_losses(tmp_path, reweight_corpus):
+    # ZeRO-0: DeepSpeed cannot repartition a ZeRO-2 optimizer state onto another number of ranks
+    cfg = write_train_config(tmp_path / "two.yaml", reweight_corpus, tmp_path / "two", steps=8, save_every=4)
     cmd = [str(BIN / "deepspeed"), "--no_local_rank", "--num_gpus", "2", "--master_port", str(free_port()),
            str(BIN / "synergen"), "train", str(cfg)]
     res = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
@@ -156,6 +235,46 @@ def test_two_ranks_compute_the_same_weights_under_the_deepspeed_launcher(tmp_pat
     assert {k.split("/")[-1]: v for k, v in last.items() if "/gen/" in k} == history["gen"][0][2]  # after 3 (3 + 1 + lag 2 <= 8)
     assert history["und"][4][2] != pytest.approx({"cap_a": 1 / 3, "cap_b": 1 / 3, "cap_c": 1 / 3})
     assert history["gen"][0][2] != pytest.approx({"gen_a": 0.5, "gen_b": 0.5})
+
+    # resumed from step 4 on one rank: step 5 trains the same documents from the same model, so the policy reads the
+    # same per-source losses (bit for bit, whatever the split) and computes the same update; later steps cannot match,
+    # as the model trains differently on one rank (each rank's loss is normalised over its own targets)
+    shutil.copytree(tmp_path / "two", tmp_path / "one", ignore=shutil.ignore_patterns("step_00000008", "cache"))
+    one = write_train_config(tmp_path / "one.yaml", reweight_corpus, tmp_path / "one", steps=5, save_every=1)
+    res = subprocess.run([str(BIN / "synergen"), "train", str(one), "--resume"], env=clean_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = torch.load(next((tmp_path / "one/checkpoints/step_00000005").glob("*model_states.pt")), weights_only=False)
+    assert resumed["reweight"]["history"]["und"][3] == history["und"][3]  # the update after step 5
+    a, b = (next(r for r in read_metrics(tmp_path / d / "metrics.jsonl") if r["step"] == 5) for d in ("two", "one"))
+    assert b["mixture"]["tasks"]["und"]["global"] == a["mixture"]["tasks"]["und"]["global"]
+    assert {k: v for k, v in b.items() if k.startswith("source_loss/")} == {k: v for k, v in a.items() if k.startswith("source_loss/")}
+
+
+def test_online_reweighting_trains_with_grad_accum_from_the_losses_of_every_micro_step(tmp_path, reweight_corpus):
+    from train.config import TrainConfig
+    from train.trainer import train
+
+    steps = 6
+    cfg = TrainConfig.load(str(write_train_config(tmp_path / "accum.yaml", reweight_corpus, tmp_path / "accum", steps=steps,
+                                                  save_every=steps, grad_accum=2)))
+    result = train(cfg)
+    assert result.last_step == steps
+    records = read_metrics(tmp_path / "accum/metrics.jsonl")
+    assert [r["mixture"]["step"] for r in records] == [2 * t - 1 for t in range(1, steps + 1)]  # 2 loader steps per step
+    client = torch.load(next((tmp_path / f"accum/checkpoints/step_{steps:08d}").glob("*model_states.pt")), weights_only=False)
+    history = client["reweight"]["history"]["und"]
+    assert [h[:2] for h in history] == [[s, (s + 1) * 2] for s in range(2, steps + 1)]  # applies at loader step (s + lag) x 2
+    # exp3 every step: replaying the policy on each step's per-source losses (both micro-steps, as logged) gives its weights
+    spec = MixtureManifest.load(reweight_corpus["mixture"]).tasks["und"].reweight
+    state = initial_state({n: 1 / 3 for n in ("cap_a", "cap_b", "cap_c")})
+    for r in records[1:]:
+        state = update(spec, state, {n: r[f"source_loss/{n}"] for n in state["weights"] if f"source_loss/{n}" in r})
+        assert state["weights"] == history[r["step"] - 2][2]
+    for r in records:  # step t samples with the update after step t - 1 - lag (lag 1), from its first micro-step on
+        due = r["step"] - 2
+        want = history[due - 2][2] if due >= 2 else {n: 1 / 3 for n in ("cap_a", "cap_b", "cap_c")}
+        assert {k.split("/")[-1]: v for k, v in r.items() if k.startswith("weight/und/")} == pytest.approx(want, abs=0)
 
 
 def test_sigkilled_run_resumes_with_the_same_batches_and_weight_trajectory(tmp_path, reweight_corpus):

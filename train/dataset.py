@@ -299,6 +299,10 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                     yield self._build(step, plan, planner, worker, skipped,
                                       slots.writer(worker, (step - start) // n_workers + 1) if slots else None)
                 step += 1
+        except SynergenError as e:
+            if info is None:
+                raise
+            yield e  # from a worker as itself: torch would re-raise it with the worker's traceback in its message
         finally:
             self.store.close()
 
@@ -393,6 +397,8 @@ class StreamingLoader:
         self.dataset._slots = slots
         try:
             for sb in loader:
+                if isinstance(sb, SynergenError):
+                    raise sb
                 self._state = sb.state
                 yield sb
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -21,34 +22,48 @@ from model.batch import PackedBatch
 log = logging.getLogger(__name__)
 
 
-def loss_by_source(batch: PackedBatch, token_loss: torch.Tensor) -> dict[str, list[float]]:
-    """{source: [summed loss, n targets]} over the batch's documents.
+def loss_by_document(batch: PackedBatch, token_loss: torch.Tensor) -> list[tuple[str, float, int]]:
+    """(source, summed loss, n targets) of each document of the batch.
 
     `token_loss[b, t]` is the model's per-target loss placed at the target's slot (0 elsewhere); a slot is
     a target when it has a text label or is an image target. Documents map to sources by
     `batch.doc_sources[b][document_id]`.
     """
-    tl = token_loss.detach().float().cpu()  # [B, T]
-    targets = (batch.labels != -100) | batch.image_targets  # [B, T]
-    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     if not batch.doc_sources:
-        return {}
+        return []
+    tl = token_loss.detach().float().cpu()  # [B, T]
+    targets = ((batch.labels != -100) | batch.image_targets).cpu()  # [B, T]
     doc = batch.document_ids.cpu()
+    out = []
     for b, sources in enumerate(batch.doc_sources):
         for d, source in enumerate(sources):
-            sel = (doc[b] == d) & targets[b].cpu()
-            out[source][0] += float(tl[b][sel].sum())
-            out[source][1] += float(sel.sum())
+            sel = (doc[b] == d) & targets[b]
+            out.append((source, float(tl[b][sel].sum()), int(sel.sum())))
+    return out
+
+
+def loss_by_source(batch: PackedBatch, token_loss: torch.Tensor) -> dict[str, list[float]]:
+    """{source: [summed loss, n targets]} over the batch's documents (`loss_by_document`)."""
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for source, s, n in loss_by_document(batch, token_loss):
+        out[source][0] += s
+        out[source][1] += n
     return dict(out)
 
 
 class StepMeter:
-    """Accumulates one optimizer step's measurements on one rank; `reduce()` merges all ranks."""
+    """Accumulates one optimizer step's measurements on one rank; `reduce()` merges all ranks.
+
+    Per-source losses are kept per document and summed once, over all ranks, by `math.fsum` (the correctly
+    rounded sum, whatever the order): the numbers the reweighting policies read depend only on which
+    documents the step trained and their losses, not on how the global batch was split over ranks, micro-steps
+    or rows, so a run resumed on another number of ranks feeds its policy the same floats for the same losses."""
 
     def __init__(self) -> None:
         self.task_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # task: [sum of losses, n micro-batches]
         self.task_parts: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])  # text sum, n, image sum, n
-        self.source_loss: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self.source_docs: dict[str, list[float]] = defaultdict(list)  # source: each document's summed loss
+        self.source_targets: dict[str, int] = defaultdict(int)
         self.tokens = 0
         self.slots = 0
         self.samples = 0
@@ -68,34 +83,54 @@ class StepMeter:
             parts[2] += float(out.image_loss.detach()) * n_img
             parts[3] += n_img
         if getattr(out, "token_loss", None) is not None:
-            for source, (s, n) in loss_by_source(batch, out.token_loss).items():
-                self.source_loss[source][0] += s
-                self.source_loss[source][1] += n
+            self.add_documents(loss_by_document(batch, out.token_loss))
         self.tokens += batch.n_real_tokens
         self.slots += int(batch.document_ids.numel())
         self.samples += sum(len(s) for s in batch.doc_sources) if batch.doc_sources else int(batch.input_ids.shape[0])
 
+    def add_documents(self, docs: list[tuple[str, float, int]]) -> None:
+        """Record documents' losses: (source, summed loss, n targets) each."""
+        for source, s, n in docs:
+            self.source_docs[source].append(s)
+            self.source_targets[source] += n
+
+    def mine(self) -> dict[str, Any]:
+        """This rank's measurements, as `merge` takes them."""
+        return {
+            "task_loss": dict(self.task_loss), "task_parts": dict(self.task_parts), "source_docs": dict(self.source_docs),
+            "source_targets": dict(self.source_targets), "tokens": self.tokens, "slots": self.slots, "samples": self.samples,
+            "data_wait": self.data_wait,
+        }
+
     def reduce(self) -> dict[str, Any]:
         """Sums over ranks (every rank must call it); returns plain numbers."""
-        mine = {
-            "task_loss": dict(self.task_loss), "task_parts": dict(self.task_parts), "source_loss": dict(self.source_loss),
-            "tokens": self.tokens, "slots": self.slots, "samples": self.samples, "data_wait": self.data_wait,
-        }
+        mine = self.mine()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             everyone: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, mine)
         else:
             everyone = [mine]
+        return self.merge(everyone)
+
+    @staticmethod
+    def merge(everyone: list[dict[str, Any]]) -> dict[str, Any]:
+        """Every rank's `mine()` merged: sums, `source_loss` {source: [summed loss, n targets]}, the slowest data wait."""
         total: dict[str, Any] = {"task_loss": defaultdict(lambda: [0.0, 0.0]), "task_parts": defaultdict(lambda: [0.0] * 4),
-                                 "source_loss": defaultdict(lambda: [0.0, 0.0]), "tokens": 0, "slots": 0, "samples": 0,
-                                 "data_wait": 0.0}
+                                 "tokens": 0, "slots": 0, "samples": 0, "data_wait": 0.0}
+        docs: dict[str, list[float]] = defaultdict(list)
+        targets: dict[str, int] = defaultdict(int)
         for m in everyone:
-            for key in ("task_loss", "task_parts", "source_loss"):
+            for key in ("task_loss", "task_parts"):
                 for k, v in m[key].items():
                     total[key][k] = [a + b for a, b in zip(total[key][k], v)]
+            for k, v in m["source_docs"].items():
+                docs[k] += v
+            for k, v in m["source_targets"].items():
+                targets[k] += v
             for key in ("tokens", "slots", "samples"):
                 total[key] += m[key]
             total["data_wait"] = max(total["data_wait"], m["data_wait"])  # the slowest rank's wait holds up the step
+        total["source_loss"] = {k: [math.fsum(docs[k]), float(targets[k])] for k in sorted(docs)}
         return total
 
 

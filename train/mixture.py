@@ -233,7 +233,7 @@ class MixLedger:
         self.entries = {t: {n: dict(e) for n, e in es.items()} for t, es in (state or {}).items()}
 
 
-def merge_by_credit(costs: list[list[int]], weights: list[float], credits: list[float], batch: int
+def merge_by_credit(costs: list[np.ndarray], weights: list[float], credits: list[float], batch: int
                     ) -> tuple[np.ndarray, np.ndarray]:
     """A global batch by worst-case weighted fair queueing (WF2Q): (source index [n], row [n]) in batch order, where
     row is the sample's index in all candidates concatenated (source 0's, then source 1's, ...).
@@ -245,41 +245,63 @@ def merge_by_credit(costs: list[list[int]], weights: list[float], credits: list[
     Serving only sources that are owed keeps each one from running ahead by more than one sample; serving
     the earliest finish keeps it from falling behind by more: the cumulative draw stays within one sample
     (or one sample's tokens) of weight x total, batch after batch. A source whose candidates run out is no
-    longer served (the caller gathers more and merges again)."""
+    longer served (the caller gathers more and merges again).
+
+    Each pick depends on the ones before (it is non-preemptive earliest-deadline-first with release times,
+    in the virtual time of what the batch has drawn), so the loop is sequential; what does not depend on the
+    picks is computed once, vectorised: every candidate's release (the virtual time from which its source is
+    owed it) and finish, from the prefix sums of its source's costs."""
     import heapq
 
     n = len(costs)
+    sizes = [len(c) for c in costs]
+    eps = 1e-9 * max(1.0, max((float(np.max(c)) for c in costs if len(c)), default=1.0))
+    # candidate k of source i: its source has drawn S = costs[i][:k].sum() when it comes up; it is owed from virtual
+    # time (S - credit) / weight on and finishes at (S + cost - credit) / weight (integer S: exact in float64)
+    release, finish, cost = [], [], []
+    for c, w, cr in zip(costs, weights, credits):
+        drawn_before = np.concatenate([[0], np.cumsum(np.asarray(c, np.int64))]).astype(np.float64)
+        release.append(((drawn_before[:-1] - cr - eps) / w).tolist())
+        finish.append(((drawn_before[1:] - cr) / w).tolist())
+        cost.append(np.asarray(c, np.float64).tolist())
+    # sources wait in `later` (by release) until owed, then in `ready` (by finish, then list order): O(log n) per pick
     nxt = [0] * n
-    own = [0.0] * n  # drawn by each source in this batch
-    drawn = 0.0  # drawn by all in this batch
-    eps = 1e-9 * max(1.0, max((max(c) for c in costs if c), default=1))
-    # In virtual time (what the batch has drawn), source i is owed something from start = (own - credit) / weight on,
-    # and its next sample finishes at (own + cost - credit) / weight; both move only when i is served. Sources
-    # wait in `later` (by start) until owed, then in `ready` (by finish, then list order): O(log n) per pick.
-    later = [((own[i] - credits[i] - eps) / weights[i], i) for i in range(n) if costs[i]]
-    ready: list[tuple[float, int]] = []
+    later = [(release[i][0], i) for i in range(n) if sizes[i]]
     heapq.heapify(later)
-    offset = np.concatenate([[0], np.cumsum([len(c) for c in costs])]).tolist()
-    out, rows = [], []
+    ready: list[tuple[float, int]] = []
+    pop, push = heapq.heappop, heapq.heappush
+    drawn = 0.0  # virtual time: what the batch has drawn
+    out = []
     for _ in range(batch):
         while later and later[0][0] <= drawn:
-            _, i = heapq.heappop(later)
-            heapq.heappush(ready, ((own[i] + costs[i][nxt[i]] - credits[i]) / weights[i], i))
+            i = pop(later)[1]
+            push(ready, (finish[i][nxt[i]], i))
         if ready:
-            _, i = heapq.heappop(ready)
+            i = pop(ready)[1]
         elif later:  # none owed (credits of sources out of the mixture do not sum to 0): the one owed soonest
-            _, i = heapq.heappop(later)
+            i = pop(later)[1]
         else:
             break
-        c = costs[i][nxt[i]]
-        own[i] += c
-        drawn += c
-        rows.append(offset[i] + nxt[i])
-        nxt[i] += 1
+        k = nxt[i]
+        drawn += cost[i][k]
         out.append(i)
-        if nxt[i] < len(costs[i]):
-            heapq.heappush(later, ((own[i] - credits[i] - eps) / weights[i], i))
-    return np.array(out, np.int64), np.array(rows, np.int64)
+        nxt[i] = k + 1
+        if k + 1 < sizes[i]:
+            push(later, (release[i][k + 1], i))
+    src = np.array(out, np.int64)
+    return src, _rows_of_picks(src, sizes)
+
+
+def _rows_of_picks(src: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """The j-th pick of source i is its candidate j: row = offset of source i in the concatenation + j."""
+    n = len(sizes)
+    counts = np.bincount(src, minlength=n)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    order = np.argsort(src, kind="stable")
+    nth = np.empty(len(src), np.int64)
+    nth[order] = np.arange(len(src)) - np.repeat(first, counts)
+    offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return offset[src] + nth
 
 
 # ---- the plan printed by `synergen mix` -------------------------------------------------------------------

@@ -187,7 +187,7 @@ class Planner:
                     st = self._upcoming(n, need[n])
                     ok = np.flatnonzero(st["view"] != VIEW_DROPPED)[:need[n]]
                     streams.append((st, ok))
-                    costs.append(st["length"][ok].tolist() if tspec.unit == "tokens" else [1] * len(ok))
+                    costs.append(st["length"][ok] if tspec.unit == "tokens" else np.ones(len(ok), np.int64))
                 src, take = merge_by_credit(costs, [weights[n] for n in names], [self.ledger.credit(task, n) for n in names], B)
                 counts = np.bincount(src, minlength=len(names))
                 short = [n for si, n in enumerate(names) if counts[si] == len(streams[si][1]) and need[n] < B]

@@ -17,13 +17,21 @@ happens before `warmup` steps; then one after every `every` steps, from the mean
 Timing (the lag): the trainer's loader plans batches ahead in a background thread (and DataLoader workers), so
 an update computed after trainer step s applies from trainer step s + 1 + lag, whatever the timing: the loader
 waits for that update before planning that step, and plans up to `lag` steps ahead of the trainer without it.
+`every`, `warmup` and `lag` count trainer (optimizer) steps; with `grad_accum` K each trainer step takes K loader
+steps (global batches), the window holds the losses of all their micro-steps, and the update after trainer step s
+applies from loader step (s + lag) x K, the first micro-step of trainer step s + 1 + lag.
 
-Determinism: the losses the policy sees are summed over all ranks (`train.metrics.StepMeter.reduce`, the same
-floats on every rank), and `update` is a pure function of the policy state and those numbers, so every rank
+Determinism: the losses the policy sees are reduced over all ranks per document (`train.metrics.StepMeter`:
+each document's summed loss, summed once with `math.fsum`), so every rank holds the same floats whatever the
+split of the batch, and `update` is a pure function of the policy state and those numbers, so every rank
 computes the same weights. The policy state, the window of losses since the last update and the history of
-(apply step, weights) are saved with each checkpoint; resuming republishes the history to the loader, so the
-batches and the weight trajectory continue exactly, on any number of ranks. Weights move the sampler's shares
-only: each source's cursor is untouched, so no source repeats or skips a sample within its epoch.
+(update step, apply step, weights) are saved with each checkpoint; resuming republishes the history to the
+loader, so the batches and the weight trajectory continue exactly. On another number of ranks the batches and
+every update already computed continue exactly too, and the first step's losses are the same floats (the
+reduction does not depend on the split, and a document's loss does not depend on its row); but the model
+then trains differently (each rank's loss is normalised over its own targets and DeepSpeed averages the
+ranks' gradients), so later losses, and the updates computed from them, follow the new run. Weights move the
+sampler's shares only: each source's cursor is untouched, so no source repeats or skips a sample within its epoch.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from synergen.errors import ManifestError, SynergenError
+from synergen.errors import ConfigMismatchError, ManifestError, SynergenError
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +74,29 @@ class ReweightSpec(BaseModel):
             raise ValueError("policy doremi needs `reference:` (metrics.jsonl of a reference run on this mixture)")
         return self
 
-    def update_steps(self) -> "UpdateSchedule":
-        return UpdateSchedule(self.warmup, self.every, self.lag)
+    def update_steps(self, grad_accum: int = 1) -> "UpdateSchedule":
+        return UpdateSchedule(self.warmup, self.every, self.lag, grad_accum)
 
 
 class UpdateSchedule:
-    """After which steps an update is computed, and from which loader step it applies."""
+    """After which trainer steps an update is computed, and from which loader step it applies (a trainer step
+    takes `grad_accum` loader steps)."""
 
-    def __init__(self, warmup: int, every: int, lag: int):
-        self.warmup, self.every, self.lag = warmup, every, lag
+    def __init__(self, warmup: int, every: int, lag: int, grad_accum: int = 1):
+        self.warmup, self.every, self.lag, self.grad_accum = warmup, every, lag, grad_accum
 
     def is_update(self, step: int) -> bool:
         """Is an update computed after trainer step `step` (1-based)?"""
         return step > self.warmup and (step - self.warmup) % self.every == 0
 
     def applies_at(self, step: int) -> int:
-        """The loader step (0-based; trainer step + 1 + lag is loader step + 1) an update after `step` applies from."""
-        return step + self.lag
+        """The loader step (0-based) an update after trainer step `step` (1-based) applies from: the first of
+        trainer step step + 1 + lag, whose loader steps are (step + lag) x grad_accum onwards."""
+        return (step + self.lag) * self.grad_accum
 
     def latest_update_for(self, loader_step: int) -> int | None:
         """The trainer step whose update is in force at `loader_step` (None: the starting weights)."""
-        i = (loader_step - self.lag - self.warmup) // self.every
+        i = (loader_step // self.grad_accum - self.lag - self.warmup) // self.every
         return self.warmup + i * self.every if i >= 1 else None
 
 
@@ -193,7 +203,8 @@ class OnlineWeights:
 
     Updates travel through a local folder (one small JSON file per update, written atomically), which the
     trainer's prefetch thread and DataLoader worker processes alike can read. A planner at a step where an
-    update applies waits until the trainer has published it: that wait is what makes the lag exact."""
+    update applies waits until the trainer has published it: that wait is what makes the lag exact.
+    `grad_accum` (loader steps per trainer step) is set by the trainer (`ReweightHook.attach`) before iterating."""
 
     POLL_S = 0.002
 
@@ -201,6 +212,7 @@ class OnlineWeights:
         self.initial = initial
         self.specs = specs
         self.tasks = tuple(specs)
+        self.grad_accum = 1
         self.folder = folder or tempfile.mkdtemp(prefix="synergen-reweight-")
         self._cache: dict[tuple[str, int], dict[str, float]] = {}
 
@@ -223,7 +235,7 @@ class OnlineWeights:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def weights(self, task: str, loader_step: int) -> dict[str, float]:
-        s = self.specs[task].update_steps().latest_update_for(loader_step)
+        s = self.specs[task].update_steps(self.grad_accum).latest_update_for(loader_step)
         if s is None:
             return self.initial[task]
         key = (task, s)
@@ -261,29 +273,31 @@ class ReweightHook:
 
     @classmethod
     def attach(cls, data, grad_accum: int) -> "ReweightHook | None":
-        """The hook for the trainer's data when its manifest reweights online (else None)."""
+        """The hook for the trainer's data when its manifest reweights online (else None); tells the loader's
+        weight channel how many loader steps make a trainer step (call it before iterating the data)."""
         dataset = getattr(getattr(data, "loader", None), "dataset", None)
         online = getattr(dataset, "online", None)
         if online is None:
             return None
-        if grad_accum != 1:
-            raise ManifestError(f"mixture {dataset.manifest.name!r} reweights online, which counts trainer steps as loader "
-                                f"steps: set grad_accum 1 (it is {grad_accum}; Table 8 uses none)")
+        online.grad_accum = grad_accum
         return cls(online)
 
     def after_step(self, step: int, source_loss: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-        """Add step `step`'s losses ({source: [sum, n]}, summed over ranks) to the window; update where due.
+        """Add trainer step `step`'s losses ({source: [sum, n]}, summed over ranks and its micro-steps) to the window;
+        update where due.
         Returns the tasks updated and their new weights."""
         t0 = time.perf_counter()
         done = {}
         for task, spec in self.specs.items():
+            if step <= spec.warmup:  # the first window starts after the warm-up
+                continue
             win = self.window[task]
             for n in self.policy[task]["weights"]:
                 if n in source_loss and source_loss[n][1] > 0:
                     acc = win.setdefault(n, [0.0, 0.0])
                     acc[0] += source_loss[n][0]
                     acc[1] += source_loss[n][1]
-            sched = spec.update_steps()
+            sched = spec.update_steps(self.online.grad_accum)
             if not sched.is_update(step):
                 continue
             losses = {n: s / c for n, (s, c) in win.items() if c > 0}
@@ -294,19 +308,26 @@ class ReweightHook:
             self.online.publish(task, step, weights)
             self.window[task] = {}
             done[task] = weights
-            log.info("reweight %s after step %d (applies from step %d): %s", task, step, sched.applies_at(step) + 1,
-                     {n: round(w, 4) for n, w in weights.items()})
+            log.info("reweight %s after step %d (applies from step %d, loader step %d): %s", task, step, step + 1 + spec.lag,
+                     sched.applies_at(step), {n: round(w, 4) for n, w in weights.items()})
         self.seconds = time.perf_counter() - t0
         return done
 
     def state(self) -> dict:
-        return json.loads(json.dumps({"policy": self.policy, "window": self.window, "history": self.history}))
+        return json.loads(json.dumps({"policy": self.policy, "window": self.window, "history": self.history,
+                                      "grad_accum": self.online.grad_accum}))
 
     def load(self, state: dict | None, step: int) -> None:
         """Continue after trainer step `step` from a checkpoint's state: republish its updates (applied and pending).
 
         A checkpoint without a policy state (saved before the manifest reweighted) starts the policy at the
-        starting weights; the updates the loader would wait for (update steps up to `step`) then carry those."""
+        starting weights; the updates the loader would wait for (update steps up to `step`) then carry those.
+        The run must keep its `grad_accum`: the loader's steps map to trainer steps, and so to updates, by it."""
+        saved = (state or {}).get("grad_accum", 1)  # states saved before grad_accum was allowed had 1
+        if state and saved != self.online.grad_accum:
+            raise ConfigMismatchError(f"the checkpoint at step {step} reweights online with grad_accum {saved} but the config "
+                                      f"has {self.online.grad_accum}: the loader would apply its updates at other steps; "
+                                      f"resume with grad_accum: {saved}")
         for task, spec in self.specs.items():
             if state and task in state.get("policy", {}):
                 self.policy[task] = state["policy"][task]

@@ -278,15 +278,20 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 batches, report = next(self._data)
-                item = (batches, report, copy.deepcopy(self._data.state_dict()))
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put((batches, report, copy.deepcopy(self._data.state_dict())))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            self._q.put(e)
+            self._put(e)
+
+    def _put(self, item) -> None:
+        """Queue `item` unless the consumer closed: a consumer that stopped reading leaves the queue full, and an
+        error raised by the loader after the run (a planner waiting for a reweight update that will not come) must
+        not block the thread on it."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def __iter__(self) -> Iterator[tuple[dict[str, PackedBatch], dict[str, Any], dict[str, Any]]]:
         return self

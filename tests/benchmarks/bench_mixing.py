@@ -1,10 +1,12 @@
-"""Planning cost of the carried-credit sampler vs the per-batch one it replaced, at paper-scale global batches.
+"""Planning cost of the carried-credit sampler vs what came before, at paper-scale global batches.
 
     PYTHONPATH=. .venv/bin/python tests/benchmarks/bench_mixing.py [--repeat 5]
 
-Baseline: the previous merge (credit reset every batch), vectorised: finish = cumsum(cost) / weight, the batch takes
-the smallest (numpy lexsort). Ours: `train.mixture.merge_by_credit` (WF2Q with carried credit, heaps). Same
-candidates (token lengths 50..4,000), alternated, median of `--repeat`; per global batch, i.e. per step per worker.
+Per-batch: the merge before carried credit (credit reset every batch), vectorised: finish = cumsum(cost) / weight,
+the batch takes the smallest (numpy lexsort). Pick-by-pick: the carried-credit merge as first written
+(`tests/mixing_reference.py`, every quantity accumulated per pick). Ours: `train.mixture.merge_by_credit`, the same
+picks with releases and finishes precomputed by numpy prefix sums. Same candidates (unit costs, or token lengths
+50..4,000) and carried credits, alternated, median of `--repeat`; per global batch, i.e. per step per worker.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.mixing_reference import reference_merge  # noqa: E402
 from train.mixture import merge_by_credit  # noqa: E402
 
 
@@ -34,22 +37,28 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    print(f"{'sources':>7} {'batch':>6} {'per-batch (ms)':>15} {'carried credit (ms)':>20} {'ratio':>6}")
+    print(f"{'sources':>7} {'batch':>6} {'unit':>7} {'per-batch (ms)':>15} {'pick-by-pick (ms)':>18} {'ours (ms)':>10} "
+          f"{'pick-by-pick / ours':>20}")
     for k, batch in ((3, 8), (8, 6988), (26, 5090)):  # the demo; stage 1 gen (Table 8); stage 2 und, 26 sources
-        w = rng.random(k) + 0.01
-        w = list(w / w.sum())
-        costs = [rng.integers(50, 4000, int(2 * wi * batch) + 8) for wi in w]
-        as_lists = [c.tolist() for c in costs]
-        base, ours = [], []
-        for _ in range(args.repeat):
-            t = time.perf_counter()
-            per_batch_merge(costs, w, batch)
-            base.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            merge_by_credit(as_lists, w, [0.0] * k, batch)
-            ours.append(time.perf_counter() - t)
-        b, o = statistics.median(base) * 1e3, statistics.median(ours) * 1e3
-        print(f"{k:7d} {batch:6d} {b:15.2f} {o:20.2f} {o / b:6.1f}")
+        for unit in ("samples", "tokens"):
+            w = rng.random(k) + 0.01
+            w = list(w / w.sum())
+            n = [int(2 * wi * batch) + 8 for wi in w]
+            costs = [rng.integers(50, 4000, m) if unit == "tokens" else np.ones(m, np.int64) for m in n]
+            credits = list(rng.normal(0, 1000 if unit == "tokens" else 0.5, k))
+            as_lists = [c.tolist() for c in costs]
+            assert all(np.array_equal(a, b) for a, b in zip(merge_by_credit(costs, w, credits, batch),
+                                                            reference_merge(as_lists, w, credits, batch)))
+            times: dict[str, list[float]] = {"base": [], "ref": [], "ours": []}
+            for _ in range(args.repeat):
+                for name, fn in (("base", lambda: per_batch_merge(costs, w, batch)),
+                                 ("ref", lambda: reference_merge(as_lists, w, credits, batch)),
+                                 ("ours", lambda: merge_by_credit(costs, w, credits, batch))):
+                    t = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t)
+            b, r, o = (statistics.median(times[x]) * 1e3 for x in ("base", "ref", "ours"))
+            print(f"{k:7d} {batch:6d} {unit:>7} {b:15.2f} {r:18.2f} {o:10.2f} {r / o:20.2f}")
 
 
 if __name__ == "__main__":
