@@ -140,6 +140,16 @@ def redact_options(options):
     return options
 
 
+def drop_redacted(options):
+    """`redact_options`' output made usable again: every `REDACTED` value left out, so the reader falls back to its
+    own credentials (environment, instance role) for those keys."""
+    if isinstance(options, dict):
+        return {k: drop_redacted(v) for k, v in options.items() if v != "REDACTED"}
+    if isinstance(options, list):
+        return [drop_redacted(v) for v in options]
+    return options
+
+
 def url_hash(url: str | None) -> str:
     """A stable identity of the full URL (secrets included, never revealed): 20 hex digits of its SHA-1. The one
     URL identity of the project: row ids are `<url_hash>-<occurrence>`, the ledger's `url_hash` column is this."""

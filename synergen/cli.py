@@ -19,6 +19,7 @@ from model.init_config import InitConfig
 from synergen.demo.config import DemoConfig, VQTrainConfig
 from pipeline.inspection_config import InspectConfig
 from train.generate_config import GenerateConfig
+from train.mix_config import MixConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="synergen: SynerGen-VL pretraining, from URL lists to a trained model.")
 
@@ -271,37 +272,23 @@ def inspect_cmd(cfg: InspectConfig) -> None:
 
 
 @app.command("mix")
-def mix(
-    mixture: str = typer.Argument(None, help="Mixture manifest (manifests/mixtures/NAME.yaml, local or s3://); not with --run."),
-    steps: int = typer.Option(None, "--steps", min=1, help="Loader steps (global batches) to plan for."),
-    tokenizer: str = typer.Option(None, "--tokenizer", help="The text tokenizer the shards were made with (sets prompt lengths)."),
-    data_root: str = typer.Option(None, "--data-root", help="Resolve relative catalogs against this instead of the manifest's data_root."),
-    max_epochs: float = typer.Option(4.0, "--max-epochs", help="Warn about sources that would repeat more than this many epochs."),
-    run: str = typer.Option(None, "--run", help="A training run's output folder: plan its mixture over the steps it ran and "
-                                                "show planned vs realised per source, with a plot (RUN/mix_plan_vs_run.png)."),
-) -> None:
+@options_from(MixConfig, "mix options", arguments=("mixture",))
+def mix(cfg: MixConfig) -> None:
     """Print samples, tokens and epochs per source as the loader will draw them (its own sequence lengths and
     <UNCOND> rate), with warnings (empty, missing, repeating); or, with --run, planned beside realised."""
     from rich.console import Console
     from rich.table import Table
 
     from synergen.errors import SynergenError
-    from train.mixture import compare_run, plan_manifest, plan_warnings
+    from train.mixture import mix_report
 
     console = Console()
-    if (run is None) == (mixture is None) or (run is None and steps is None):
-        console.print("[red]error:[/red] give MIXTURE --steps N --tokenizer DIR, or --run OUT")
-        raise typer.Exit(2)
     try:
-        if run is not None:
-            rows, steps, manifest, png = compare_run(run)
-            plans = [r.plan for r in rows]
-            warnings: list[str] = []
-        else:
-            manifest, plans, warnings = plan_manifest(mixture, steps, tokenizer, data_root)
+        report = mix_report(cfg)
     except SynergenError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    manifest, steps, plans, rows, run = report.manifest, report.steps, report.plans, report.realised, cfg.run
     table = Table(title=f"{manifest.name} (stage {manifest.stage}): {steps:,} steps, seq {manifest.seq_len}, "
                         f"max tiles {manifest.max_tiles}{' + thumbnail' if manifest.thumbnail else ''}")
     cols = ["task", "source", "size (samples)", "size (tokens)", "samples drawn", "tokens drawn", "epochs"]
@@ -325,8 +312,8 @@ def mix(
         online = f", reweighted online ({spec.reweight.policy}; planned at the starting weights)" if spec.reweight else ""
         console.print(f"{task}: {spec.global_batch:,} samples per global batch, weights in {spec.unit} ({spec.weighting}){online}")
     if run is not None:
-        console.print(f"plot: {png}")
-    for w in warnings + plan_warnings(plans, max_epochs):
+        console.print(f"plot: {report.plot}")
+    for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
 
 # ---- train (train/trainer.py): DeepSpeed pretraining from token shards ----

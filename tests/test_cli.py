@@ -22,6 +22,7 @@ from synergen.demo.config import DemoConfig, VQTrainConfig
 from synergen.errors import ManifestError
 from pipeline.inspection_config import InspectConfig
 from train.generate_config import GenerateConfig
+from train.mix_config import MixConfig
 
 
 def _params(command: str) -> dict:
@@ -31,7 +32,7 @@ def _params(command: str) -> dict:
 
 @pytest.mark.parametrize("command,model,excluded", [
     ("ingest", IngestOptions, ()), ("tokenize", TokenizeConfig, ()), ("generate", GenerateConfig, ()),
-    ("vq-train", VQTrainConfig, ()), ("init", InitConfig, ()), ("inspect", InspectConfig, ()),
+    ("vq-train", VQTrainConfig, ()), ("init", InitConfig, ()), ("inspect", InspectConfig, ()), ("mix", MixConfig, ()),
     ("demo", DemoConfig, ("model_overrides",)),  # a dict: no flag spells it
 ])
 def test_command_options_are_the_config_fields_with_their_defaults(command, model, excluded):

@@ -78,6 +78,9 @@ def test_the_run_folder_config_keeps_no_storage_credentials(tmp_path):
     saved = yaml.safe_load(text)["data_options"]["storage_options"]
     assert saved["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9" and saved["secret"] == "REDACTED"
     assert cfg.data_options.storage_options["secret"] == "s3cr3t-value"  # the run itself keeps using them
+    from pipeline.netguard import drop_redacted  # what `synergen mix --run` reads with: its own credentials
+
+    assert drop_redacted(saved) == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
 
 
 def test_stage_defaults_follow_table_8():

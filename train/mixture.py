@@ -25,13 +25,15 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.netguard import drop_redacted
 from synergen.errors import ManifestError, ShardError, explain_validation
+from train.mix_config import MixConfig
 from train.reweight import ReweightSpec
 
 log = logging.getLogger(__name__)
@@ -473,7 +475,9 @@ def compare_run(run_dir: str) -> tuple[list[SourceRealised], int, MixtureManifes
     last = records[-1]
     loader_steps = int(last["step"]) * cfg.grad_accum
     manifest = MixtureManifest.load(cfg.mixture, data_root=cfg.data_root)
-    plans, _ = plan_mixture(manifest, loader_steps, run_layout_ids(cfg.tokenizer), cfg.data_options.storage_options)
+    # the run folder's config has its credentials redacted: this process reads with its own
+    plans, _ = plan_mixture(manifest, loader_steps, run_layout_ids(cfg.tokenizer),
+                            drop_redacted(cfg.data_options.storage_options))
     cum, cursors = last["mixture"]["cumulative"], last["mixture"]["sources"]
     rows = []
     for p in plans:
@@ -484,6 +488,29 @@ def compare_run(run_dir: str) -> tuple[list[SourceRealised], int, MixtureManifes
     from synergen.demo.report import plot_plan_vs_run
 
     return rows, loader_steps, manifest, plot_plan_vs_run(rows, run / "mix_plan_vs_run.png")
+
+
+@dataclass
+class MixReport:
+    """What `synergen mix` shows: the plan per source over `steps` loader steps, beside a run's draws (`realised`,
+    with the plot) when it compares a run, and the warnings."""
+
+    manifest: MixtureManifest
+    steps: int
+    plans: list[SourcePlan]
+    warnings: list[str]
+    realised: list[SourceRealised] | None = None
+    plot: Any = None  # the planned-vs-realised PNG of a compared run
+
+
+def mix_report(cfg: MixConfig) -> MixReport:
+    """`synergen mix`: a manifest planned over `cfg.steps`, or (`cfg.run`) a run's plan beside its realised draws."""
+    if cfg.run is not None:
+        rows, steps, manifest, png = compare_run(cfg.run)
+        plans = [r.plan for r in rows]
+        return MixReport(manifest, steps, plans, plan_warnings(plans, cfg.max_epochs), rows, png)
+    manifest, plans, warnings = plan_manifest(cfg.mixture, cfg.steps, cfg.tokenizer, cfg.data_root)
+    return MixReport(manifest, cfg.steps, plans, warnings + plan_warnings(plans, cfg.max_epochs))
 
 
 def run_layout_ids(tokenizer_dir: str):
