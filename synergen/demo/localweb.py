@@ -133,12 +133,12 @@ class _Server(ThreadingHTTPServer):
         self.trickle_interval = 0.2
         self.released = threading.Event()
         self.held_max_s = 120.0
+        self.stopping = threading.Event()
 
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
             return  # a client that gave up (a killed worker, a deadline): what a real server sees, not an error here
         super().handle_error(request, client_address)
-        self.stopping = threading.Event()
 
 
 class LocalWeb:
