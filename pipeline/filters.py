@@ -1,8 +1,9 @@
 """Ingest filters: one small class each, called on one sample, returning the drop reason or None.
 
 Row filters (caption, metadata, language) need only the URL-list row, so ingest runs them before
-downloading; image filters (geometry) run on the downloaded image's size. Every filter counts what it
-drops by reason (`counts`), and those counters end up in the shard stats and the job summary.
+downloading; image filters (geometry) run on the downloaded image's size. A filter returns its reason; the
+ingest shard task records it on the row (ledger `reason`), and the shard stats and the job summary count rows
+by reason (`pipeline.ingest.shard_counts`), so counts and ledger always reconcile.
 Duplicates across the whole job are decided by `pipeline.dedup` (exact sha256 + `dhash` perceptual hash).
 """
 
@@ -17,52 +18,40 @@ import numpy as np
 from PIL import Image
 
 
-class _Counting:
-    def __init__(self):
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def _drop(self, reason: str) -> str:
-        self.counts[reason] += 1
-        return reason
-
-
-class ImageSizeFilter(_Counting):
+class ImageSizeFilter:
     """Drops images whose shorter side < min_side, longer side > max_side, or area < min_pixels."""
 
     def __init__(self, min_side: int = 0, max_side: int | None = None, min_pixels: int = 0):
-        super().__init__()
         self.min_side, self.max_side, self.min_pixels = min_side, max_side, min_pixels
 
     def __call__(self, sample: dict) -> str | None:
         w, h = sample["width"], sample["height"]
         if min(w, h) < self.min_side:
-            return self._drop("image_too_small")
+            return "image_too_small"
         if self.max_side is not None and max(w, h) > self.max_side:
-            return self._drop("image_too_large")
+            return "image_too_large"
         if w * h < self.min_pixels:
-            return self._drop("too_few_pixels")
+            return "too_few_pixels"
         return None
 
 
-class AspectRatioFilter(_Counting):
+class AspectRatioFilter:
     """Drops images whose long/short side ratio exceeds max_ratio."""
 
     def __init__(self, max_ratio: float):
-        super().__init__()
         self.max_ratio = max_ratio
 
     def __call__(self, sample: dict) -> str | None:
         w, h = sample["width"], sample["height"]
         if max(w, h) > self.max_ratio * max(1, min(w, h)):
-            return self._drop("aspect_ratio")
+            return "aspect_ratio"
         return None
 
 
-class CaptionFilter(_Counting):
+class CaptionFilter:
     """Drops rows whose caption is missing, not UTF-8, empty, or outside [min_chars, max_chars] after stripping."""
 
     def __init__(self, min_chars: int = 1, max_chars: int | None = None):
-        super().__init__()
         self.min_chars, self.max_chars = min_chars, max_chars
 
     def __call__(self, sample: dict) -> str | None:
@@ -71,22 +60,21 @@ class CaptionFilter(_Counting):
             try:
                 cap = cap.decode("utf-8")
             except UnicodeDecodeError:
-                return self._drop("caption_not_utf8")
+                return "caption_not_utf8"
         if cap is None or not str(cap).strip():
-            return self._drop("caption_empty")
+            return "caption_empty"
         n = len(str(cap).strip())
         if n < self.min_chars:
-            return self._drop("caption_too_short")
+            return "caption_too_short"
         if self.max_chars is not None and n > self.max_chars:
-            return self._drop("caption_too_long")
+            return "caption_too_long"
         return None
 
 
-class MetadataFilter(_Counting):
+class MetadataFilter:
     """Drops rows whose numeric metadata column is missing or outside [min, max] (e.g. punsafe <= 0.5, aesthetic >= 5)."""
 
     def __init__(self, column: str, min: float | None = None, max: float | None = None):  # noqa: A002
-        super().__init__()
         self.column, self.min, self.max = column, min, max
 
     def __call__(self, sample: dict) -> str | None:
@@ -94,13 +82,13 @@ class MetadataFilter(_Counting):
         try:
             v = float(v)
         except (TypeError, ValueError):
-            return self._drop(f"{self.column}_missing")
+            return f"{self.column}_missing"
         if math.isnan(v):
-            return self._drop(f"{self.column}_missing")
+            return f"{self.column}_missing"
         if self.min is not None and v < self.min:
-            return self._drop(f"{self.column}_below_min")
+            return f"{self.column}_below_min"
         if self.max is not None and v > self.max:
-            return self._drop(f"{self.column}_above_max")
+            return f"{self.column}_above_max"
         return None
 
 
@@ -124,12 +112,11 @@ def dominant_script(text: str) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-class LanguageFilter(_Counting):
+class LanguageFilter:
     """Keeps rows in `languages`: by a language column when the URL list has one (LAION's `LANGUAGE`),
     else by the caption's dominant script (which cannot tell Latin-script languages apart)."""
 
     def __init__(self, languages: list[str], column: str | None = None):
-        super().__init__()
         self.languages = {lang.lower() for lang in languages}
         self.column = column
         self.scripts = {_SCRIPT_OF_LANGUAGE.get(lang, lang.upper()) for lang in self.languages}
@@ -137,9 +124,9 @@ class LanguageFilter(_Counting):
     def __call__(self, sample: dict) -> str | None:
         if self.column is not None:
             lang = sample.get(self.column)
-            return None if lang is not None and str(lang).lower() in self.languages else self._drop("language")
+            return None if lang is not None and str(lang).lower() in self.languages else "language"
         script = dominant_script(str(sample.get("caption") or ""))
-        return None if script in self.scripts else self._drop("language")
+        return None if script in self.scripts else "language"
 
 
 def dhash(image: Image.Image, size: int = 8) -> int:
