@@ -129,14 +129,16 @@ def mask_userinfo(url: str) -> str:
 
 
 def redact_options(options):
-    """A copy of a (nested) options mapping, e.g. fsspec `storage_options`, with every value under a
-    secret-looking key (`secret`, `token`, `key`, `password`, ...) replaced by `REDACTED`: what a saved config or a
-    log may show of it."""
+    """A copy of a (nested) options mapping, e.g. fsspec `storage_options`, with the whole value under every
+    secret-looking key (`secret`, `token`, `key`, `password`, ...) replaced by `REDACTED` and URLs redacted as
+    `redact_url` does: what a saved config or a log may show of it."""
     if isinstance(options, dict):
-        return {k: "REDACTED" if isinstance(k, str) and _SECRET_KEY.search(k) and not isinstance(v, (dict, list))
-                else redact_options(v) for k, v in options.items()}
+        return {k: "REDACTED" if isinstance(k, str) and _SECRET_KEY.search(k) else redact_options(v)
+                for k, v in options.items()}  # all of a secret's value, whatever its type (a token dict, a key list)
     if isinstance(options, list):
         return [redact_options(v) for v in options]
+    if isinstance(options, str) and "://" in options:
+        return redact_url(options)  # an endpoint with a password or a signed query
     return options
 
 

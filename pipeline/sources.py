@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import json
 import logging
 import zlib
@@ -285,30 +286,46 @@ def _csv_parts(path: str, f, m: SourceManifest, batch_rows: int) -> Iterator[_Pa
 
 
 def _jsonl_parts(path: str, f, m: SourceManifest, batch_rows: int) -> Iterator[_Part]:
-    cols: dict[str, str] | None = None  # resolved from the first lines; a later line's missing key reads as None
+    """JSON lines, `batch_rows` a part. A line may lack a key (sparse extras read as None); the columns are checked
+    over the keys of every line once the whole file is read (`check_url_lists` reads it through before a job)."""
+    seen: dict[str, None] = {}  # every key any line had, in order
+    first_bad: str | None = None
+    n_rows = 0
     lines: list[bytes] = []
     first = 0  # line number (0-based) of lines[0]
-    for line in f:
-        lines.append(line)
-        if len(lines) >= batch_rows:
-            part, cols = _jsonl_part(path, lines, first, cols, m)
+    for line in itertools.chain(f, [None]):
+        if line is not None:
+            lines.append(line)
+        if lines and (line is None or len(lines) >= batch_rows):
+            part, names = _jsonl_part(path, lines, first, m)
+            seen.update(dict.fromkeys(names))
+            n_rows += sum(b is None for b in part.bad)
+            first_bad = first_bad or next((b for b in part.bad if b), None)
             yield part
             first, lines = first + len(lines), []
-    if lines or cols is None:
-        yield _jsonl_part(path, lines, first, cols, m)[0]
+    if not n_rows and first_bad:
+        raise UrlListError(f"{first_bad}; no line of this file is a JSON object; give one JSON object per line "
+                           "(JSON Lines) or remove the file from url_lists")
+    _resolve(path, list(seen), m)  # a wanted column no line has: the error names it and the fix
 
 
-def _jsonl_part(path: str, lines: list[bytes], first: int, cols: dict[str, str] | None,
-                m: SourceManifest) -> tuple[_Part, dict[str, str]]:
-    """One chunk of JSON lines: pyarrow parses a clean chunk at once; a chunk with a malformed line is parsed line
-    by line, the bad lines counted and the rest kept."""
+def _present(names: list[str], m: SourceManifest) -> dict[str, str]:
+    """Manifest column -> the name it has among `names` (itself or an alias); itself when absent (reads as None)."""
+    return {col: next((c for c in (col, *m.column_aliases.get(col, [])) if c in names), col)
+            for col in m.wanted_columns()}
+
+
+def _jsonl_part(path: str, lines: list[bytes], first: int, m: SourceManifest) -> tuple[_Part, list[str]]:
+    """One chunk of JSON lines and the keys its lines have: pyarrow parses a clean chunk at once; a chunk with a
+    malformed line is parsed line by line, the bad lines counted and the rest kept."""
     import pyarrow.json as pjson
 
     with contextlib.suppress(pa.ArrowInvalid):
         table = pjson.read_json(pa.BufferReader(b"".join(x if x.endswith(b"\n") else x + b"\n" for x in lines)))
-        cols = cols or _resolve(path, table.schema.names, m)
-        table = table.select([c for c in set(cols.values()) if c in table.schema.names])
-        return _decode(path, table, cols, m, lambda i: f"{path}: line {first + i + 1}"), cols
+        names = table.schema.names
+        cols = _present(names, m)
+        table = table.select([c for c in set(cols.values()) if c in names])
+        return _decode(path, table, cols, m, lambda i: f"{path}: line {first + i + 1}"), names
     rows, skipped = [], []
     for n, line in enumerate(lines, first + 1):
         if not line.strip():
@@ -321,14 +338,11 @@ def _jsonl_part(path: str, lines: list[bytes], first: int, cols: dict[str, str] 
             rows.append(obj)
         except (ValueError, UnicodeError) as err:
             skipped.append(f"{path}: line {n}: {err}")
-    if cols is None:
-        if not rows and skipped:
-            raise UrlListError(f"{skipped[0]}; no line of this file is a JSON object; give one JSON object per line "
-                               "(JSON Lines) or remove the file from url_lists")
-        cols = _resolve(path, list(dict.fromkeys(k for r in rows for k in r)), m)
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    cols = _present(names, m)
     part = _Part(path, {c: [r.get(src) for r in rows] for c, src in cols.items()}, [None] * len(rows),
                  [True] * len(rows))
-    return _with_bad_rows(part, skipped), cols
+    return _with_bad_rows(part, skipped), names
 
 
 def _with_bad_rows(part: _Part, skipped: list[str]) -> _Part:
@@ -402,7 +416,8 @@ def check_url_lists(m: SourceManifest) -> list[tuple[str, str]]:
     for path in expand_url_lists(m.url_lists):
         fmt = _format_of(path, m.format)
         if fmt == "jsonl":
-            next(_iter_parts(path, fmt, m))  # its columns are known only from its (first) lines
+            for _ in _iter_parts(path, fmt, m):  # its columns are known only from its lines: read it through
+                pass
         else:
             try:
                 with fsspec.open(path, "rb", compression="infer") as f:

@@ -141,3 +141,22 @@ def test_ingest_flags_reach_the_shard_tasks(ray_cluster, web, tmp_path):
     assert summary["ok"] == 8 and summary["shards_total"] == 2
     for stats in out.glob("*_stats.json"):  # 4 starts at 1/s per attempt: at least 3 s (unpaced: well under 1 s)
         assert json.loads(stats.read_text())["duration"] >= 2.9
+
+
+@pytest.mark.parametrize("args,want", [
+    ([], "--run: give a mixture manifest"),
+    (["m.yaml"], "--steps: planning a mixture needs"),
+    (["m.yaml", "--run", "r"], "--run: give a mixture manifest"),
+])
+def test_mix_names_the_missing_or_conflicting_flag_once(args, want):
+    res = CliRunner().invoke(app, ["mix", *args], env={"COLUMNS": "200"})
+    assert res.exit_code == 2 and want in res.output and res.output.count("  --") == 1, res.output
+
+
+def test_configs_check_their_mode_when_built_from_python_too():
+    from pydantic import ValidationError
+
+    for build in (lambda: MixConfig(), lambda: MixConfig(mixture="m.yaml"),
+                  lambda: GenerateConfig(model="m", vq="v")):
+        with pytest.raises(ValidationError):
+            build()

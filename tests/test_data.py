@@ -4,6 +4,7 @@ layouts, packing, resume, ranks and workers, mixtures, bad shards, S3."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -332,8 +333,14 @@ def test_worker_batches_travel_in_shared_slots_and_a_slot_reused_unread_is_an_er
                    if isinstance(t, torch.Tensor))
         assert max(map(len, blobs)) < min(8192, wide / 4)
         assert [as_bytes(pickle.loads(b)) for b in blobs[2:]] == [as_bytes(x) for x in single[2:]]
-        with pytest.raises(SynergenError, match="worker 0 reused a batch slot before its batch 1 was read"):
+        with pytest.raises(SynergenError, match="worker 0 reused a batch slot before its batch 1 was read") as err:
             pickle.loads(blobs[0])  # batch 3 went into batch 1's slot (2 slots) before batch 1 was read
+        fds = [fd for fd_list in slots.fds for fd in fd_list]
+        slots.close()  # while the error's traceback is alive (as in the loader's `finally`): no BufferError, no leak
+        assert err.value is not None and fds
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)
     finally:
         slots.close()
 

@@ -161,3 +161,15 @@ def test_every_format_streams_in_bounded_parts_in_order_with_bad_lines_counted_w
         got = [u for p in parts for u in p.column("url").to_pylist() if u is not None]
         assert got == [u for i, u in enumerate(urls) if not (bad and i == 7_000)], name
         assert sum(p.column("bad_row").null_count for p in parts) == n - bad, name
+
+
+def test_a_sparse_jsonl_extra_column_first_seen_deep_in_the_file_reads_and_one_no_line_has_fails_first(tmp_path):
+    from pipeline.sources import check_url_lists, iter_url_list_parts
+
+    lines = [f'{{"url": "http://h/{i}", "caption": "c"}}\n' for i in range(10)] + ['{"url": "http://h/x", "caption": "c", "lic": "cc"}\n']
+    (tmp_path / "l.jsonl").write_text("".join(lines))
+    m = _manifest(tmp_path, [str(tmp_path / "l.jsonl")], extra_columns=["lic"])
+    parts = list(iter_url_list_parts(m, check_url_lists(m), batch_rows=4))
+    assert [v for p in parts for v in p.column("lic").to_pylist()] == [None] * 10 + ["cc"]
+    with pytest.raises(UrlListError, match="lacks extra_columns"):
+        check_url_lists(_manifest(tmp_path, [str(tmp_path / "l.jsonl")], extra_columns=["nowhere"]))

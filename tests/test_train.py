@@ -70,17 +70,20 @@ def test_the_run_folder_config_keeps_no_storage_credentials(tmp_path):
     from train.config import save_config
 
     opts = {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9",
-                                                                            "aws_session_token": "tok-123"}}
+                                                                            "aws_session_token": "tok-123"},
+            "token": {"refresh_token": "rt-456", "client_id": "cid-789"}, "api_keys": ["sk-abc"],
+            "proxy": "http://user:pw-012@127.0.0.1:3128"}
     cfg = TrainConfig(model="tiny", mixture="m.yaml", steps=1, output_dir="x", data_options={"storage_options": opts})
     save_config(cfg, str(tmp_path / "train_config.yaml"))
     text = (tmp_path / "train_config.yaml").read_text()
-    assert not [secret for secret in ("AKIAEXAMPLE", "s3cr3t-value", "tok-123") if secret in text]
+    assert not [secret for secret in ("AKIAEXAMPLE", "s3cr3t-value", "tok-123", "rt-456", "cid-789", "sk-abc", "pw-012")
+                if secret in text]
     saved = yaml.safe_load(text)["data_options"]["storage_options"]
     assert saved["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9" and saved["secret"] == "REDACTED"
     assert cfg.data_options.storage_options["secret"] == "s3cr3t-value"  # the run itself keeps using them
     from pipeline.netguard import drop_redacted  # what `synergen mix --run` reads with: its own credentials
 
-    assert drop_redacted(saved) == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    assert drop_redacted(saved) == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}, "proxy": saved["proxy"]}
 
 
 def test_stage_defaults_follow_table_8():

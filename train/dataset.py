@@ -15,6 +15,7 @@ on_bad_shard='skip' that rank leaves it out of its batch and reports it, otherwi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -149,21 +150,25 @@ class BatchSlots:
     def take(self, worker: int, k: int, seq: int, size: int, layout: list) -> list[list[np.ndarray]]:
         """In the main process: copies of a batch's arrays, per `alloc` of its writer (one list per task)."""
         mm = self._map(worker, k, size)
-        head = np.frombuffer(mm, np.uint64, 1)
-        if head[0] == seq:
+        header = lambda: int(np.frombuffer(mm, np.uint64, 1)[0])  # noqa: E731 - no view of the map outlives a read
+        if header() == seq:
             out = [[np.frombuffer(mm, np.dtype(dt), math.prod(shape), off).reshape(shape).copy() for off, shape, dt in arrays]
                    for arrays in layout]
-            if head[0] == seq:  # still: the worker did not start over the slot while it was copied
+            if header() == seq:  # still: the worker did not start over the slot while it was copied
                 return out
         raise SynergenError(f"DataLoader worker {worker} reused a batch slot before its batch {seq} was read (the slot "
-                            f"holds batch {int(head[0])}): a bug in synergen; set num_workers: 0 to train on meanwhile")
+                            f"holds batch {header()}): a bug in synergen; set num_workers: 0 to train on meanwhile")
 
     def close(self) -> None:
+        """Unmap and close everything, even while a traceback still holds a view of a map (that map is left to the
+        garbage collector; the error being raised is what the user sees)."""
         BatchSlots.open.pop(self.token, None)
         for mm in self._maps.values():
-            mm.close()
+            with contextlib.suppress(BufferError):
+                mm.close()
         for fd in (fd for fds in self.fds for fd in fds):
             os.close(fd)
+        self._maps, self.fds = {}, []  # closing twice is a no-op
 
 
 class _SlotWriter:

@@ -15,7 +15,7 @@ class GenerateConfig(BaseModel):
     tokenizer: str | None = Field(None, description="Text tokenizer directory (local or s3://); default: the model's folder")
     vq: str = Field(description="VQ tokenizer (model.vq.VQTokenizer.from_pretrained; local or s3://)")
     caption: list[str] = Field([], description="Text-to-image: one image per caption (repeatable)")
-    image: list[str] = Field([], description="Image-to-text: caption each image file (repeatable); tiled as tokenize did")
+    image: list[str] = Field([], validate_default=True, description="Image-to-text: caption each image file (repeatable); tiled as tokenize did")
     out: str = Field("generated", description="Folder for generated PNGs (text-to-image)")
     cfg_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale (1 = none)")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy)")
