@@ -160,3 +160,15 @@ def test_configs_check_their_mode_when_built_from_python_too():
                   lambda: GenerateConfig(model="m", vq="v")):
         with pytest.raises(ValidationError):
             build()
+
+
+def test_an_image_too_big_to_decode_is_named_not_a_traceback(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from synergen.errors import SynergenError
+    from train.generate import open_image
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # past twice this PIL raises a DecompressionBombError
+    with pytest.raises(SynergenError, match="big.png: too many pixels"):
+        open_image(str(tmp_path / "big.png"))

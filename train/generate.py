@@ -112,6 +112,8 @@ def open_image(path: str):
         raise SynergenError(f"image {path}: no such file; give the path of an image file") from None
     except (OSError, UnidentifiedImageError) as e:
         raise SynergenError(f"image {path}: not a readable image ({e}); give a PNG, JPEG or WebP file") from None
+    except Image.DecompressionBombError as e:  # not an OSError: PIL refuses more than ~179M pixels
+        raise SynergenError(f"image {path}: too many pixels to decode ({e}); give a smaller image") from None
 
 
 def run_generate(cfg: GenerateConfig) -> list[tuple[str, str]]:
