@@ -90,14 +90,19 @@ def test_the_policy_reads_the_same_losses_however_the_documents_are_split_over_r
 # ---- the loader side: updates apply at the documented step; cursors never move because of them -----------
 
 
-def test_updates_apply_at_step_plus_one_plus_lag_without_repeats_or_skips(tmp_path, tokenizer):  # noqa: F811
+def _online_mixture(tmp_path, tokenizer, names, global_batch: int, reweight: dict) -> MixtureManifest:
+    """One `und` task over equal-weight sources of 17 samples each (shards of 9 and 8), reweighted online."""
     root = str(tmp_path / "data")
-    names = ("u_a", "u_b", "u_c")
     for i, n in enumerate(names):
         write_data_source(root, n, "und", [9, 8], tokenizer, seed=i)
-    mf = MixtureManifest.model_validate({"name": "lag", "data_root": root, "seq_len": 64, "tasks": {"und": {
-        "global_batch": 6, "sources": {n: {"catalogs": [n], "weight": 1} for n in names},
-        "reweight": {"policy": "exp3", "every": 3, "warmup": 2, "lag": 1}}}})
+    return MixtureManifest.model_validate({"name": "online", "data_root": root, "seq_len": 64, "tasks": {"und": {
+        "global_batch": global_batch, "sources": {n: {"catalogs": [n], "weight": 1} for n in names},
+        "reweight": reweight}}})
+
+
+def test_updates_apply_at_step_plus_one_plus_lag_without_repeats_or_skips(tmp_path, tokenizer):  # noqa: F811
+    names = ("u_a", "u_b", "u_c")
+    mf = _online_mixture(tmp_path, tokenizer, names, 6, {"policy": "exp3", "every": 3, "warmup": 2, "lag": 1})
     ds = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=3, max_steps=16, cache_dir=str(tmp_path / "c")))
     updates = {5: {"u_a": 0.8, "u_b": 0.1, "u_c": 0.1}, 8: {"u_a": 0.1, "u_b": 0.1, "u_c": 0.8},
                11: {"u_a": 0.2, "u_b": 0.7, "u_c": 0.1}, 14: {"u_a": 0.4, "u_b": 0.3, "u_c": 0.3}}
@@ -129,13 +134,8 @@ def test_updates_apply_at_step_plus_one_plus_lag_without_repeats_or_skips(tmp_pa
 
 
 def test_with_grad_accum_an_update_applies_from_the_first_micro_step_of_step_s_plus_one_plus_lag(tmp_path, tokenizer):  # noqa: F811
-    root = str(tmp_path / "data")
     names = ("u_a", "u_b")
-    for i, n in enumerate(names):
-        write_data_source(root, n, "und", [9, 8], tokenizer, seed=i)
-    mf = MixtureManifest.model_validate({"name": "accum", "data_root": root, "seq_len": 64, "tasks": {"und": {
-        "global_batch": 4, "sources": {n: {"catalogs": [n], "weight": 1} for n in names},
-        "reweight": {"policy": "exp3", "every": 2, "warmup": 1, "lag": 1}}}})
+    mf = _online_mixture(tmp_path, tokenizer, names, 4, {"policy": "exp3", "every": 2, "warmup": 1, "lag": 1})
     ds = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=3, max_steps=24, cache_dir=str(tmp_path / "c")))
     loader = StreamingLoader(ds)
     hook = ReweightHook.attach(LoaderSteps(loader), grad_accum=3)  # 3 loader steps per trainer step
@@ -158,12 +158,8 @@ def test_with_grad_accum_an_update_applies_from_the_first_micro_step_of_step_s_p
 
 
 def test_the_prefetch_thread_ends_when_the_run_ends_before_an_update_it_waits_for(tmp_path, tokenizer):  # noqa: F811
-    root = str(tmp_path / "data")
-    for i, n in enumerate(("u_a", "u_b")):
-        write_data_source(root, n, "und", [9, 8], tokenizer, seed=i)
-    mf = MixtureManifest.model_validate({"name": "end", "data_root": root, "seq_len": 64, "tasks": {"und": {
-        "global_batch": 4, "sources": {n: {"catalogs": [n], "weight": 1} for n in ("u_a", "u_b")},
-        "reweight": {"policy": "exp3", "every": 3, "lag": 1}}}})  # lag 1 < the prefetch depth of 2
+    # lag 1 < the prefetch depth of 2
+    mf = _online_mixture(tmp_path, tokenizer, ("u_a", "u_b"), 4, {"policy": "exp3", "every": 3, "lag": 1})
     ds = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=3, cache_dir=str(tmp_path / "c")))
     steps = LoaderSteps(StreamingLoader(ds))
     hook = ReweightHook.attach(steps, grad_accum=1)
