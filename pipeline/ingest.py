@@ -2,7 +2,8 @@
 
 The driver streams the URL lists in batches and writes each shard's input rows once, durably, to
 `<out>/_inputs/NNNNN.parquet` (shard N is a pure function of that file; names in `pipeline.rawshard`); it holds
-shard ids and counts, never rows (beyond 28 bytes per URL of numpy state for row ids and duplicate URLs). A
+shard ids and counts, never rows: URL occurrence numbers (row ids, duplicate URLs) and which rows are planned
+live in the row index (`pipeline.row_index`), partitioned by URL hash over actors. A
 bounded window of shard tasks runs; each reads its own input file, runs img2dataset's per-shard `Downloader`
 with every download going through `pipeline.netguard`, filters (row filters, image size, job-wide exact/near
 dedup through the sharded `pipeline.dedup` actors), and stages `NNNNN.tar/.parquet/_stats.json` plus its
@@ -34,6 +35,7 @@ from typing import Callable, Iterator
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import filters as F
@@ -42,6 +44,7 @@ from pipeline import image_decode, netguard, politeness
 from pipeline import rawshard as R
 from pipeline.dedup import start_dedup
 from pipeline.ingest_config import IngestOptions
+from pipeline.row_index import RowIndex, RowIndexLost, h64_of_row_ids, start_row_index
 from pipeline.rawshard import shard_name  # noqa: F401 - re-exported (tokenize imports it from here until it moves)
 from pipeline.sources import SourceManifest, check_url_lists, iter_url_list_parts, load_source_manifest
 from synergen.errors import SynergenError, validated
@@ -279,58 +282,23 @@ def shard_counts(records: list[dict]) -> dict:
 # ---------------------------------------------------------------- driver side: streaming planner
 
 
-class UrlOccurrences:
-    """Occurrence numbers of URLs across the whole list, in numpy: 12 bytes per distinct URL (sorted arrays of 64-bit
-    URL hashes and their counts), so row ids (`<sha1[:20]>-<n>`, stable when rows are appended) and duplicate URLs
-    are found without a Python object per row.
-
-    The arrays are kept as a few sorted runs whose sizes at least halve from the first to the last (a log-structured
-    merge): each batch becomes a run and equal-sized neighbours merge, so every hash is re-sorted O(log runs) times
-    in all rather than once per batch, and a lookup is one binary search per run (at most ~log2(rows/batch) runs).
-    """
-
-    def __init__(self):
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted unique hashes, counts), biggest first
-
-    def __len__(self) -> int:
-        return sum(len(h) for h, _ in self.runs)
-
-    def add(self, h: np.ndarray) -> np.ndarray:
-        """Occurrence number of each hash of this batch (0 for a URL's first row), counting earlier batches."""
-        order = np.argsort(h, kind="stable")
-        hs = h[order]
-        starts = np.r_[True, hs[1:] != hs[:-1]] if len(hs) else np.zeros(0, bool)
-        group_start = np.maximum.accumulate(np.where(starts, np.arange(len(hs)), 0))
-        prev = np.zeros(len(hs), np.int64)
-        for rh, rn in self.runs:  # a hash may sit in several runs (appended in several batches): its counts add up
-            pos = np.clip(np.searchsorted(rh, hs), 0, len(rh) - 1)
-            prev += np.where(rh[pos] == hs, rn[pos], 0)
-        occ = np.empty(len(h), np.int64)
-        occ[order] = prev + np.arange(len(hs)) - group_start
-        if len(hs):
-            self.runs.append((hs[starts], np.diff(np.r_[np.flatnonzero(starts), len(hs)]).astype(np.uint32)))
-        while len(self.runs) > 1 and len(self.runs[-1][0]) * 2 > len(self.runs[-2][0]):
-            (ah, an), (bh, bn) = self.runs.pop(), self.runs.pop()
-            allh, alln = np.concatenate([bh, ah]), np.concatenate([bn, an])
-            o = np.argsort(allh, kind="stable")
-            allh, alln = allh[o], alln[o]
-            first = np.r_[True, allh[1:] != allh[:-1]]
-            self.runs.append((allh[first], np.add.reduceat(alln, np.flatnonzero(first)).astype(np.uint32)))
-        return occ
-
-
 class Planner:
     """Writes new shards' input files: retryable rows of closed shards first, then URL-list rows no shard holds.
 
     Iterating yields each new shard's id once its input file is durable (written under a temporary name, then
-    moved), so shards start while later ones are still being planned.
+    moved), so shards start while later ones are still being planned. Occurrence numbers and "a shard holds this
+    row already" come from the row index (`pipeline.row_index`, partitioned over actors in a job); when a
+    partition is lost the index is rebuilt from the input files and the pass starts again from the first row
+    (rows planned before the loss are in the index then, and are not planned twice).
     """
+
+    MAX_REBUILDS = 5
 
     def __init__(self, m: SourceManifest, out: str, opts: IngestOptions, st: L.ShardStates):
         self.m, self.out, self.opts, self.st = m, out, opts, st
         self.fs, self.root = fsspec.core.url_to_fs(out)
         self.files = check_url_lists(m)
-        self.keys, self.shards = L.current_shards(out, st)
+        self.index: RowIndex | None = None  # set before iterating (start_row_index in a job, RowIndex.local else)
         self.next_id = st.next_id
         self.rows_in = 0
         self.planned_rows = 0
@@ -339,20 +307,33 @@ class Planner:
         self._n = 0
 
     def __iter__(self) -> Iterator[int]:
-        for t in L.retryable_inputs(self.out, self.st, self.keys, self.shards, self.opts.max_attempts):
-            yield from self._push(t.select([*PLAN_COLUMNS, *self.m.extra_columns, "attempts"]))
-        occ = UrlOccurrences()
-        for batch in iter_url_list_parts(self.m, self.files):
-            self.rows_in += batch.num_rows
-            yield from self._push(self._fresh(batch, occ))
+        self.index = self.index or RowIndex.local(self.out)
+        while True:
+            try:
+                yield from self._pass()
+                break
+            except RowIndexLost as err:
+                if self.index.rebuilds >= self.MAX_REBUILDS:
+                    raise IngestError(f"the row index was lost {self.index.rebuilds + 1} times while planning ({err}); "
+                                      "check the cluster's nodes and re-run: planned shards are kept") from None
+                log.warning("%s: rebuilding it from the planned shards and re-reading the URL lists", err)
+                self._buf, self._n, self.rows_in = [], 0, 0  # rows not written to a shard yet are read again
+                self.index.rebuild()
         yield from self._cut(final=True)
         self.done = True
 
-    def _fresh(self, batch: pa.Table, occ: UrlOccurrences) -> pa.Table:
+    def _pass(self) -> Iterator[int]:
+        for t in L.retryable_inputs(self.out, self.st, self.index, self.opts.max_attempts):
+            yield from self._push(t.select([*PLAN_COLUMNS, *self.m.extra_columns, "attempts"]))
+        for batch in iter_url_list_parts(self.m, self.files):
+            self.rows_in += batch.num_rows
+            yield from self._push(self._fresh(batch))
+
+    def _fresh(self, batch: pa.Table) -> pa.Table:
         urls = batch["url"].to_pylist()
         digests = [netguard.url_hash(u) for u in urls]
-        h64 = np.array([int(d[:16], 16) for d in digests], np.uint64)
-        n = occ.add(h64)
+        h64 = h64_of_row_ids(digests)
+        n, seen = self.index.fresh(h64)
         row_ids = [f"{d}-{k}" for d, k in zip(digests, n.tolist())]
         rid64 = R.row_key64(h64, n)
         # a row the URL list could not give (pipeline.sources.BAD_ROW) is counted, never downloaded
@@ -366,10 +347,7 @@ class Planner:
             t = t.set_column(t.column_names.index("url"), "url", pa.array([u and netguard.mask_userinfo(u) for u in urls], pa.string()))
         t = t.append_column("prefilter", pa.array(prefilter, pa.string())).append_column("dup_of", pa.array(dup_of, pa.string()))
         t = t.append_column("attempts", pa.array(np.zeros(len(urls), np.int64)))
-        if len(self.keys):
-            pos = np.clip(np.searchsorted(self.keys, rid64), 0, len(self.keys) - 1)
-            t = t.filter(pa.array(self.keys[pos] != rid64))
-        return t
+        return t.filter(pa.array(~seen)) if seen.any() else t
 
     def _push(self, t: pa.Table) -> Iterator[int]:
         if t.num_rows:
@@ -390,6 +368,9 @@ class Planner:
             self.next_id += 1
             keys = [R.sample_key(sid, i, size) for i in range(take)]
             L.write_parquet_atomic(self.fs, R.input_path(self.root, sid), rows.append_column("key", pa.array(keys, pa.string())))
+            retried = rows.filter(pc.greater(rows["attempts"], 0))
+            if retried.num_rows:  # their records in closed shards stop being current (the index learns at `seal`)
+                self.index.add_planned(retried["row_id"], retried["rid64"].to_numpy(), sid)
             self.planned_rows += take
             yield sid
 
@@ -462,6 +443,7 @@ def run_ingest(manifest: SourceManifest | str, out: str, ray_address: str | None
     if fc["dedup_exact"] or fc["dedup_near"]:
         dedup = start_dedup(out, opts.dedup_actors or max(1, cpus // 16), fc["dedup_exact"], fc["dedup_near"],
                             fc["near_max_distance"])
+    planner.index = start_row_index(out, opts.row_index_actors or max(1, cpus // 16))
     task = ray.remote(num_cpus=1, max_retries=opts.task_retries, retry_exceptions=True)(download_shard)
     manifest_dump = m.model_dump()
 
@@ -545,14 +527,29 @@ def run_ingest(manifest: SourceManifest | str, out: str, ray_address: str | None
         fs.rm(f"{root}/{R.STAGING}", recursive=True)
 
     t_compact = time.time()
-    totals = L.compact(out)  # also callable on demand: pipeline.ledger.compact(out)
+    totals = _compact(out, planner.index)
     summary = _summarize(fs, root, totals, published, failed_shards, restarts, abandoned, time.time() - t_start)
-    summary |= {"rows_listed": planner.rows_in, "planning_s": round(planning_s, 3), "first_shard_s": first_shard_s,
+    summary |= {"rows_listed": planner.rows_in, "row_index_parts": len(planner.index.parts),
+                "row_index_rebuilds": planner.index.rebuilds, "planning_s": round(planning_s, 3), "first_shard_s": first_shard_s,
                 "compact_s": round(time.time() - t_compact, 3),
                 "fragment_write_ms": statistics.fmean([r["fragment_ms"] for r in published.values()] or [0.0])}
     with fs.open(f"{root}/{R.SUMMARY}", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _compact(out: str, index: RowIndex) -> dict:
+    """The ledger, with the job's row index told of every retried row planned (rebuilt when a partition is lost)."""
+    for attempt in range(Planner.MAX_REBUILDS + 1):
+        try:
+            index.seal()
+            return L.compact(out, index)  # also callable on demand: pipeline.ledger.compact(out)
+        except RowIndexLost as err:
+            if attempt == Planner.MAX_REBUILDS:
+                raise IngestError(f"the row index was lost {attempt + 1} times while compacting the ledger ({err}); "
+                                  "every shard is published: run pipeline.ledger.compact(out) on demand") from None
+            log.warning("%s: rebuilding it from the planned shards", err)
+            index.rebuild()
 
 
 def _summarize(fs, root, totals: dict, published, failed_shards, restarts, abandoned, duration) -> dict:

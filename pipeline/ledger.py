@@ -5,7 +5,8 @@ and published with the shard before its parquet (so a published shard always has
 failed all its retries gets a fragment written by the driver (kind `shard_failed`, every row failed_retryable).
 Fragments are never rewritten. A row retried in a later shard appears in both fragments: the record of the
 highest shard is the row's current one. `compact()` folds fragments, plus the inputs of shards still pending,
-into `_ledger.parquet` (one record per row) without holding more than 12 bytes per row in memory.
+into `_ledger.parquet` (one record per row), asking the row index (`pipeline.row_index`, partitioned by URL hash)
+which record of a row is current.
 
 States: pending (planned), ok, filtered (+reason, +dup_of), opted_out, failed_retryable, failed_permanent.
 """
@@ -17,13 +18,13 @@ import uuid
 from dataclasses import dataclass, field
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import rawshard as R
 from pipeline.netguard import url_hash
+from pipeline.row_index import RowIndex
 
 FAILED_STATES = ("opted_out", "failed_retryable", "failed_permanent")
 LEDGER_SCHEMA = pa.schema([
@@ -108,33 +109,9 @@ def iter_fragments(out: str, columns: list[str]):
         yield _read(fs, R.fragment_path(root, sid), columns)
 
 
-def current_shards(out: str, st: ShardStates) -> tuple[np.ndarray, np.ndarray]:
-    """(row keys sorted, the shard holding each row's current record): every planned row, 12 bytes each."""
-    fs, root = _fs(out)
-    keys, shards = [], []
-    for sid in sorted(st.planned):
-        k = _read(fs, R.input_path(root, sid), ["rid64"]).column("rid64").to_numpy()
-        keys.append(k)
-        shards.append(np.full(len(k), sid, np.int32))
-    if not keys:
-        return np.zeros(0, np.uint64), np.zeros(0, np.int32)
-    k, s = np.concatenate(keys), np.concatenate(shards)
-    order = np.lexsort((s, k))  # by key, then shard: the last of each key's run is its current shard
-    k, s = k[order], s[order]
-    last = np.ones(len(k), bool)
-    last[:-1] = k[1:] != k[:-1]
-    return k[last], s[last]
-
-
-def is_current(keys: np.ndarray, shards: np.ndarray, rid64: np.ndarray, sid: int) -> np.ndarray:
-    """Mask of rows (by key) whose current record is in shard `sid`."""
-    pos = np.clip(np.searchsorted(keys, rid64), 0, max(len(keys) - 1, 0))
-    return (keys[pos] == rid64) & (shards[pos] == sid) if len(keys) else np.zeros(len(rid64), bool)
-
-
-def retryable_inputs(out: str, st: ShardStates, keys: np.ndarray, shards: np.ndarray, max_attempts: int):
-    """Yields input-row tables (one per closed shard) of rows whose current record is failed_retryable with
-    fewer than `max_attempts` downloads; `attempts` is set to the fragment's count."""
+def retryable_inputs(out: str, st: ShardStates, index: RowIndex, max_attempts: int):
+    """Yields input-row tables (one per closed shard) of rows whose current record (by `index`) is
+    failed_retryable with fewer than `max_attempts` downloads; `attempts` is set to the fragment's count."""
     fs, root = _fs(out)
     for sid in sorted(st.closed):
         path = R.fragment_path(root, sid)
@@ -142,9 +119,10 @@ def retryable_inputs(out: str, st: ShardStates, keys: np.ndarray, shards: np.nda
             meta = pq.read_schema(f).metadata or {}
         if int(meta.get(RETRYABLE, b"1")) == 0:
             continue
-        frag = _read(fs, path, ["rid64", "state", "attempts"])
+        frag = _read(fs, path, ["row_id", "rid64", "state", "attempts"])
         mask = pc.and_(pc.equal(frag["state"], "failed_retryable"), pc.less(frag["attempts"], max_attempts)).to_numpy(zero_copy_only=False)
-        mask &= is_current(keys, shards, frag["rid64"].to_numpy(), sid)
+        if mask.any():
+            mask &= index.current(frag["row_id"], frag["rid64"].to_numpy(), sid)
         if not mask.any():
             continue
         wanted = frag.filter(pa.array(mask))
@@ -154,12 +132,15 @@ def retryable_inputs(out: str, st: ShardStates, keys: np.ndarray, shards: np.nda
         yield rows.set_column(rows.schema.get_field_index("attempts"), "attempts", wanted["attempts"])
 
 
-def compact(out: str) -> dict:
+def compact(out: str, index: RowIndex | None = None) -> dict:
     """Write `_ledger.parquet` (one current record per row; pending shards' rows as `pending`) and return
-    the totals: rows, states, ok/failed/filtered with reasons."""
+    the totals: rows, states, ok/failed/filtered with reasons.
+
+    `index` (a job's partitioned row index, loaded after the last shard was planned) says which record of a
+    retried row is current; without one, a local index is built here (12 bytes per row in this process)."""
     st = scan(out)
     fs, root = _fs(out)
-    keys, shards = current_shards(out, st)
+    index = index or RowIndex.local(out)
     states: collections.Counter[str] = collections.Counter()
     failed: collections.Counter[str] = collections.Counter()
     filtered: collections.Counter[str] = collections.Counter()
@@ -170,7 +151,7 @@ def compact(out: str) -> dict:
                 t = _read(fs, R.fragment_path(root, sid))
             else:
                 t = pending_records(_read(fs, R.input_path(root, sid)), sid)
-            t = t.filter(pa.array(is_current(keys, shards, t["rid64"].to_numpy(), sid)))
+            t = t.filter(pa.array(index.current(t["row_id"], t["rid64"].to_numpy(), sid)))
             w.write_table(t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA))
             for s, reason in zip(t["state"].to_pylist(), t["reason"].to_pylist()):
                 states[s] += 1

@@ -122,22 +122,3 @@ def test_missing_url_column_fails_before_any_download(ray_cluster, web, tmp_path
     with pytest.raises(UrlListError, match="'url'"):
         run_ingest(_manifest(str(tmp_path / "l.parquet")), str(tmp_path / "out"), allow_networks=LOOPBACK)
     assert sum(web.hits.values()) == 0
-
-
-def test_url_occurrences_number_every_row_like_a_dict_counter_across_many_batches():
-    """The planner's occurrence numbers (row ids `<hash>-<n>`, duplicate URLs) equal a plain dict's, whatever the
-    batch sizes and however its sorted runs merged."""
-    import numpy as np
-
-    from pipeline.ingest import UrlOccurrences
-
-    rng = np.random.default_rng(0)
-    occ, seen = UrlOccurrences(), {}
-    for size in [*rng.integers(0, 700, 60), 5_000]:
-        h = rng.integers(0, 3_000, size).astype(np.uint64)  # many repeats within and across batches
-        want = []
-        for x in h.tolist():
-            want.append(seen.get(x, 0))
-            seen[x] = want[-1] + 1
-        assert occ.add(h).tolist() == want
-    assert len(occ) <= 2 * len(seen) and len(occ.runs) <= 8  # merged: few runs, each hash in few of them

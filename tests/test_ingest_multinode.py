@@ -21,7 +21,7 @@ from pipeline.ingest import run_ingest
 from pipeline.sources import SourceManifest
 m = SourceManifest.model_validate_json(sys.argv[1])
 s = run_ingest(m, sys.argv[2], shard_size=2, allow_networks=("127.0.0.0/8",), ray_address=sys.argv[3], timeout=60,
-               dedup_actors=4, thread_count=4)
+               dedup_actors=4, row_index_actors=3, thread_count=4)
 print("SUMMARY " + json.dumps(s))
 """
 
@@ -42,7 +42,7 @@ def _summary(proc, timeout=90):
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("SUMMARY "))[8:])
 
 
-def test_job_survives_losing_the_node_of_a_dedup_actor_and_shards_spread_over_nodes(web, tmp_path):
+def test_job_survives_losing_the_node_of_a_dedup_and_a_row_index_actor_and_shards_spread_over_nodes(web, tmp_path):
     from pipeline.sources import SourceManifest
 
     for i in range(12):
@@ -60,10 +60,13 @@ def test_job_survives_losing_the_node_of_a_dedup_actor_and_shards_spread_over_no
         killed = None
         deadline = time.time() + 90
         while killed is None and time.time() < deadline and proc.poll() is None:
-            # mid-job: a shard published, others running; kill the whole worker node hosting a dedup actor
+            # mid-job: a shard published, others running; kill the whole worker node hosting a row-index partition
+            # (and a dedup shard, when one node hosts both)
             if glob.glob(f"{out}/_fragments/*.parquet"):
-                hosts = [node_of_process(cluster, pid) for pid in processes_named("DedupShard")]
-                victim = next((n for n in hosts if n is not None and n in cluster.worker_nodes), None)
+                index_hosts = {node_of_process(cluster, pid) for pid in processes_named("RowIndexPart")}
+                dedup_hosts = {node_of_process(cluster, pid) for pid in processes_named("DedupShard")}
+                workers = [n for n in cluster.worker_nodes if n in index_hosts]
+                victim = next((n for n in workers if n in dedup_hosts), workers[0] if workers else None)
                 if victim is not None:
                     cluster.remove_node(victim, allow_graceful=False)
                     killed = victim
@@ -73,6 +76,7 @@ def test_job_survives_losing_the_node_of_a_dedup_actor_and_shards_spread_over_no
         assert killed is not None, "the job ended before a node could be killed"
         assert not Path(f"{out}/_staging").exists() or not any(Path(f"{out}/_staging").iterdir())
         assert s["shards_failed"] == {} and s["rows_in"] == len(urls) == s["ok"] + s["filtered"]
+        assert s["row_index_parts"] == 3 and s["row_index_rebuilds"] >= 1  # rebuilt from the planned shards
         assert s["filtered_by_reason"] == {"duplicate_exact": 1} and s["ok"] == 12
         assert len(s["shards_by_node"]) >= 2  # tasks ran on several nodes
         # every input row exactly once across the shard parquets; every kept image in exactly one tar

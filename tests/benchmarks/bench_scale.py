@@ -5,7 +5,8 @@ Three parts, each printing a table:
   is the pipeline's, not the network's): peak RSS of the driver process and of the job's whole process tree (driver +
   Ray's gcs/raylet/workers), planning time, job time per row, ledger fragment bytes and write time per shard,
   compaction time. `--baseline-root OTHER_CHECKOUT` runs the same child with another checkout's code (side by side).
-- `plan`: the streaming planner alone on N rows (no Ray): time, time per row, peak RSS.
+- `plan`: the streaming planner alone on N rows, its row index in the driver (0 actors) or over K actors: time,
+  time per row, peak RSS of the driver and of its process tree.
 - `dedup`: cost per claim (exact + near, random 64-bit dHashes, batches of 100 as a shard task sends them) vs the
   index size, for one in-process `DedupShard` (what one actor does) and the pre-issue-11 single `DedupIndex`.
 
@@ -133,41 +134,51 @@ def run_e2e(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def child_plan(lst: str, out: str, batch: int) -> None:
-    import resource
-
+def child_plan(lst: str, out: str, index_actors: int) -> None:
     from pipeline import ledger as L
     from pipeline.ingest import IngestOptions, Planner
     from pipeline.sources import SourceManifest
 
     m = SourceManifest(name="scale", task="gen", url_lists=[lst])
     os.makedirs(f"{out}/_inputs", exist_ok=True)
-    t = time.time()
     planner = Planner(m, out, IngestOptions(shard_size=1000), L.scan(out))
+    if index_actors:  # the job's partitioned index, on a local Ray (the driver routes batches only)
+        from pipeline.row_index import start_row_index
+        from synergen.local_ray import init_ray
+
+        init_ray(num_cpus=2, log_to_driver=False)
+        planner.index = start_row_index(out, index_actors)
+    t = time.time()
     shards = sum(1 for _ in planner)
-    dt = time.time() - t
-    print("RESULT " + json.dumps({"rows": planner.rows_in, "shards": shards, "s": dt,
-                                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print("RESULT " + json.dumps({"rows": planner.rows_in, "shards": shards, "s": time.time() - t}), flush=True)
 
 
 def run_plan(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
-    print("plan: the streaming planner alone (reads the list, writes every shard's input file); loaded shared machine")
-    print(f"{'rows':>9} {'shards':>7} {'plan s':>7} {'us/row':>7} {'peak RSS MiB':>12}")
+    print("plan: the streaming planner (reads the list, writes every shard's input file), its row index in-process "
+          "(index actors 0) or partitioned over actors; peak RSS of the driver and of its process tree (Ray's "
+          "processes and the index actors); loaded shared machine")
+    print(f"{'rows':>9} {'actors':>6} {'shards':>7} {'plan s':>7} {'us/row':>7} {'driver MiB':>10} {'tree MiB':>9}")
     try:
         for n in args.rows:
             lst = work / f"l{n}.parquet"
             write_list(lst, n, "http://127.0.0.1:9")
-            out = work / f"out{n}"
-            r = subprocess.run([sys.executable, __file__, "child-plan", str(lst), str(out), str(args.batch)],
-                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-            line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{n:>9} failed: {r.stderr[-500:]}")
-                continue
-            s = json.loads(line[7:])
-            print(f"{n:>9} {s['shards']:>7} {s['s']:>7.1f} {1e6 * s['s'] / n:>7.2f} {s['rss_mib']:>12.0f}", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+            for k in args.index_actors:
+                out = work / f"out{n}-{k}"
+                p = subprocess.Popen([sys.executable, __file__, "child-plan", str(lst), str(out), str(k)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+                rss = PeakRss(p.pid)
+                stdout, _ = p.communicate()
+                rss.stop()
+                line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"{n:>9} {k:>6} failed (exit {p.returncode})")
+                    continue
+                s = json.loads(line[7:])
+                print(f"{n:>9} {k:>6} {s['shards']:>7} {s['s']:>7.1f} {1e6 * s['s'] / n:>7.2f} "
+                      f"{rss.peak_self / 2**20:>10.0f} {rss.peak_tree / 2**20:>9.0f}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
             lst.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -269,7 +280,8 @@ def main() -> None:
     e.add_argument("--baseline-root", default=None, help="another checkout (e.g. of an older commit) run side by side")
     p = sub.add_parser("plan")
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 1_000_000])
-    p.add_argument("--batch", type=int, default=65536)
+    p.add_argument("--index-actors", type=int, nargs="+", default=[0, 2],
+                   help="row-index partitions as actors (0: one in the driver, the pre-partitioning layout)")
     d = sub.add_parser("dedup")
     d.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     d.add_argument("--claims", type=int, default=2000)
