@@ -133,25 +133,43 @@ class RowIndex:
     (`start_row_index`); the index loads every planned shard's rows into them (streaming the input files).
     """
 
-    def __init__(self, out: str, make_parts: Callable[[], list]):
+    LOAD_FILES = 64  # input files per loading task
+
+    def __init__(self, out: str, make_parts: Callable[[], list], load: bool = True):
         self.out, self._make = out, make_parts
         self.rebuilds = -1
-        self.rebuild()
+        if load:
+            self.rebuild()
+        else:
+            self.parts = make_parts()
 
     @classmethod
     def local(cls, out: str) -> RowIndex:
         """One partition in this process: 12 bytes per planned row (on-demand compaction, benchmarks)."""
         return cls(out, lambda: [RowIndexPart()])
 
+    @property
+    def remote(self) -> bool:
+        return not isinstance(self.parts[0], RowIndexPart)
+
     def rebuild(self) -> None:
-        """Fresh partitions, loaded from the input files of every planned shard."""
+        """Fresh partitions, loaded from the input files of every planned shard: by Ray tasks when the partitions
+        are actors (each task reads a slice of the files and sends their rows to the partitions owning them)."""
         self.parts = self._make()
         self.rebuilds += 1
         fs, root = fsspec.core.url_to_fs(self.out)
-        for path in sorted(fs.glob(f"{root}/{R.INPUTS}/[0-9]*.parquet")):
-            with fs.open(path, "rb") as f:
-                t = pq.read_table(f, columns=["row_id", "rid64"])
-            self.add_planned(t["row_id"], t["rid64"].to_numpy(), R.shard_id_of(path))
+        paths = sorted(fs.glob(f"{root}/{R.INPUTS}/[0-9]*.parquet"))
+        if self.remote and paths:
+            import ray
+
+            # no CPU reserved: a rebuild mid-job must not queue behind the shard tasks holding every CPU
+            task = ray.remote(num_cpus=0, max_retries=3)(load_planned)
+            slices = [paths[i:i + self.LOAD_FILES] for i in range(0, len(paths), self.LOAD_FILES)]
+            lost = [e for e in ray.get([task.remote(self.out, p, self.parts) for p in slices]) if e]
+            if lost:
+                raise RowIndexLost(lost[0])
+        else:
+            load_planned(self.out, paths, self.parts)
         self.seal()
 
     def fresh(self, h64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,9 +179,10 @@ class RowIndex:
             n[sel], seen[sel] = pn, pseen
         return n, seen
 
-    def add_planned(self, row_ids, rid64: np.ndarray, sid: int) -> None:
-        """Rows already in the index planned again in shard `sid` (retried): `seal()` before asking `current`."""
-        self._send("add_planned", {k: (rid64[sel], sid) for k, sel in self._route(h64_of_row_ids(row_ids)).items()})
+    def add_planned(self, row_ids, rid64: np.ndarray, sid: int) -> dict:
+        """Rows planned in shard `sid` (after loading: rows already in the index retried there); `seal()` before
+        asking `current`. Returns what was sent (object refs for actors: a caller may wait for them)."""
+        return self._send("add_planned", {k: (rid64[sel], sid) for k, sel in self._route(h64_of_row_ids(row_ids)).items()})
 
     def seal(self) -> None:
         self._gather(self._send("seal", {k: () for k in range(len(self.parts))}))
@@ -188,12 +207,12 @@ class RowIndex:
         return {k: sel for k, sel in sels.items() if len(sel)}
 
     def _send(self, method: str, per_part: dict[int, tuple]) -> dict:
-        if isinstance(self.parts[0], RowIndexPart):
+        if not self.remote:
             return {k: getattr(self.parts[k], method)(*a) for k, a in per_part.items()}
         return {k: getattr(self.parts[k], method).remote(*a) for k, a in per_part.items()}
 
     def _gather(self, sent: dict) -> dict:
-        if isinstance(self.parts[0], RowIndexPart):
+        if not self.remote:
             return sent
         import ray
 
@@ -201,6 +220,21 @@ class RowIndex:
             return dict(zip(sent, ray.get(list(sent.values()))))
         except ray.exceptions.RayActorError as err:
             raise RowIndexLost(f"a row-index partition died ({str(err).splitlines()[0][:200]})") from None
+
+
+def load_planned(out: str, paths: list[str], parts: list) -> str | None:
+    """Send the planned rows of these input files to the partitions owning them and wait until they have them
+    (so the loader's `seal`, called after every loader returned, sees them). Returns why, if a partition died."""
+    index = RowIndex(out, lambda: parts, load=False)
+    fs, _ = fsspec.core.url_to_fs(out)
+    try:
+        for path in paths:
+            with fs.open(path, "rb") as f:
+                t = pq.read_table(f, columns=["row_id", "rid64"])
+            index._gather(index.add_planned(t["row_id"], t["rid64"].to_numpy(), R.shard_id_of(path)))
+    except RowIndexLost as err:
+        return str(err)
+    return None
 
 
 def start_row_index(out: str, n_parts: int) -> RowIndex:

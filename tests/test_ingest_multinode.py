@@ -21,7 +21,7 @@ from pipeline.ingest import run_ingest
 from pipeline.sources import SourceManifest
 m = SourceManifest.model_validate_json(sys.argv[1])
 s = run_ingest(m, sys.argv[2], shard_size=2, allow_networks=("127.0.0.0/8",), ray_address=sys.argv[3], timeout=60,
-               dedup_actors=4, row_index_actors=3, thread_count=4)
+               dedup_actors=4, row_index_actors=6, thread_count=4)
 print("SUMMARY " + json.dumps(s))
 """
 
@@ -57,13 +57,14 @@ def test_job_survives_losing_the_node_of_a_dedup_and_a_row_index_actor_and_shard
     out = str(tmp_path / "out")
     with multinode_cluster(workers=3) as (cluster, _):
         proc = _driver(m, out, cluster.address)
-        killed = None
+        killed, seen = None, set()
         deadline = time.time() + 90
         while killed is None and time.time() < deadline and proc.poll() is None:
             # mid-job: a shard published, others running; kill the whole worker node hosting a row-index partition
             # (and a dedup shard, when one node hosts both)
             if glob.glob(f"{out}/_fragments/*.parquet"):
                 index_hosts = {node_of_process(cluster, pid) for pid in processes_named("RowIndexPart")}
+                seen |= {"head" if n is cluster.head_node else "worker" if n else "unknown" for n in index_hosts}
                 dedup_hosts = {node_of_process(cluster, pid) for pid in processes_named("DedupShard")}
                 workers = [n for n in cluster.worker_nodes if n in index_hosts]
                 victim = next((n for n in workers if n in dedup_hosts), workers[0] if workers else None)
@@ -73,10 +74,10 @@ def test_job_survives_losing_the_node_of_a_dedup_and_a_row_index_actor_and_shard
             time.sleep(0.1)
         web.release()
         s = _summary(proc)
-        assert killed is not None, "the job ended before a node could be killed"
+        assert killed is not None, f"the job ended before a node could be killed (row-index partitions on: {seen})"
         assert not Path(f"{out}/_staging").exists() or not any(Path(f"{out}/_staging").iterdir())
         assert s["shards_failed"] == {} and s["rows_in"] == len(urls) == s["ok"] + s["filtered"]
-        assert s["row_index_parts"] == 3 and s["row_index_rebuilds"] >= 1  # rebuilt from the planned shards
+        assert s["row_index_parts"] == 6 and s["row_index_rebuilds"] >= 1  # rebuilt from the planned shards
         assert s["filtered_by_reason"] == {"duplicate_exact": 1} and s["ok"] == 12
         assert len(s["shards_by_node"]) >= 2  # tasks ran on several nodes
         # every input row exactly once across the shard parquets; every kept image in exactly one tar

@@ -1,6 +1,6 @@
 """Benchmark: does ingest's driver stay flat as the URL list grows? (issue 11)
 
-Three parts, each printing a table:
+Four parts, each printing a table:
 - `e2e`: `run_ingest` on N rows whose URLs are all refused at once on loopback (as the issue measured; so the cost
   is the pipeline's, not the network's): peak RSS of the driver process and of the job's whole process tree (driver +
   Ray's gcs/raylet/workers), planning time, job time per row, ledger fragment bytes and write time per shard,
@@ -9,11 +9,14 @@ Three parts, each printing a table:
   time per row, peak RSS of the driver and of its process tree.
 - `dedup`: cost per claim (exact + near, random 64-bit dHashes, batches of 100 as a shard task sends them) vs the
   index size, for one in-process `DedupShard` (what one actor does) and the pre-issue-11 single `DedupIndex`.
+- `tokenize`: the tokenize driver's peak RSS and CPU vs number of shards and samples (runs
+  bench_tokenize_scale.py: the driver-assembles baseline and ours, alternating).
 
 Run (the machine is shared: big sizes in the background):
   PYTHONPATH=$PWD python tests/benchmarks/bench_scale.py e2e --rows 10000 100000 1000000
   PYTHONPATH=$PWD python tests/benchmarks/bench_scale.py plan --rows 10000 1000000 10000000
   PYTHONPATH=$PWD python tests/benchmarks/bench_scale.py dedup --sizes 10000 100000 1000000 10000000
+  PYTHONPATH=$PWD python tests/benchmarks/bench_scale.py tokenize --sizes 8x4,64x4,8x64
 """
 
 from __future__ import annotations
@@ -267,6 +270,12 @@ def run_dedup(args) -> None:
         print(f"{n:>10} {ours:>13.1f} {old:>12.1f} {old / ours:>14.1f} {fill:>11.1f}", flush=True)
 
 
+def run_tokenize(args) -> None:
+    """Tokenize driver RSS and CPU vs number of shards: the table of bench_tokenize_scale.py (baseline side by side)."""
+    subprocess.run([sys.executable, str(Path(__file__).with_name("bench_tokenize_scale.py")), "--sizes", args.sizes],
+                   check=True)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child-e2e":
         return child_e2e(sys.argv[2], sys.argv[3], int(sys.argv[4]))
@@ -286,8 +295,10 @@ def main() -> None:
     d.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     d.add_argument("--claims", type=int, default=2000)
     d.add_argument("--old-max", type=int, default=1_000_000, help="largest size run with the old index")
+    t = sub.add_parser("tokenize")
+    t.add_argument("--sizes", default="8x4,64x4,8x64", help="SHARDSxSAMPLES_PER_SHARD, comma-separated")
     args = ap.parse_args()
-    {"e2e": run_e2e, "plan": run_plan, "dedup": run_dedup}[args.part](args)
+    {"e2e": run_e2e, "plan": run_plan, "dedup": run_dedup, "tokenize": run_tokenize}[args.part](args)
 
 
 if __name__ == "__main__":
