@@ -145,20 +145,26 @@ def compact(out: str, index: RowIndex | None = None) -> dict:
     failed: collections.Counter[str] = collections.Counter()
     filtered: collections.Counter[str] = collections.Counter()
     tmp = f"{root}/{R.LEDGER}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, LEDGER_SCHEMA) as w:
-        for sid in sorted(st.planned | st.closed):
-            if sid in st.closed:
-                t = _read(fs, R.fragment_path(root, sid))
-            else:
-                t = pending_records(_read(fs, R.input_path(root, sid)), sid)
-            t = t.filter(pa.array(index.current(t["row_id"], t["rid64"].to_numpy(), sid)))
-            w.write_table(t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA))
-            for s, reason in zip(t["state"].to_pylist(), t["reason"].to_pylist()):
-                states[s] += 1
-                if s in FAILED_STATES:
-                    failed[reason] += 1
-                elif s == "filtered":
-                    filtered[reason] += 1
+    try:
+        with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, LEDGER_SCHEMA) as w:
+            for sid in sorted(st.planned | st.closed):
+                if sid in st.closed:
+                    t = _read(fs, R.fragment_path(root, sid))
+                else:
+                    t = pending_records(_read(fs, R.input_path(root, sid)), sid)
+                t = t.filter(pa.array(index.current(t["row_id"], t["rid64"].to_numpy(), sid)))
+                w.write_table(t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA))
+                for g in t.group_by(["state", "reason"]).aggregate([("state", "count")]).to_pylist():
+                    s, reason, n = g["state"], g["reason"], g["state_count"]
+                    states[s] += n
+                    if s in FAILED_STATES:
+                        failed[reason] += n
+                    elif s == "filtered":
+                        filtered[reason] += n
+    except BaseException:
+        if fs.exists(tmp):  # a lost row-index partition, a bad fragment: no half-written ledger left behind
+            fs.rm(tmp)
+        raise
     fs.mv(tmp, f"{root}/{R.LEDGER}")
     return {"rows": int(sum(states.values())), "ok": states["ok"], "failed": int(sum(failed.values())),
             "filtered": int(sum(filtered.values())), "pending": states["pending"], "states": dict(states),

@@ -95,7 +95,13 @@ def test_straggler_shard_gets_a_second_attempt_and_publishes_once(ray_cluster, w
     paths = ["slow/4/i0.jpg", "files/i1.jpg"]
     m, _, urls = _setup(web, tmp_path, paths, 2)
     out = str(tmp_path / "out")
-    threading.Timer(1.5, web.unslow).start()  # the first attempt is stuck in its sleep; a second one is fast
+    def unslow_after_first_request():  # the first attempt is stuck in its sleep; a second one is fast
+        deadline = time.time() + 60
+        while not web.hits.get("/slow/4/i0.jpg") and time.time() < deadline:
+            time.sleep(0.02)
+        web.unslow()
+
+    threading.Thread(target=unslow_after_first_request, daemon=True).start()
     s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=10, shard_deadline_s=1.0,
                    shard_wall_s=120)
     assert s["straggler_restarts"] == 1 and s["ok"] == 2 and s["shards_total"] == 1

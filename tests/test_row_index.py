@@ -115,7 +115,7 @@ def test_planner_rebuilds_a_lost_index_partition_mid_list_and_plans_every_row_on
     import ray
 
     from pipeline import ledger as L
-    from pipeline.ingest import IngestOptions, Planner
+    from pipeline.ingest import IngestOptions, Planner, _compact
     from pipeline.row_index import start_row_index
     from pipeline.sources import SourceManifest
 
@@ -132,6 +132,11 @@ def test_planner_rebuilds_a_lost_index_partition_mid_list_and_plans_every_row_on
             ray.kill(planner.index.parts[1])
             sids = first + list(it)
             assert planner.index.rebuilds == 1 and len(planner.index.parts) == 3
+            # compaction after another loss: rebuilt again, one record per row, no half-written ledger left
+            ray.kill(planner.index.parts[0])
+            totals = _compact(str(out), planner.index)
+            assert planner.index.rebuilds == 2 and totals["rows"] == totals["pending"] == 120
+            assert pq.read_table(out / R.LEDGER).num_rows == 120 and not list(out.glob("*.tmp-*"))
         else:
             sids = list(planner)
         assert sids == list(range(12)) and planner.planned_rows == 120 and planner.rows_in == 120
