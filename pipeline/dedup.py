@@ -5,8 +5,10 @@ one atomic step (claim = look up, insert on a miss; the bytes stay registered to
 it turns out a near duplicate, so a later copy names that row and the chain leads to the keeper). Near
 duplicates (64-bit dHash within `max_distance` bits) are found through `BandKeys` buckets; each bucket lives on
 one shard, where a probe is one vectorised XOR + popcount over the candidates of a whole batch. A near claim
-probes its keys' owners, then commits to them when nothing matched; two near-duplicates claimed at the same
-instant by different tasks can both be kept (never both dropped).
+probes its keys' owners at once (most duplicates are decided there), then, when nothing matched, probes and
+inserts owner by owner in ascending shard order, each step atomic on its shard: two near-duplicates share a key,
+so of two claimed at the same instant by different tasks the one first at the lowest shard owning a shared key
+is kept and the other finds it (never both kept, never both dropped).
 
 Claims are idempotent: a row that kept its image finds itself on a re-claim and keeps it again; a duplicate
 finds the same keeper. Every shard rebuilds its part of the index from the published ledger fragments when it
@@ -75,6 +77,7 @@ class DedupShard:
         self._bulk: list[list[tuple]] = [[] for _ in range(n_keys)]  # add_many chunks not merged yet
         self._delta: list[dict[int, list]] = [{} for _ in range(n_keys)]  # value -> [(hash, row-id index)]
         self._n_delta = 0
+        self._withdrawn: set[str] = set()  # rows whose entries stay but no longer count (see `withdraw`)
         if rebuild_from is not None:
             self._rebuild(rebuild_from)
 
@@ -181,14 +184,35 @@ class DedupShard:
                     hits += [(j, r) for dh, r in delta.get(v, ()) if (dh ^ h).bit_count() <= self.max_distance]
         for j, r in hits:
             rid = self._rids[r].decode()
+            if rid in self._withdrawn:
+                continue
             if rid == probes[j][0]:
                 out[j] = ""
             elif out[j] is None:
                 out[j] = rid
         return out
 
+    def probe_insert(self, claims: list[list[tuple[str, int, int]]]) -> list[str | None]:
+        """Per claim (its (row_id, phash, key) entries this shard owns), in order, one atomic step: a kept row within
+        max_distance when there is one (nothing inserted), else None after inserting what is not there yet (""
+        found: the claimer's own entries, a retry)."""
+        out: list[str | None] = []
+        for entries in claims:
+            found = self.probe(entries)
+            if "" not in found and any(found):
+                out.append(next(f for f in found if f))
+                continue
+            self.commit([e for e, f in zip(entries, found) if f != ""])
+            out.append(None)
+        return out
+
+    def withdraw(self, rids: list[str]) -> None:
+        """Rows that inserted entries here, then found a near row at a later shard: probes no longer see them."""
+        self._withdrawn.update(rids)
+
     def commit(self, entries: list[tuple[str, int, int]]) -> None:
         """Insert kept (row_id, phash, key) entries (the claimer found none of them there)."""
+        self._withdrawn.difference_update({rid for rid, _, _ in entries})
         last_rid, last_idx = None, 0
         for rid, h, k in entries:
             if rid != last_rid:
@@ -242,7 +266,6 @@ class Dedup:
                 where_near.setdefault(i, []).append((k, len(probes.setdefault(k, []))))
                 probes[k].append((rid, h, b))
         answers = self._call("probe", probes)
-        commits: dict[int, list] = {}
         # near pairs inside this batch (claims the shards cannot know yet): one popcount over all pairs
         order = list(where_near)
         hb = np.array([claims[i][2] for i in order], np.uint64)
@@ -259,12 +282,32 @@ class Dedup:
             if earlier is not None:
                 decisions[i] = ("duplicate_near", claims[order[earlier]][0])
                 continue
-            kept_here.add(pos)  # kept before (a retry: already stored), or nothing near: keep
-            if "" not in found:
-                for k, j in where_near[i]:
-                    commits.setdefault(k, []).append(probes[k][j])
-        self._call("commit", commits)
+            kept_here.add(pos)  # kept before (a retry: already stored), or nothing near so far
+        self._insert(claims, [order[p] for p in sorted(kept_here)], where_near, probes, decisions)
         return decisions
+
+    def _insert(self, claims, todo: list[int], where_near: dict, probes: dict, decisions: list) -> None:
+        """Insert the claims nothing near was found for, owner by owner in ascending shard order, each step one
+        atomic probe-and-insert on its shard. Two near-duplicates share a band-pair key, so at the lowest shard
+        owning a shared key one of two claimed at once by different tasks arrives first and the other finds it:
+        exactly one is kept. A claim that finds a near row at a later shard withdraws what it inserted before."""
+        inserted: dict[int, list[int]] = {}
+        for k in sorted({k for i in todo for k, _ in where_near[i]}):
+            batch = [i for i in todo if decisions[i] is None and any(kk == k for kk, _ in where_near[i])]
+            if not batch:
+                continue
+            answer = self._call("probe_insert", {k: [[probes[k][j] for kk, j in where_near[i] if kk == k] for i in batch]})[k]
+            for i, found in zip(batch, answer):
+                if found:
+                    decisions[i] = ("duplicate_near", found)
+                else:
+                    inserted.setdefault(i, []).append(k)
+        withdraw: dict[int, list[str]] = {}
+        for i, shards in inserted.items():
+            if decisions[i] is not None:
+                for k in shards:
+                    withdraw.setdefault(k, []).append(claims[i][0])
+        self._call("withdraw", withdraw)
 
 
 def start_dedup(out: str, n_actors: int, exact: bool, near: bool, max_distance: int) -> Dedup:

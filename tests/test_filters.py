@@ -123,3 +123,31 @@ def test_restarted_dedup_actor_rebuilds_its_index_from_ledger_fragments(ray_clus
         ray_cluster.kill(shard, no_restart=False)
     assert d.claim_many([("new-2", "a" * 64, h ^ 2)]) == [("duplicate_exact", "kept-0")]
     assert d.claim_many([("new-3", "c" * 64, h ^ 3)]) == [("duplicate_near", "kept-0")]
+
+
+def test_near_duplicates_claimed_at_once_by_two_tasks_keep_exactly_one_of_each_pair(ray_cluster, tmp_path):
+    """Two claimers (as two shard tasks) claim the two halves of 300 near-duplicate pairs at the same time, in
+    small batches, over 4 dedup actors: of every pair exactly one is kept and the other names it."""
+    import threading
+
+    d = start_dedup(str(tmp_path), 4, exact=False, near=True, max_distance=4)
+    bases = np.random.default_rng(1).integers(0, 2**63, 300, dtype=np.uint64)  # random: far apart
+    halves = {"a": [(f"a{i}", None, int(h)) for i, h in enumerate(bases)],
+              "b": [(f"b{i}", None, int(h) ^ 0b1011) for i, h in enumerate(bases)]}  # 3 bits from its twin
+    got: dict[str, list] = {}
+    barrier = threading.Barrier(2)
+
+    def claim(name):
+        barrier.wait()
+        got[name] = [x for s in range(0, 300, 3) for x in d.claim_many(halves[name][s:s + 3])]
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in halves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(300):
+        a, b = got["a"][i], got["b"][i]
+        assert (a is None) != (b is None), (i, a, b)
+        assert (a or b) in (("duplicate_near", f"a{i}"), ("duplicate_near", f"b{i}"))
+        assert (a or b)[1] != f"{'a' if a else 'b'}{i}"  # the dropped one names its twin, not itself
