@@ -193,17 +193,22 @@ class DedupShard:
         return out
 
     def probe_insert(self, claims: list[list[tuple[str, int, int]]]) -> list[str | None]:
-        """Per claim (its (row_id, phash, key) entries this shard owns), in order, one atomic step: a kept row within
-        max_distance when there is one (nothing inserted), else None after inserting what is not there yet (""
-        found: the claimer's own entries, a retry)."""
+        """Per claim (its (row_id, phash, key) entries this shard owns), in one atomic step for the whole batch: a
+        kept row within max_distance when there is one (nothing inserted), else None after inserting what is not
+        there yet ("" found: the claimer's own entries, a retry). One probe covers the batch: a claimer's batch
+        holds no two claims near each other (the claimer settles those itself, `Dedup.claim_many`)."""
+        found = self.probe([e for entries in claims for e in entries])
         out: list[str | None] = []
+        commits: list[tuple[str, int, int]] = []
+        pos = 0
         for entries in claims:
-            found = self.probe(entries)
-            if "" not in found and any(found):
-                out.append(next(f for f in found if f))
+            mine, pos = found[pos:pos + len(entries)], pos + len(entries)
+            if "" not in mine and any(mine):
+                out.append(next(f for f in mine if f))
                 continue
-            self.commit([e for e, f in zip(entries, found) if f != ""])
+            commits += [e for e, f in zip(entries, mine) if f != ""]
             out.append(None)
+        self.commit(commits)
         return out
 
     def withdraw(self, rids: list[str]) -> None:
