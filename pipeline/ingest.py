@@ -292,8 +292,6 @@ class Planner:
     (rows planned before the loss are in the index then, and are not planned twice).
     """
 
-    MAX_REBUILDS = 5
-
     def __init__(self, m: SourceManifest, out: str, opts: IngestOptions, st: L.ShardStates):
         self.m, self.out, self.opts, self.st = m, out, opts, st
         self.fs, self.root = fsspec.core.url_to_fs(out)
@@ -313,12 +311,12 @@ class Planner:
                 yield from self._pass()
                 break
             except RowIndexLost as err:
-                if self.index.rebuilds >= self.MAX_REBUILDS:
-                    raise IngestError(f"the row index was lost {self.index.rebuilds + 1} times while planning ({err}); "
-                                      "check the cluster's nodes and re-run: planned shards are kept") from None
-                log.warning("%s: rebuilding it from the planned shards and re-reading the URL lists", err)
                 self._buf, self._n, self.rows_in = [], 0, 0  # rows not written to a shard yet are read again
-                self.index.rebuild()
+                try:
+                    self.index.recover(err)
+                except RowIndexLost as final:
+                    raise IngestError(f"{final} while planning: check the cluster's nodes and re-run (planned shards "
+                                      "are kept)") from None
         yield from self._cut(final=True)
         self.done = True
 
@@ -540,16 +538,16 @@ def run_ingest(manifest: SourceManifest | str, out: str, ray_address: str | None
 
 def _compact(out: str, index: RowIndex) -> dict:
     """The ledger, with the job's row index told of every retried row planned (rebuilt when a partition is lost)."""
-    for attempt in range(Planner.MAX_REBUILDS + 1):
+    while True:
         try:
             index.seal()
             return L.compact(out, index)  # also callable on demand: pipeline.ledger.compact(out)
         except RowIndexLost as err:
-            if attempt == Planner.MAX_REBUILDS:
-                raise IngestError(f"the row index was lost {attempt + 1} times while compacting the ledger ({err}); "
-                                  "every shard is published: run pipeline.ledger.compact(out) on demand") from None
-            log.warning("%s: rebuilding it from the planned shards", err)
-            index.rebuild()
+            try:
+                index.recover(err)
+            except RowIndexLost as final:
+                raise IngestError(f"{final} while compacting the ledger: every shard is published; run "
+                                  "pipeline.ledger.compact(out) on demand") from None
 
 
 def _summarize(fs, root, totals: dict, published, failed_shards, restarts, abandoned, duration) -> dict:

@@ -141,7 +141,7 @@ class RowIndex:
         if load:
             self.rebuild()
         else:
-            self.parts = make_parts()
+            self.parts, self.rebuilds = make_parts(), 0
 
     @classmethod
     def local(cls, out: str) -> RowIndex:
@@ -171,6 +171,19 @@ class RowIndex:
         else:
             load_planned(self.out, paths, self.parts)
         self.seal()
+
+    def recover(self, err: RowIndexLost, max_rebuilds: int = 5) -> None:
+        """Rebuild after a loss, again while partitions keep dying during the rebuild; RowIndexLost saying how often
+        once `max_rebuilds` rebuilds were made in all (a cluster that keeps losing nodes)."""
+        while True:
+            if self.rebuilds >= max_rebuilds:
+                raise RowIndexLost(f"the row index was lost {self.rebuilds + 1} times (last: {err})")
+            log.warning("%s: rebuilding the row index from the planned shards", err)
+            try:
+                self.rebuild()
+                return
+            except RowIndexLost as again:
+                err = again
 
     def fresh(self, h64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(occurrence numbers, already planned) of a batch of URL-list rows, in list order."""

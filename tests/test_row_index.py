@@ -145,3 +145,33 @@ def test_planner_rebuilds_a_lost_index_partition_mid_list_and_plans_every_row_on
     rows = [r for shard in outs["lost"] for r in shard]
     assert len({r["row_id"] for r in rows}) == 120
     assert sum(r["prefilter"] == "duplicate_url" for r in rows) == 120 - 90
+
+
+def test_planner_gives_up_naming_the_fix_when_the_index_keeps_dying(ray_cluster, tmp_path):
+    """Partitions that die as soon as they start (a cluster losing node after node): a bounded number of
+    rebuilds, then an error that says what happened and what to do, not a loop."""
+    import ray
+
+    from pipeline import ledger as L
+    from pipeline.ingest import IngestError, IngestOptions, Planner
+    from pipeline.row_index import RowIndex
+    from pipeline.sources import SourceManifest
+
+    actor = ray.remote(num_cpus=0, max_restarts=0)(RowIndexPart)
+    made = []
+
+    def dying_parts():
+        parts = [actor.remote() for _ in range(2)]
+        for p in parts:
+            ray.kill(p)
+        made.append(parts)
+        return parts
+
+    out = tmp_path / "out"
+    (out / R.INPUTS).mkdir(parents=True)
+    planner = Planner(SourceManifest(name="p", task="gen", url_lists=_lists(tmp_path, 1)), str(out),
+                      IngestOptions(shard_size=10), L.scan(str(out)))
+    planner.index = RowIndex(str(out), dying_parts, load=False)
+    with pytest.raises(IngestError, match=r"lost 6 times .* while planning: check the cluster's nodes and re-run"):
+        list(planner)
+    assert len(made) == 6 and not list((out / R.INPUTS).iterdir())
