@@ -63,6 +63,8 @@ class DedupShard:
     dict is merged into the table (a linear merge of two sorted runs) when it passes `merge_at` entries.
     """
 
+    RECENT = 1 << 16  # inserts kept for probe_insert's check of what arrived since a claimer's probe
+
     def __init__(self, index: int, n_shards: int, exact: bool = True, near: bool = True, max_distance: int = 4,
                  rebuild_from: str | None = None, merge_at: int = 1 << 20):
         self.index, self.n_shards = index, n_shards
@@ -78,6 +80,9 @@ class DedupShard:
         self._delta: list[dict[int, list]] = [{} for _ in range(n_keys)]  # value -> [(hash, row-id index)]
         self._n_delta = 0
         self._withdrawn: set[str] = set()  # rows whose entries stay but no longer count (see `withdraw`)
+        self._inserted = 0  # entries committed so far; the last ones, from number _recent_base on, in _recent
+        self._recent: list[tuple[int, int, int, int]] = []  # (key, value, hash, row-id index)
+        self._recent_base = 0
         if rebuild_from is not None:
             self._rebuild(rebuild_from)
 
@@ -192,21 +197,44 @@ class DedupShard:
                 out[j] = rid
         return out
 
-    def probe_insert(self, claims: list[list[tuple[str, int, int]]]) -> list[str | None]:
-        """Per claim (its (row_id, phash, key) entries this shard owns), in one atomic step for the whole batch: a
-        kept row within max_distance when there is one (nothing inserted), else None after inserting what is not
-        there yet ("" found: the claimer's own entries, a retry). One probe covers the batch: a claimer's batch
-        holds no two claims near each other (the claimer settles those itself, `Dedup.claim_many`)."""
-        found = self.probe([e for entries in claims for e in entries])
+    def probe_at(self, probes: list[tuple[str, int, int]]) -> tuple[list[str | None], int]:
+        """`probe`, and how many entries this shard had inserted at that moment (`probe_insert`'s `since`)."""
+        return self.probe(probes), self._inserted
+
+    def probe_insert(self, batch: tuple[list[list[tuple[str, int, int]]], int]) -> list[str | None]:
+        """For (claims, since): per claim (its (row_id, phash, key) entries this shard owns), in one atomic step for
+        the whole batch, a row inserted here since the claimer's `probe_at` (`since`) within max_distance when
+        there is one (nothing inserted), else None after inserting what is not there yet. Rows inserted before
+        `since` were seen by that probe, so only the recent ones are checked (the whole index when the log of
+        recent inserts no longer reaches back that far). A claimer's batch holds no two claims near each other
+        (the claimer settles those itself, `Dedup.claim_many`)."""
+        claims, since = batch
+        entries = [e for c in claims for e in c]
+        if since < self._recent_base:
+            found = self.probe(entries)
+        else:
+            recent: dict[tuple[int, int], list[tuple[int, int]]] = {}
+            for k, v, h, r in self._recent[since - self._recent_base:]:
+                recent.setdefault((k, v), []).append((h, r))
+            found = [None] * len(entries)
+            for j, (rid, h, k) in enumerate(entries):
+                for dh, r in recent.get((k, self.keys.value(h, k)), ()):
+                    other = self._rids[r].decode()
+                    if (dh ^ h).bit_count() > self.max_distance or other in self._withdrawn:
+                        continue
+                    if other == rid:
+                        found[j] = ""
+                    elif found[j] is None:
+                        found[j] = other
         out: list[str | None] = []
         commits: list[tuple[str, int, int]] = []
         pos = 0
-        for entries in claims:
-            mine, pos = found[pos:pos + len(entries)], pos + len(entries)
+        for c in claims:
+            mine, pos = found[pos:pos + len(c)], pos + len(c)
             if "" not in mine and any(mine):
                 out.append(next(f for f in mine if f))
                 continue
-            commits += [e for e, f in zip(entries, mine) if f != ""]
+            commits += [e for e, f in zip(c, mine) if f != ""]
             out.append(None)
         self.commit(commits)
         return out
@@ -222,8 +250,14 @@ class DedupShard:
         for rid, h, k in entries:
             if rid != last_rid:
                 last_rid, last_idx = rid, int(self._store_rids([rid])[0])
-            self._delta[k].setdefault(self.keys.value(h, k), []).append((h, last_idx))
+            v = self.keys.value(h, k)
+            self._delta[k].setdefault(v, []).append((h, last_idx))
+            self._recent.append((k, v, h, last_idx))
             self._n_delta += 1
+        self._inserted += len(entries)
+        if len(self._recent) > self.RECENT:  # older inserts are checked by a whole-index probe instead
+            drop = len(self._recent) - self.RECENT // 2
+            self._recent, self._recent_base = self._recent[drop:], self._recent_base + drop
 
 
 class Dedup:
@@ -270,7 +304,9 @@ class Dedup:
                 k = _owner(self.keys.value(h, b), b, self.n)
                 where_near.setdefault(i, []).append((k, len(probes.setdefault(k, []))))
                 probes[k].append((rid, h, b))
-        answers = self._call("probe", probes)
+        probed = self._call("probe_at", probes)
+        answers = {k: a for k, (a, _) in probed.items()}
+        since = {k: n for k, (_, n) in probed.items()}
         # near pairs inside this batch (claims the shards cannot know yet): one popcount over all pairs
         order = list(where_near)
         hb = np.array([claims[i][2] for i in order], np.uint64)
@@ -288,20 +324,23 @@ class Dedup:
                 decisions[i] = ("duplicate_near", claims[order[earlier]][0])
                 continue
             kept_here.add(pos)  # kept before (a retry: already stored), or nothing near so far
-        self._insert(claims, [order[p] for p in sorted(kept_here)], where_near, probes, decisions)
+        self._insert(claims, [order[p] for p in sorted(kept_here)], where_near, probes, answers, since, decisions)
         return decisions
 
-    def _insert(self, claims, todo: list[int], where_near: dict, probes: dict, decisions: list) -> None:
+    def _insert(self, claims, todo: list[int], where_near: dict, probes: dict, answers: dict, since: dict,
+                decisions: list) -> None:
         """Insert the claims nothing near was found for, owner by owner in ascending shard order, each step one
         atomic probe-and-insert on its shard. Two near-duplicates share a band-pair key, so at the lowest shard
         owning a shared key one of two claimed at once by different tasks arrives first and the other finds it:
         exactly one is kept. A claim that finds a near row at a later shard withdraws what it inserted before."""
         inserted: dict[int, list[int]] = {}
-        for k in sorted({k for i in todo for k, _ in where_near[i]}):
-            batch = [i for i in todo if decisions[i] is None and any(kk == k for kk, _ in where_near[i])]
+        missing = {i: [(k, j) for k, j in where_near[i] if answers[k][j] != ""] for i in todo}  # own entries stay
+        for k in sorted({k for i in todo for k, _ in missing[i]}):
+            batch = [i for i in todo if decisions[i] is None and any(kk == k for kk, _ in missing[i])]
             if not batch:
                 continue
-            answer = self._call("probe_insert", {k: [[probes[k][j] for kk, j in where_near[i] if kk == k] for i in batch]})[k]
+            entries = [[probes[k][j] for kk, j in missing[i] if kk == k] for i in batch]
+            answer = self._call("probe_insert", {k: (entries, since[k])})[k]
             for i, found in zip(batch, answer):
                 if found:
                     decisions[i] = ("duplicate_near", found)

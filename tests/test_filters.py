@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 
 from PIL import Image, ImageDraw
@@ -151,3 +152,24 @@ def test_near_duplicates_claimed_at_once_by_two_tasks_keep_exactly_one_of_each_p
         assert (a is None) != (b is None), (i, a, b)
         assert (a or b) in (("duplicate_near", f"a{i}"), ("duplicate_near", f"b{i}"))
         assert (a or b)[1] != f"{'a' if a else 'b'}{i}"  # the dropped one names its twin, not itself
+
+
+@pytest.mark.parametrize("recent", [1 << 16, 3])
+def test_probe_insert_sees_a_near_row_inserted_after_the_claimers_probe_from_its_log_or_the_whole_index(recent):
+    """Between a claimer's probe and its insert another task inserts a near row (then far ones): the insert step
+    finds it, from the log of recent inserts or, when the log no longer reaches back, from the whole index."""
+    from pipeline.dedup import BandKeys
+
+    n_keys = len(BandKeys(4).pairs)
+    shard = DedupShard(0, 1, exact=False, near=True, max_distance=4)
+    shard.RECENT = recent
+    h = 0x0123456789ABCDEF
+    late = [("late", h ^ 0b11, b) for b in range(n_keys)]
+    answers, since = shard.probe_at(late)
+    assert answers == [None] * n_keys
+    shard.commit([("first", h, b) for b in range(n_keys)])
+    for i, far in enumerate(np.random.default_rng(0).integers(0, 2**63, 4).tolist()):
+        shard.commit([(f"far{i}", far, b) for b in range(n_keys)])
+    assert (since < shard._recent_base) == (recent == 3)
+    assert shard.probe_insert(([late], since)) == ["first"]
+    assert "late" not in set(shard.probe([("third", h ^ 0b1100, b) for b in range(n_keys)]))
