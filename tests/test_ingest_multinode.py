@@ -20,7 +20,8 @@ import json, sys
 from pipeline.ingest import run_ingest
 from pipeline.sources import SourceManifest
 m = SourceManifest.model_validate_json(sys.argv[1])
-s = run_ingest(m, sys.argv[2], shard_size=2, allow_networks=("127.0.0.0/8",), ray_address=sys.argv[3], timeout=60,
+s = run_ingest(m, sys.argv[2], shard_size=2, allow_networks=("127.0.0.0/8",), ray_address=sys.argv[3], timeout=300,
+               download_deadline_s=300,
                dedup_actors=4, row_index_actors=6, thread_count=4)
 print("SUMMARY " + json.dumps(s))
 """
@@ -31,7 +32,7 @@ def _driver(m, out, address):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _summary(proc, timeout=90):
+def _summary(proc, timeout=300):
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -57,8 +58,9 @@ def test_job_survives_losing_the_node_of_a_dedup_and_a_row_index_actor_and_shard
     out = str(tmp_path / "out")
     with multinode_cluster(workers=3) as (cluster, _):
         proc = _driver(m, out, cluster.address)
+        web.hold_for(400)  # a loaded machine may take minutes to publish the first shard: held downloads wait
         killed, seen = None, set()
-        deadline = time.time() + 90
+        deadline = time.time() + 240
         while killed is None and time.time() < deadline and proc.poll() is None:
             # mid-job: a shard published, others running; kill the whole worker node hosting a row-index partition
             # (and a dedup shard, when one node hosts both)

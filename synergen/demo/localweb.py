@@ -164,6 +164,10 @@ class LocalWeb:
         """From now on `/slow/...` answers at once (a server that timed out before recovers)."""
         self._server.unslowed = True
 
+    def hold_for(self, seconds: float) -> None:
+        """`/held/...` requests wait at most this long for `release()` (default 120 s)."""
+        self._server.held_max_s = seconds
+
     def release(self) -> None:
         """`/held/...` requests waiting now, and all later ones, are served."""
         self._server.released.set()
