@@ -149,7 +149,7 @@ class RowIndex:
         return cls(out, lambda: [RowIndexPart()])
 
     @property
-    def remote(self) -> bool:
+    def on_actors(self) -> bool:
         return not isinstance(self.parts[0], RowIndexPart)
 
     def rebuild(self) -> None:
@@ -159,7 +159,7 @@ class RowIndex:
         self.rebuilds += 1
         fs, root = fsspec.core.url_to_fs(self.out)
         paths = sorted(fs.glob(f"{root}/{R.INPUTS}/[0-9]*.parquet"))
-        if self.remote and paths:
+        if self.on_actors and paths:
             import ray
 
             # no CPU reserved: a rebuild mid-job must not queue behind the shard tasks holding every CPU
@@ -220,12 +220,12 @@ class RowIndex:
         return {k: sel for k, sel in sels.items() if len(sel)}
 
     def _send(self, method: str, per_part: dict[int, tuple]) -> dict:
-        if not self.remote:
+        if not self.on_actors:
             return {k: getattr(self.parts[k], method)(*a) for k, a in per_part.items()}
         return {k: getattr(self.parts[k], method).remote(*a) for k, a in per_part.items()}
 
     def _gather(self, sent: dict) -> dict:
-        if not self.remote:
+        if not self.on_actors:
             return sent
         import ray
 
