@@ -37,8 +37,9 @@ class IngestOptions(BaseModel):
                                                                "(default: 4x the straggler deadline)")
     max_in_flight: int | None = Field(None, ge=1, description="Shard attempts running at once (default: 2x the cluster's CPUs)")
     dedup_actors: int | None = Field(None, ge=1, description="Dedup index shards (default: one per 16 cluster CPUs)")
-    row_index_actors: int | None = Field(None, ge=1, description="Partitions of the job's row index (URL occurrences, "
-                                                                 "planned rows), by URL hash (default: one per 16 cluster CPUs)")
+    row_index_actors: int | None = Field(None, ge=0, description="Actors holding the job's row index (URL occurrences, "
+                                                                 "planned rows), partitioned by URL hash; 0: in the driver "
+                                                                 "(default: one per 16 cluster CPUs; in the driver below 16)")
     per_host_connections: int | None = Field(None, ge=1, description="Job-wide concurrent downloads per host "
                                                                      "(default: unlimited)")
     per_host_rps: float | None = Field(None, gt=0, description="Job-wide download starts per second per host "

@@ -69,14 +69,16 @@ def test_killed_worker_loses_no_row_and_rerun_downloads_nothing(ray_cluster, web
 
 
 def test_rerun_recovers_timeouts_into_new_shards_and_skips_404_and_extends(ray_cluster, web, tmp_path):
+    """Over a row index partitioned on 3 actors (retried rows move to new shards, the ledger keeps their latest record)."""
     paths = ["files/i0.jpg", "slow/3/i1.jpg", "status/404", "files/i2.jpg"]
     m, lst, urls = _setup(web, tmp_path, paths, 5)
     out = str(tmp_path / "out")
-    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=1)
+    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=1, row_index_actors=3)
+    assert s["row_index_parts"] == 3
     assert s["ok"] == 2 and s["failed_by_reason"] == {"timeout": 1, "http_404": 1}
     first = open(f"{out}/00000.tar", "rb").read()
     web.unslow()
-    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=1)
+    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=1, row_index_actors=3)
     assert s["ok"] == 3 and s["failed_by_reason"] == {"http_404": 1} and s["shards_total"] == 2
     assert web.hits["/status/404"] == 1 and web.hits["/files/i0.jpg"] == 1
     assert open(f"{out}/00000.tar", "rb").read() == first  # published shards are never rewritten
@@ -85,7 +87,7 @@ def test_rerun_recovers_timeouts_into_new_shards_and_skips_404_and_extends(ray_c
     # an extended list: only the new URL is downloaded, into a new shard
     pq.write_table(pa.table({"url": urls + [web.url("files/i4.jpg")], "caption": [f"image {i}" for i in range(5)]}), lst)
     before = sum(web.hits.values())
-    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=1)
+    s = run_ingest(m, out, shard_size=4, allow_networks=LOOPBACK, timeout=1, row_index_actors=3)
     assert sum(web.hits.values()) == before + 1 and s["rows_in"] == 5 and s["ok"] == 4 and s["shards_total"] == 3
     ledger = {r["url"]: r for r in pq.read_table(f"{out}/_ledger.parquet").to_pylist()}
     assert ledger[urls[2]]["state"] == "failed_permanent" and ledger[urls[1]]["attempts"] == 2

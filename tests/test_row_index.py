@@ -162,6 +162,7 @@ def test_planner_gives_up_naming_the_fix_when_the_index_keeps_dying(ray_cluster,
 
     def dying_parts():
         parts = [actor.remote() for _ in range(2)]
+        ray.get([p.__ray_ready__.remote() for p in parts])  # started, then lost (as with their node)
         for p in parts:
             ray.kill(p)
         made.append(parts)

@@ -86,12 +86,13 @@ class PeakRss:
 
 
 def child_e2e(lst: str, out: str, shard_size: int) -> None:
-    from pipeline.ingest import run_ingest
+    from pipeline.ingest import IngestOptions, run_ingest
     from pipeline.sources import SourceManifest
 
     m = SourceManifest(name="scale", task="gen", url_lists=[lst], filters={"dedup_exact": False, "dedup_near": False})
     t = time.time()
-    s = run_ingest(m, out, shard_size=shard_size, allow_networks=("127.0.0.0/8",), timeout=2, thread_count=64)
+    s = run_ingest(m, out, shard_size=shard_size, allow_networks=("127.0.0.0/8",), timeout=2, thread_count=64,
+                   **({"row_index_actors": 1} if "row_index_actors" in IngestOptions.model_fields else {}))
     s["wall_s"] = time.time() - t
     s.pop("shards", None)
     print("RESULT " + json.dumps(s))
