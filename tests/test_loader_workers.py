@@ -15,12 +15,12 @@ from train.data import LoaderConfig, StreamingLoader, StreamingMixture
 from train.dataset import PlanRelay
 
 
-def test_each_worker_plans_only_its_own_steps_and_yields_the_in_process_stream(corpus, tokenizer):
-    """3 workers, the trainer slower than the loader (as in training): after its first chunk of steps (which may
-    come before the worker before it has planned the steps before it: it plans those itself) every worker plans
-    only the steps it builds (a bare DataLoader's workers plan every step), and the batches are the in-process ones."""
-    k = StreamingLoader.STEPS_PER_ITEM
-    steps = 3 * 2 * k  # two chunks per worker
+def test_workers_plan_each_step_about_once_and_yield_the_in_process_stream(corpus, tokenizer):
+    """3 workers, the trainer slower than the loader (as in training): each worker plans the steps it builds and
+    the steps its predecessor did not hand over in time (its first step, or on a machine so loaded that the
+    predecessor waited for a CPU longer than a step takes), so about one planned step per step, where a bare
+    DataLoader's workers plan every step each (3 per step); the batches are the in-process ones."""
+    steps = 18
     single, _ = stream(corpus, tokenizer, steps)
     ds = StreamingMixture(manifest(corpus), model_spec(tokenizer), tokenizer, LoaderConfig(seed=7, max_steps=steps))
     out = []
@@ -28,11 +28,9 @@ def test_each_worker_plans_only_its_own_steps_and_yields_the_in_process_stream(c
         out.append(sb)
         time.sleep(0.03)  # the trainer's step
     assert [as_bytes(x) for x in out] == [as_bytes(x) for x in single]
-    ios = {w: [sb.report["io"] for sb in out if sb.report["io"]["worker"] == w] for w in range(3)}
-    assert all(len(io) == 2 * k for io in ios.values())  # chunks of k consecutive steps, dealt round robin
-    for io in ios.values():
-        assert io[-1]["planned"] - io[0]["planned"] == len(io) - k  # its own steps since its first chunk (planned at once)
-    assert sum(io[-1]["planned"] for io in ios.values()) < 2 * steps  # without the relay: 3 * steps
+    planned = {sb.report["io"]["worker"]: sb.report["io"]["planned"] for sb in out}  # each worker's count at its last step
+    assert sorted(planned) == [0, 1, 2]
+    assert sum(planned.values()) <= 2 * steps, planned  # handed over: steps + 3 (the first steps); a bare DataLoader: 3 * steps
 
 
 def test_a_worker_plans_alone_what_nobody_hands_over_and_uses_what_is_handed_over(corpus, tokenizer, monkeypatch):

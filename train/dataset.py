@@ -2,14 +2,11 @@
 
 Each process plans the steps it builds (`train.plan`, from the source tables) and builds only its rank's
 samples of each global batch (`train.plan.assign_ranks`), and of those only the steps its DataLoader worker
-owns: with chunks of k consecutive steps (k = `StreamingLoader.STEPS_PER_ITEM` under StreamingLoader, handed
-over as one DataLoader item; else 1), worker w builds chunk c = (s - first step) // k when c % num_workers == w,
-the order torch's DataLoader reads them. Planning is sequential (a step's draw depends on the cursors and
-credit after the step before), so under `StreamingLoader` the worker of a chunk hands the planner's progress
-to the worker of the next (`PlanRelay`) and no worker plans another's steps; a bare DataLoader over the
-dataset has every worker plan every step (the same plan, at W times the planning CPU).
-Its samples are read by byte range and verified (`train.shard_store`), built (`train.sequence`) and packed
-per task (`train.packing`).
+owns: worker w builds the steps s with (s - first step) % num_workers == w, the order torch's DataLoader reads
+them. Planning is sequential (a step's draw depends on the cursors and credit after the step before), so
+under `StreamingLoader` the worker of step s hands the planner's progress to the worker of step s + 1
+(`PlanRelay`) and no worker plans another's steps; a bare DataLoader over the dataset has every worker plan
+every step (the same plan, at W times the planning CPU).
 
 Skips every rank agrees on: the shards a machine cannot index are found when the dataset is built (before
 any step), and when torch.distributed is initialised the ranks take the union of what each found, so every
@@ -351,7 +348,6 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         self._state: dict | None = None
         self._slots: BatchSlots | None = None  # set by StreamingLoader while its DataLoader workers run
         self._relay: PlanRelay | None = None  # likewise, with 2 or more workers
-        self._steps_per_item: int | None = None  # set by StreamingLoader: its workers hand over lists of this many steps
         self._layouts: dict[tuple, Layout] = {}
 
     def _load_tables(self, retry_bad: bool = False) -> dict[str, SourceTable]:
@@ -406,50 +402,30 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                 start = self._state["step"]
             end = self.config.max_steps
             skipped = sorted(s.url for src in self.sources.values() for s in src.shards if s.sha256 in planner.skip)
-            k = (self._steps_per_item or 1) if info is not None else 1  # steps per item: a chunk of consecutive steps
-            at, seq = start, 1  # the step the planner plans next; this worker's batches so far + 1 (its slot's number)
+            at = start  # the step the planner plans next
             # wall time to plan one step and to build one here (running means): how long a hand-over may take to come
             plan_s, build_s = 1e-3, None
-            span = n_workers * k
-            for first in itertools.count(start + worker * k, span) if end is None else range(start + worker * k, end, span):
-                last = first + k if end is None else min(first + k, end)
-                if at < first and relay is not None:  # the worker of step first - 1 hands over where the plan stands
-                    # it plans that step right after building its previous chunk, which it began before this worker
+            for step in itertools.count(start + worker, n_workers) if end is None else range(start + worker, end, n_workers):
+                if at < step and relay is not None:  # the worker of step - 1 hands over where the plan stands
+                    # it plans that step right after building its previous one, which it began before this worker
                     # began its own: wait about that long, or as long as planning the missing steps here would take
-                    progress = relay.receive(worker, first, max(build_s or 0.0, (first - at) * plan_s))
+                    progress = relay.receive(worker, step, max(build_s or 0.0, (step - at) * plan_s))
                     if progress is not None:
                         planner.advance_to(progress)
-                        at = first
-                t0, planned = time.perf_counter(), planner.planned
-                plans = []
-                while at < last:  # the steps before this worker's own that nobody handed over, then its own
+                        at = step
+                t0, first = time.perf_counter(), at
+                while at <= step:  # the steps before this worker's own that nobody handed over, then its own
                     plan = planner.plan_step(at)
                     at += 1
-                    if at > first:
-                        plans.append((at - 1, plan, planner.state(at)))
                 t1 = time.perf_counter()
-                plan_s += 0.1 * ((t1 - t0) / (planner.planned - planned) - plan_s)
+                plan_s += 0.1 * ((t1 - t0) / (at - first) - plan_s)
                 if relay is not None and (end is None or at < end):
                     relay.send(worker, at, planner.progress())
-                items: list = []
-                for step, plan, state in plans:
-                    try:
-                        items.append(self._build(step, plan, state, planner, worker, skipped,
-                                                 slots.writer(worker, seq) if slots else None))
-                    except SynergenError as e:
-                        if self._steps_per_item is None or info is None:
-                            raise
-                        items.append(e)  # after the chunk's batches before it, as the main process raises it
-                        break
-                    seq += 1
-                took = (time.perf_counter() - t1) / len(plans)
+                sb = self._build(step, plan, planner, worker, skipped,
+                                 slots.writer(worker, (step - start) // n_workers + 1) if slots else None)
+                took = time.perf_counter() - t1
                 build_s = took if build_s is None else build_s + 0.1 * (took - build_s)
-                if info is not None and self._steps_per_item is not None:
-                    yield items  # one DataLoader item (StreamingLoader unpacks it)
-                    if isinstance(items[-1], SynergenError):
-                        return
-                else:
-                    yield from items
+                yield sb
         except SynergenError as e:
             if info is None:
                 raise
@@ -459,7 +435,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
             if relay is not None:
                 relay.close()  # the successor reads end-of-file and plans alone
 
-    def _build(self, step: int, plan: dict[str, dict], state: dict, planner: Planner, worker: int, skipped: list[str],
+    def _build(self, step: int, plan: dict[str, dict], planner: Planner, worker: int, skipped: list[str],
                slot: _SlotWriter | None = None) -> StepBatch:
         c, store = self.config, self.store
         mine, rows, items = {}, {}, []
@@ -506,6 +482,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                 "uncond": int(p["uncond"][mine[task]].sum()),
                 "weights": dict(p["weights"]),
             }
+        state = planner.state(step + 1)
         report["sources"] = {n: {k: s[k] for k in ("epoch", "pos", "dropped", "skipped")} for n, s in state["sources"].items()
                              if n in self.sources}
         report["cumulative"] = state["mix"]  # per task and source: samples, tokens drawn since step 0, credit, weight
@@ -533,8 +510,6 @@ class StreamingLoader:
     (prefetch), but the state travels with each batch, so it is exact whatever the worker count.
     """
 
-    STEPS_PER_ITEM = 4  # consecutive steps a DataLoader worker builds and hands over at once
-
     def __init__(self, dataset: StreamingMixture, num_workers: int = 0, prefetch_factor: int | None = None):
         self.dataset = dataset
         self.num_workers = num_workers
@@ -545,27 +520,23 @@ class StreamingLoader:
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                              persistent_workers=False, **kw)
-        # a worker hands over chunks of consecutive steps: one DataLoader round trip (and one hand-over of the plan)
-        # per chunk, not per step; one step at a time when weights follow the trainer (a chunk's later step could need
-        # a reweight update the trainer publishes only after training its earlier ones)
-        k = (1 if self.dataset.online is not None else self.STEPS_PER_ITEM) if self.num_workers else None
-        # workers reach the slots and the relay by fork (memfds: Linux); elsewhere their batches travel pickled
+        # workers reach the slots and the relay by fork (memfds: Linux); elsewhere their batches travel pickled and
+        # each plans every step
         shared = self.num_workers and hasattr(os, "memfd_create")
-        slots = BatchSlots(self.num_workers, ((self.prefetch_factor or 2) + 1) * k) if shared else None
+        slots = BatchSlots(self.num_workers, (self.prefetch_factor or 2) + 1) if shared else None
         relay = PlanRelay(self.num_workers) if self.num_workers > 1 else None
-        self.dataset._slots, self.dataset._relay, self.dataset._steps_per_item = slots, relay, k
+        self.dataset._slots, self.dataset._relay = slots, relay
         try:
-            items = iter(loader)  # forks the workers
+            batches = iter(loader)  # forks the workers
             if relay is not None:
                 relay.close()  # the workers hold the only ends now
-            for item in items:
-                for sb in item if isinstance(item, list) else [item]:
-                    if isinstance(sb, SynergenError):
-                        raise sb
-                    self._state = sb.state
-                    yield sb
+            for sb in batches:
+                if isinstance(sb, SynergenError):
+                    raise sb
+                self._state = sb.state
+                yield sb
         finally:
-            self.dataset._slots = self.dataset._relay = self.dataset._steps_per_item = None
+            self.dataset._slots = self.dataset._relay = None
             if slots is not None:
                 slots.close()
             if relay is not None:
