@@ -180,14 +180,14 @@ class BatchSlots:
 class _SlotWriter:
     """One batch being written into a worker's slot: `alloc` (train.packing's allocator) per task, then `publish`.
 
-    Arrays are written in the narrowest dtype that holds their values (int32 ids, the samples' own uint16 codes:
-    a third of the bytes of int64), so the worker writes, and the main process reads, a third as much memory;
-    the main process widens them as it copies them out."""
+    Arrays are written in the narrowest dtype that holds their values (`train.packing.ROW_ARRAYS`: int32 ids, the
+    samples' own uint16 codes), about a third of the bytes of int64, so the worker writes, and the main process
+    reads, a third as much memory; the main process widens them as it copies them out."""
 
     def __init__(self, slots: BatchSlots, worker: int, seq: int):
         self.slots, self.worker, self.seq, self.k = slots, worker, seq, seq % slots.per_worker
         self.end = BatchSlots.HEADER
-        self.layout: list[list[tuple[int, tuple[int, ...], str]]] = []
+        self.layout: list[list[tuple[int, tuple[int, ...], str, str]]] = []  # per array: offset, shape, dtype written, dtype
         np.frombuffer(slots._map(worker, self.k, self.end), np.uint64, 1)[0] = 0  # being written
 
     def alloc(self, shapes: Shapes) -> list[np.ndarray]:

@@ -256,7 +256,8 @@ def run_synergen(root: str, workers: int, steps: int, global_batch: int, resume_
         resume[k] = time.perf_counter() - t1
     return {"samples": n, "tokens": tokens, "seconds": seconds, "first": first, "workers": max(1, workers),
             "rss_mib": peak_rss_mib(), "packing_efficiency": sum(eff) / len(eff), "resume_s": resume,
-            "cpu": {k: [yielded[k], io1[k][0] - io0[k][0], io1[k][1] - io0[k][1], io1[k][2] - io0[k][2], built[k]] for k in io0}}
+            "cpu": {k: [yielded[k], io1[k][0] - io0[k][0], io1[k][1] - io0[k][1],
+                        io1[k][2] - io0[k][2] if io1[k][2] >= 0 else -1, built[k]] for k in io0}}
 
 
 CONFIGS = (("webdataset", "webdataset", []), ("synergen w=0", "synergen", ["--workers", "0"]),
