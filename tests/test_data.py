@@ -314,9 +314,11 @@ def test_worker_batches_travel_narrowed_and_arrive_exact(corpus, tokenizer):
 
 
 def test_worker_batches_travel_in_shared_slots_and_a_slot_reused_unread_is_an_error(corpus, tokenizer, monkeypatch):
-    """A DataLoader worker packs each batch into a shared-memory slot: what crosses its pipe is a header of a few
-    KiB (not the arrays), the main process copies out exactly the in-process batch, and a slot written again before
-    its batch was read is an error naming the worker, never a silently mixed batch."""
+    """A DataLoader worker packs each batch into a shared-memory slot, narrowed (int32 ids, uint16 codes: under
+    half the int64 bytes even for these small batches, with each array's 64-byte alignment): what crosses its
+    pipe is a header of a few KiB (not the arrays), the main process copies out exactly the in-process batch,
+    widened, and a slot written again before its batch was read is an error naming the worker, never a silently
+    mixed batch."""
     import pickle
     from types import SimpleNamespace
 
@@ -328,10 +330,15 @@ def test_worker_batches_travel_in_shared_slots_and_a_slot_reused_unread_is_an_er
     ds._slots = slots = BatchSlots(workers=1, per_worker=2)
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
     try:
-        blobs = [pickle.dumps(sb, protocol=pickle.HIGHEST_PROTOCOL) for sb in ds]  # as the worker's pipe does
+        written = list(ds)
+        blobs = [pickle.dumps(sb, protocol=pickle.HIGHEST_PROTOCOL) for sb in written]  # as the worker's pipe does
         wide = sum(t.numel() * t.element_size() for b in single[0].batches.values() for t in vars(b).values()
                    if isinstance(t, torch.Tensor))
         assert max(map(len, blobs)) < min(8192, wide / 4)
+        for sb, want in zip(written, single):  # the slot's bytes (past its header) against the int64 batch's
+            slot_bytes = sb.slot[4] - BatchSlots.HEADER
+            assert slot_bytes < 0.5 * sum(t.numel() * t.element_size() for b in want.batches.values()
+                                          for t in vars(b).values() if isinstance(t, torch.Tensor))
         assert [as_bytes(pickle.loads(b)) for b in blobs[2:]] == [as_bytes(x) for x in single[2:]]
         with pytest.raises(SynergenError, match="worker 0 reused a batch slot before its batch 1 was read") as err:
             pickle.loads(blobs[0])  # batch 3 went into batch 1's slot (2 slots) before batch 1 was read

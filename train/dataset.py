@@ -1,10 +1,12 @@
 """The streaming dataset: the loader's configuration, the per-step batch, and the torch dataset and loader.
 
-Each process plans every step (`train.plan`, from the source tables), builds only its rank's samples of
-each global batch (`train.plan.assign_ranks`), and of those only the steps its DataLoader worker owns:
-worker w builds the steps s with (s - first step) % num_workers == w, the order torch's DataLoader reads them.
-Its samples are read by byte range and verified (`train.shard_store`), built (`train.sequence`) and packed
-per task (`train.packing`).
+Each process plans the steps it builds (`train.plan`, from the source tables) and builds only its rank's
+samples of each global batch (`train.plan.assign_ranks`), and of those only the steps its DataLoader worker
+owns: worker w builds the steps s with (s - first step) % num_workers == w, the order torch's DataLoader reads
+them. Planning is sequential (a step's draw depends on the cursors and credit after the step before), so
+under `StreamingLoader` the worker of step s hands the planner's progress to the worker of step s + 1
+(`PlanRelay`) and no worker plans another's steps; a bare DataLoader over the dataset has every worker plan
+every step (the same plan, at W times the planning CPU).
 
 Skips every rank agrees on: the shards a machine cannot index are found when the dataset is built (before
 any step), and when torch.distributed is initialised the ranks take the union of what each found, so every
@@ -17,10 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
+import itertools
 import logging
 import math
 import mmap
 import os
+import pickle
+import select
 import tempfile
 import time
 import uuid
@@ -35,7 +41,7 @@ from model.batch import PackedBatch
 from synergen.errors import ConfigMismatchError, ShardError, SynergenError
 from train.config import DataOptions
 from train.mixture import MixtureManifest, online_weights, resolve_weights
-from train.packing import ROW_ARRAYS, pack, packing_efficiency
+from train.packing import ROW_ARRAYS, Shapes, pack, packing_efficiency
 from train.plan import STATE_VERSION, Planner, assign_ranks
 from train.sequence import Layout, LayoutIds, SequenceSpec, layout_of
 from train.shard_store import ShardStore, SourceTable
@@ -106,7 +112,7 @@ def _step_batch_from_slot(token: str, worker: int, k: int, seq: int, size: int, 
     if slots is None:
         raise SynergenError(f"a DataLoader worker's batch of step {step} arrived after its StreamingLoader finished; "
                             "iterate a StreamingLoader's batches only while it runs")
-    names = [f for f, _, _ in ROW_ARRAYS] + ["image_codes"]
+    names = [f for f, _, _, _ in ROW_ARRAYS] + ["image_codes"]
     batches = {t: PackedBatch(**{f: torch.from_numpy(a) for f, a in zip(names, arrays)}, doc_sources=meta[t][0], task=meta[t][1])
                for t, arrays in zip(meta, slots.take(worker, k, seq, size, layout))}
     return StepBatch(step, batches, report, state, samples)
@@ -151,9 +157,9 @@ class BatchSlots:
         """In the main process: copies of a batch's arrays, per `alloc` of its writer (one list per task)."""
         mm = self._map(worker, k, size)
         header = lambda: int(np.frombuffer(mm, np.uint64, 1)[0])  # noqa: E731 - no view of the map outlives a read
-        if header() == seq:
-            out = [[np.frombuffer(mm, np.dtype(dt), math.prod(shape), off).reshape(shape).copy() for off, shape, dt in arrays]
-                   for arrays in layout]
+        if header() == seq:  # copied out (widened to the batch's dtypes where the worker wrote them narrowed)
+            out = [[np.frombuffer(mm, np.dtype(dt), math.prod(shape), off).reshape(shape).astype(wide)
+                    for off, shape, dt, wide in arrays] for arrays in layout]
             if header() == seq:  # still: the worker did not start over the slot while it was copied
                 return out
         raise SynergenError(f"DataLoader worker {worker} reused a batch slot before its batch {seq} was read (the slot "
@@ -172,27 +178,120 @@ class BatchSlots:
 
 
 class _SlotWriter:
-    """One batch being written into a worker's slot: `alloc` (train.packing's allocator) per task, then `publish`."""
+    """One batch being written into a worker's slot: `alloc` (train.packing's allocator) per task, then `publish`.
+
+    Arrays are written in the narrowest dtype that holds their values (`train.packing.ROW_ARRAYS`: int32 ids, the
+    samples' own uint16 codes), about a third of the bytes of int64, so the worker writes, and the main process
+    reads, a third as much memory; the main process widens them as it copies them out."""
 
     def __init__(self, slots: BatchSlots, worker: int, seq: int):
         self.slots, self.worker, self.seq, self.k = slots, worker, seq, seq % slots.per_worker
         self.end = BatchSlots.HEADER
-        self.layout: list[list[tuple[int, tuple[int, ...], str]]] = []
+        self.layout: list[list[tuple[int, tuple[int, ...], str, str]]] = []  # per array: offset, shape, dtype written, dtype
         np.frombuffer(slots._map(worker, self.k, self.end), np.uint64, 1)[0] = 0  # being written
 
-    def alloc(self, shapes: list[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
+    def alloc(self, shapes: Shapes) -> list[np.ndarray]:
         offsets = []
-        for shape, dt in shapes:
+        for shape, _, narrow in shapes:
             offsets.append(self.end)
-            self.end += -(-math.prod(shape) * dt.itemsize // 64) * 64
+            self.end += -(-math.prod(shape) * narrow.itemsize // 64) * 64
         mm = self.slots._map(self.worker, self.k, self.end)  # grows the slot if needed; earlier arrays stay valid
-        self.layout.append([(off, shape, dt.str) for (shape, dt), off in zip(shapes, offsets)])
-        return [np.frombuffer(mm, dt, math.prod(shape), off).reshape(shape) for (shape, dt), off in zip(shapes, offsets)]
+        self.layout.append([(off, shape, narrow.str, dt.str) for (shape, dt, narrow), off in zip(shapes, offsets)])
+        return [np.frombuffer(mm, narrow, math.prod(shape), off).reshape(shape) for (shape, _, narrow), off in zip(shapes, offsets)]
 
     def publish(self) -> tuple:
         """The batch is complete: its reference, what travels in place of its arrays."""
         np.frombuffer(self.slots._map(self.worker, self.k, self.end), np.uint64, 1)[0] = self.seq
         return self.slots.token, self.worker, self.k, self.seq, self.end, self.layout
+
+
+class PlanRelay:
+    """How a StreamingLoader's DataLoader workers share the planning: one pipe per worker, made before the fork;
+    the worker of step s hands the planner's progress after it (`Planner.progress`) through pipe w + 1 to the
+    worker of step s + 1, so in the steady state each step is planned once per rank, by the worker that builds it.
+
+    A relay never decides what is planned, only who computes it: the plan is a pure function of the state the
+    loader started from, so a worker whose predecessor has not handed its progress over in about the time the
+    missing steps would take to plan (descheduled, finished, failed, killed) plans them itself, as a bare
+    DataLoader's workers do; it never waits longer, so a stalled worker cannot stall the others. Messages a
+    worker no longer needs (it planned past them) are read and dropped. Each worker keeps only its own two ends
+    (`keep`), and the main process closes its copies once the workers are forked, so a finished worker's
+    successor reads end-of-file (and plans alone from then on) and a finished successor's pipe is broken (and
+    its predecessor stops sending)."""
+
+    CAPACITY = 1 << 20  # bytes a pipe holds (Linux's default limit for a user): several messages of thousands of sources
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pipes = [os.pipe() for _ in range(workers)]  # pipe w: (read end, write end); worker w reads it
+        for r, _ in self.pipes:
+            with contextlib.suppress(OSError, AttributeError):  # a smaller pipe only makes senders wait for readers
+                fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, self.CAPACITY)
+
+    def keep(self, worker: int) -> None:
+        """In worker `worker`: close every end but its own (its pipe's read end, its successor's write end)."""
+        mine = {self.pipes[worker][0], self.pipes[(worker + 1) % self.workers][1]}
+        for fd in (fd for pipe in self.pipes for fd in pipe if fd >= 0 and fd not in mine):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pipes = [(r if r in mine else -1, w if w in mine else -1) for r, w in self.pipes]
+
+    def send(self, worker: int, step: int, progress: tuple) -> None:
+        """The planner's progress before `step`, to the worker that builds it (dropped if that worker stopped)."""
+        nxt = (worker + 1) % self.workers
+        fd = self.pipes[nxt][1]
+        if fd < 0:
+            return
+        blob = pickle.dumps((step, progress), protocol=pickle.HIGHEST_PROTOCOL)
+        blob, done = len(blob).to_bytes(8, "little") + blob, 0
+        try:
+            while done < len(blob):
+                done += os.write(fd, blob[done:])
+        except BrokenPipeError:  # the successor finished: nobody needs the progress any more
+            os.close(fd)
+            self.pipes[nxt] = (self.pipes[nxt][0], -1)
+
+    def receive(self, worker: int, step: int, wait_s: float) -> tuple | None:
+        """The planner's progress before `step` if its predecessor hands it over within `wait_s`, else None."""
+        fd = self.pipes[worker][0]
+        if fd < 0:
+            return None
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        deadline = time.perf_counter() + wait_s
+        while True:
+            if not poll.poll(max(0.0, deadline - time.perf_counter()) * 1000):
+                return None
+            head = self._read(fd, 8)
+            body = None if head is None else self._read(fd, int.from_bytes(head, "little"))
+            if body is None:  # end of file: the predecessor finished (or died mid-message); plan alone from now on
+                os.close(fd)
+                self.pipes[worker] = (-1, self.pipes[worker][1])
+                return None
+            got, progress = pickle.loads(body)
+            if got == step:
+                return progress
+            if got > step:
+                raise SynergenError(f"DataLoader worker {worker} was handed the plan before step {got} while it needs step "
+                                    f"{step}: a bug in synergen; set num_workers: 0 to train on meanwhile")
+            # else a step this worker already planned itself: dropped
+
+    @staticmethod
+    def _read(fd: int, n: int) -> bytes | None:
+        """`n` bytes of a message the writer has started (it writes each whole), or None at end of file."""
+        out = b""
+        while len(out) < n:
+            chunk = os.read(fd, n - len(out))
+            if not chunk:
+                return None
+            out += chunk
+        return out
+
+    def close(self) -> None:
+        for fd in (fd for pipe in self.pipes for fd in pipe if fd >= 0):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pipes = [(-1, -1)] * self.workers  # closing twice is a no-op
 
 
 def _agree(found: set[str], world_size: int) -> set[str]:
@@ -248,6 +347,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         self.online = online_weights(manifest, {n: s.size for n, s in self.sources.items()})  # None unless a task reweights
         self._state: dict | None = None
         self._slots: BatchSlots | None = None  # set by StreamingLoader while its DataLoader workers run
+        self._relay: PlanRelay | None = None  # likewise, with 2 or more workers
         self._layouts: dict[tuple, Layout] = {}
 
     def _load_tables(self, retry_bad: bool = False) -> dict[str, SourceTable]:
@@ -255,8 +355,9 @@ class StreamingMixture(torch.utils.data.IterableDataset):
 
     def __getstate__(self) -> dict:
         # DataLoader workers reopen the memory-mapped tables from the machine's cache rather than receive copies
-        # (and a spawned worker cannot use the slots, which reach workers by fork: its batches travel pickled)
-        return {**self.__dict__, "_tables": None, "_slots": None}
+        # (and a spawned worker cannot use the slots or the relay, which reach workers by fork: its batches travel
+        # pickled, and it plans every step)
+        return {**self.__dict__, "_tables": None, "_slots": None, "_relay": None}
 
     # -- state
 
@@ -290,26 +391,49 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         slots = self._slots if info is not None else None
-        planner = self._planner()
-        start = 0
-        if self._state is not None:
-            planner.load(self._state)
-            start = self._state["step"]
-        step = start
-        skipped = sorted(s.url for src in self.sources.values() for s in src.shards if s.sha256 in planner.skip)
+        relay = self._relay if info is not None and n_workers > 1 else None
+        if relay is not None:
+            relay.keep(worker)
         try:
-            while self.config.max_steps is None or step < self.config.max_steps:
-                plan = planner.plan_step(step)  # every worker plans every step (from the tables: cheap), builds only its own
-                if (step - start) % n_workers == worker:
-                    yield self._build(step, plan, planner, worker, skipped,
-                                      slots.writer(worker, (step - start) // n_workers + 1) if slots else None)
-                step += 1
+            planner = self._planner()
+            start = 0
+            if self._state is not None:
+                planner.load(self._state)
+                start = self._state["step"]
+            end = self.config.max_steps
+            skipped = sorted(s.url for src in self.sources.values() for s in src.shards if s.sha256 in planner.skip)
+            at = start  # the step the planner plans next
+            # wall time to plan one step and to build one here (running means): how long a hand-over may take to come
+            plan_s, build_s = 1e-3, None
+            for step in itertools.count(start + worker, n_workers) if end is None else range(start + worker, end, n_workers):
+                if at < step and relay is not None:  # the worker of step - 1 hands over where the plan stands
+                    # it plans that step right after building its previous one, which it began before this worker
+                    # began its own: wait about that long, or as long as planning the missing steps here would take
+                    progress = relay.receive(worker, step, max(build_s or 0.0, (step - at) * plan_s))
+                    if progress is not None:
+                        planner.advance_to(progress)
+                        at = step
+                t0, first = time.perf_counter(), at
+                while at <= step:  # the steps before this worker's own that nobody handed over, then its own
+                    plan = planner.plan_step(at)
+                    at += 1
+                t1 = time.perf_counter()
+                plan_s += 0.1 * ((t1 - t0) / (at - first) - plan_s)
+                if relay is not None and (end is None or at < end):
+                    relay.send(worker, at, planner.progress())
+                sb = self._build(step, plan, planner, worker, skipped,
+                                 slots.writer(worker, (step - start) // n_workers + 1) if slots else None)
+                took = time.perf_counter() - t1
+                build_s = took if build_s is None else build_s + 0.1 * (took - build_s)
+                yield sb
         except SynergenError as e:
             if info is None:
                 raise
             yield e  # from a worker as itself: torch would re-raise it with the worker's traceback in its message
         finally:
             self.store.close()
+            if relay is not None:
+                relay.close()  # the successor reads end-of-file and plans alone
 
     def _build(self, step: int, plan: dict[str, dict], planner: Planner, worker: int, skipped: list[str],
                slot: _SlotWriter | None = None) -> StepBatch:
@@ -366,7 +490,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
         report["unread_samples"] = unread
         # this process's own I/O and CPU time, cumulative: decodes equal the samples it yields, whatever ranks x workers
         report["io"] = {"rank": c.rank, "worker": worker, "decoded": store.decoded, "read_bytes": store.read_bytes,
-                        **self.prepared_io, "cpu_s": time.process_time()}
+                        **self.prepared_io, "planned": planner.planned, "cpu_s": time.process_time()}
         return StepBatch(step, batches, report, state, samples, slot.publish() if slot else None)
 
 
@@ -396,20 +520,27 @@ class StreamingLoader:
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                              persistent_workers=False, **kw)
-        # workers reach the slots by fork (memfds: Linux); elsewhere their batches travel pickled
+        # workers reach the slots and the relay by fork (memfds: Linux); elsewhere their batches travel pickled and
+        # each plans every step
         shared = self.num_workers and hasattr(os, "memfd_create")
         slots = BatchSlots(self.num_workers, (self.prefetch_factor or 2) + 1) if shared else None
-        self.dataset._slots = slots
+        relay = PlanRelay(self.num_workers) if self.num_workers > 1 else None
+        self.dataset._slots, self.dataset._relay = slots, relay
         try:
-            for sb in loader:
+            batches = iter(loader)  # forks the workers
+            if relay is not None:
+                relay.close()  # the workers hold the only ends now
+            for sb in batches:
                 if isinstance(sb, SynergenError):
                     raise sb
                 self._state = sb.state
                 yield sb
         finally:
-            self.dataset._slots = None
+            self.dataset._slots = self.dataset._relay = None
             if slots is not None:
                 slots.close()
+            if relay is not None:
+                relay.close()
 
     def state_dict(self) -> dict:
         return copy.deepcopy(self._state) if self._state is not None else self.dataset.state_dict()

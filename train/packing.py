@@ -40,24 +40,32 @@ def first_fit_decreasing(lengths: list[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-# PackedBatch's arrays as pack writes them: (field, dtype, fill); image_codes [n_codes, fold size] comes after them
-ROW_ARRAYS = (("input_ids", np.int64, None), ("position_ids", np.int64, 0), ("document_ids", np.int64, -1),
-              ("labels", np.int64, IGNORE), ("image_mask", np.bool_, False), ("image_targets", np.bool_, False))
+# PackedBatch's arrays as pack writes them: (field, dtype, fill, narrowest dtype that holds every value written:
+# token ids come from int32 text and the tokenizer, positions and document numbers are below seq_len); image_codes
+# [n_codes, fold size] comes after them (int64, narrowest: the samples' own code dtype)
+ROW_ARRAYS = (("input_ids", np.int64, None, np.int32), ("position_ids", np.int64, 0, np.int32),
+              ("document_ids", np.int64, -1, np.int32), ("labels", np.int64, IGNORE, np.int32),
+              ("image_mask", np.bool_, False, np.bool_), ("image_targets", np.bool_, False, np.bool_))
+
+Shapes = list[tuple[tuple[int, ...], np.dtype, np.dtype]]  # per array: (shape, dtype, narrowest dtype that holds it)
 
 
 def pack(docs: list[tuple[TokenSample, Layout, bool, str]], seq_len: int, ids: LayoutIds, task: str,
-         alloc: Callable[[list[tuple[tuple[int, ...], np.dtype]]], list[np.ndarray]] | None = None) -> PackedBatch:
+         alloc: Callable[[Shapes], list[np.ndarray]] | None = None) -> PackedBatch:
     """Documents (sample, layout, uncond, source) -> one PackedBatch [rows, seq_len], each written in place once.
 
-    rows = 0 when there are no documents. `alloc` gives the arrays to write into, one per (shape, dtype) of
-    ROW_ARRAYS then image_codes (default: new arrays; a DataLoader worker passes views of a shared-memory slot)."""
+    rows = 0 when there are no documents. `alloc` gives the arrays to write into, one per (shape, dtype, narrowest
+    dtype) of ROW_ARRAYS then image_codes, each of the dtype or the narrowest (default: new arrays of the dtype; a
+    DataLoader worker passes views of a shared-memory slot, narrowed, which the main process widens)."""
     rows = first_fit_decreasing([lay.length for _, lay, _, _ in docs], seq_len)
     B, T = len(rows), seq_len
     fold_size = int(docs[0][0].codes.shape[2]) if docs else 0
     n_codes = sum(len(lay.images) * int(s.codes.shape[1]) for s, lay, _, _ in docs)
-    shapes = [((B, T), np.dtype(dt)) for _, dt, _ in ROW_ARRAYS] + [((n_codes, fold_size), np.dtype(np.int64))]
-    arrays = alloc(shapes) if alloc is not None else [np.empty(shape, dt) for shape, dt in shapes]
-    for a, (_, _, fill) in zip(arrays, ROW_ARRAYS):
+    codes_dt = np.result_type(*(s.codes.dtype for s, _, _, _ in docs)) if docs else np.dtype(np.uint16)
+    shapes = [((B, T), np.dtype(dt), np.dtype(narrow)) for _, dt, _, narrow in ROW_ARRAYS] + \
+        [((n_codes, fold_size), np.dtype(np.int64), codes_dt)]
+    arrays = alloc(shapes) if alloc is not None else [np.empty(shape, dt) for shape, dt, _ in shapes]
+    for a, (_, _, fill, _) in zip(arrays, ROW_ARRAYS):
         a.fill(ids.pad if fill is None else fill)
     input_ids, position_ids, document_ids, labels, image_mask, image_targets, image_codes = arrays  # codes: [N_img, fh*fw]
     arange = np.arange(T)
@@ -76,7 +84,7 @@ def pack(docs: list[tuple[TokenSample, Layout, bool, str]], seq_len: int, ids: L
             sources[-1].append(source)
             t += n
             c += k
-    return PackedBatch(**{f: torch.from_numpy(a) for (f, _, _), a in zip(ROW_ARRAYS, arrays)},
+    return PackedBatch(**{f: torch.from_numpy(a) for (f, _, _, _), a in zip(ROW_ARRAYS, arrays)},
                        image_codes=torch.from_numpy(image_codes), doc_sources=sources, task=task)
 
 

@@ -107,6 +107,7 @@ class Planner:
         self._blocks: dict[str, OrderedDict[tuple[int, int], BlockPlan]] = {n: OrderedDict() for n in sources}
         self._weights_cache: dict[tuple[str, int], dict[str, float]] = {}
         self._mixture_ids: dict[int, str] = {}
+        self.planned = 0  # steps this planner planned (a DataLoader worker plans only its own: train.dataset.PlanRelay)
 
     def mixture_id(self, step: int) -> str:
         """`manifest.mixture_id(step)`, computed once per schedule segment (it hashes the manifest)."""
@@ -171,8 +172,20 @@ class Planner:
             pos = end
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
 
+    def progress(self) -> tuple[dict, dict]:
+        """What planning a step changes (every source's cursor and the credit ledger): all another planner over the
+        same manifest, tables, seed and skip list needs to plan the next step exactly as this one would (`advance_to`)."""
+        return {n: c.as_dict() for n, c in self.cursors.items()}, self.ledger.state()
+
+    def advance_to(self, progress: tuple[dict, dict]) -> None:
+        """Continue from another planner's `progress()` (no checks: `load` is for states from outside this run)."""
+        cursors, ledger = progress
+        self.cursors = {n: SourceCursor(**c) for n, c in cursors.items()}
+        self.ledger.load(ledger)
+
     def plan_step(self, step: int) -> dict[str, dict[str, np.ndarray]]:
         """The global batch of every task at `step` (PLAN_FIELDS arrays); advances the cursors past it."""
+        self.planned += 1
         out = {}
         for task, tspec in self.manifest.tasks.items():
             weights = self.weights(task, step)

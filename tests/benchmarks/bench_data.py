@@ -6,13 +6,14 @@ Run (S3 is moto's server on loopback, so run it in a network namespace):
 Writes token shards (Emu3-size samples: one 512px image = 4,096 codes folded 2x8 into 256 positions,
 ~20 caption tokens) to a temp folder, then measures in a fresh process each:
   - webdataset: WebDataset(tars).map(decode_token_sample), one pass (the baseline: reading only);
-  - synergen, 0 workers and 2 workers: every feature on (per-sample xxh3 check, whole-source shuffle,
+  - synergen, 0, 2 and 4 workers: every feature on (per-sample xxh3 check, whole-source shuffle,
     token-weighted mixture of two sources, CFG drop, sequence building, token-balanced rank split,
     packing into 4,096 slots);
   - synergen, 2 ranks x 2 workers (the ranks simulated one after the other in one process).
 Per worker: samples/s (wall, steady state after the first item), samples per CPU-second of that worker
-(its cost, what the machine's other load cannot inflate much), and decodes per sample it yields (1.00:
-a worker reads only its own samples, whatever the number of ranks and workers). Each configuration runs
+(its cost, what the machine's other load cannot inflate much), decodes per sample it yields (1.00:
+a worker reads only its own samples, whatever the number of ranks and workers) and steps it plans per step
+it builds (1.00: a worker plans only its own steps, `train.dataset.PlanRelay`). Each configuration runs
 `--repeat` times, interleaved, and the best run is kept (the CPUs are shared with other work). Also peak
 RSS, time to first batch, and resume time (load state + first batch) at several positions.
 Then, with the shards on S3 (moto): bytes each simulated node reads in one epoch of one source, for 1, 2
@@ -220,6 +221,7 @@ def run_synergen(root: str, workers: int, steps: int, global_batch: int, resume_
     io0: dict[str, tuple] = {}  # "rank/worker" -> (CPU s, decoded) at its first batch, and now
     io1: dict[str, tuple] = {}
     yielded: dict[str, int] = {}  # samples each worker yielded after its first batch
+    built: dict[str, int] = {}  # steps each worker built after its first batch
     for rank in range(world):
         t0 = time.perf_counter()
         ld = loader(root, workers, steps, global_batch, tok, rank, world)
@@ -230,9 +232,10 @@ def run_synergen(root: str, workers: int, steps: int, global_batch: int, resume_
             key = f"{rank}/{io['worker']}"
             if key in io0:
                 yielded[key] += sum(v["samples"] for v in r.values())
+                built[key] += 1
             else:
-                io0[key], yielded[key] = (io["cpu_s"], io["decoded"]), 0
-            io1[key] = (io["cpu_s"], io["decoded"])
+                io0[key], yielded[key], built[key] = (io["cpu_s"], io["decoded"], io.get("planned", -1)), 0, 0
+            io1[key] = (io["cpu_s"], io["decoded"], io.get("planned", -1))
             eff.append(sb.report["tasks"]["gen"]["packing_efficiency"])
             if rank == 0 and sb.step + 1 in resume_at:
                 states[sb.step + 1] = sb.state
@@ -253,11 +256,13 @@ def run_synergen(root: str, workers: int, steps: int, global_batch: int, resume_
         resume[k] = time.perf_counter() - t1
     return {"samples": n, "tokens": tokens, "seconds": seconds, "first": first, "workers": max(1, workers),
             "rss_mib": peak_rss_mib(), "packing_efficiency": sum(eff) / len(eff), "resume_s": resume,
-            "cpu": {k: [yielded[k], io1[k][0] - io0[k][0], io1[k][1] - io0[k][1]] for k in io0}}
+            "cpu": {k: [yielded[k], io1[k][0] - io0[k][0], io1[k][1] - io0[k][1],
+                        io1[k][2] - io0[k][2] if io1[k][2] >= 0 else -1, built[k]] for k in io0}}
 
 
 CONFIGS = (("webdataset", "webdataset", []), ("synergen w=0", "synergen", ["--workers", "0"]),
-           ("synergen w=2", "synergen", ["--workers", "2"]), ("synergen 2 ranks x w=2", "synergen", ["--workers", "2", "--world", "2"]))
+           ("synergen w=2", "synergen", ["--workers", "2"]), ("synergen w=4", "synergen", ["--workers", "4"]),
+           ("synergen 2 ranks x w=2", "synergen", ["--workers", "2", "--world", "2"]))
 
 
 def main() -> None:
@@ -306,19 +311,21 @@ def main() -> None:
         base_wall, base_cpu = best_wall["webdataset"], cpu_rate(best["webdataset"])
         print("per worker; steady state (after each worker's first item); 'first' includes building the loader")
         print(f"{'reader':<24}{'samples/s':>10}{'vs wds':>8}{'samples/CPU-s':>15}{'vs wds':>8}{'decodes/sample':>16}"
-              f"{'tokens/s':>11}{'RSS MiB':>9}{'first s':>9}")
+              f"{'plans/build':>13}{'tokens/s':>11}{'RSS MiB':>9}{'first s':>9}")
         for name, r in best.items():
             amp = sum(c[2] for c in r["cpu"].values()) / max(1, sum(c[0] for c in r["cpu"].values()))
+            plans = (f"{sum(c[3] for c in r['cpu'].values()) / max(1, sum(c[4] for c in r['cpu'].values())):.2f}"
+                     if all(len(c) > 3 and c[3] >= 0 for c in r["cpu"].values()) else "-")  # "-": not reported
             print(f"{name:<24}{best_wall[name]:>10,.0f}{best_wall[name] / base_wall:>8.2f}{cpu_rate(r):>15,.0f}"
-                  f"{cpu_rate(r) / base_cpu:>8.2f}{amp:>16.2f}{fastest[name]['tokens'] / fastest[name]['seconds'] / r['workers']:>11,.0f}"
+                  f"{cpu_rate(r) / base_cpu:>8.2f}{amp:>16.2f}{plans:>13}{fastest[name]['tokens'] / fastest[name]['seconds'] / r['workers']:>11,.0f}"
                   f"{r['rss_mib']:>9.0f}{r['first']:>9.3f}")
         for name in ("synergen w=0", "synergen w=2"):
             r = best[name]
             print(f"{name}: packing efficiency {r['packing_efficiency']:.3f}; resume (load state + first batch) at step: "
                   + ", ".join(f"{k}: {v:.3f}s" for k, v in sorted(r["resume_s"].items(), key=lambda kv: int(kv[0]))))
-        w0, w2 = cpu_rate(best["synergen w=0"]), cpu_rate(best["synergen w=2"])
+        w0, w2, w4 = (cpu_rate(best[f"synergen w={w}"]) for w in (0, 2, 4))
         print(f"in-process vs webdataset per CPU-second: {w0 / base_cpu:.2f} (goal >= 0.9); "
-              f"2 workers vs in-process per CPU-second: {w2 / w0:.2f} (goal >= 0.8)")
+              f"workers vs in-process per CPU-second: 2 workers {w2 / w0:.2f}, 4 workers {w4 / w0:.2f} (goal >= 0.8)")
 
         sh = run_shuffle(root, args.global_batch)
         print(f"shuffle, one epoch of src_a ({sh['shards']} shards): rank correlation of catalog position vs epoch position "
