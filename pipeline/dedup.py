@@ -18,6 +18,7 @@ starts, so an actor restarted on another node (its node lost) continues with wha
 from __future__ import annotations
 
 import logging
+import uuid
 
 import numpy as np
 
@@ -83,6 +84,7 @@ class DedupShard:
         self._inserted = 0  # entries committed so far; the last ones, from number _recent_base on, in _recent
         self._recent: list[tuple[int, int, int, int]] = []  # (key, value, hash, row-id index)
         self._recent_base = 0
+        self._incarnation = uuid.uuid4().hex
         if rebuild_from is not None:
             self._rebuild(rebuild_from)
 
@@ -197,20 +199,21 @@ class DedupShard:
                 out[j] = rid
         return out
 
-    def probe_at(self, probes: list[tuple[str, int, int]]) -> tuple[list[str | None], int]:
-        """`probe`, and how many entries this shard had inserted at that moment (`probe_insert`'s `since`)."""
-        return self.probe(probes), self._inserted
+    def probe_at(self, probes: list[tuple[str, int, int]]) -> tuple[list[str | None], tuple[str, int]]:
+        """`probe`, and where this shard's inserts stood at that moment (`probe_insert`'s `since`): this copy of the
+        shard (a restarted actor counts from its rebuild) and the number of entries it had inserted."""
+        return self.probe(probes), (self._incarnation, self._inserted)
 
-    def probe_insert(self, batch: tuple[list[list[tuple[str, int, int]]], int]) -> list[str | None]:
+    def probe_insert(self, batch: tuple[list[list[tuple[str, int, int]]], tuple[str, int]]) -> list[str | None]:
         """For (claims, since): per claim (its (row_id, phash, key) entries this shard owns), in one atomic step for
         the whole batch, a row inserted here since the claimer's `probe_at` (`since`) within max_distance when
         there is one (nothing inserted), else None after inserting what is not there yet. Rows inserted before
         `since` were seen by that probe, so only the recent ones are checked (the whole index when the log of
         recent inserts no longer reaches back that far). A claimer's batch holds no two claims near each other
         (the claimer settles those itself, `Dedup.claim_many`)."""
-        claims, since = batch
+        claims, (incarnation, since) = batch
         entries = [e for c in claims for e in c]
-        if since < self._recent_base:
+        if incarnation != self._incarnation or since < self._recent_base:  # restarted since, or the log is too short
             found = self.probe(entries)
         else:
             recent: dict[tuple[int, int], list[tuple[int, int]]] = {}

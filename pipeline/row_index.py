@@ -139,7 +139,10 @@ class RowIndex:
         self.out, self._make = out, make_parts
         self.rebuilds = -1
         if load:
-            self.rebuild()
+            try:
+                self.rebuild()
+            except RowIndexLost as err:  # a node lost while the index first loads
+                self.recover(err)
         else:
             self.parts, self.rebuilds = make_parts(), 0
 
@@ -165,7 +168,10 @@ class RowIndex:
             # no CPU reserved: a rebuild mid-job must not queue behind the shard tasks holding every CPU
             task = ray.remote(num_cpus=0, max_retries=3)(load_planned)
             slices = [paths[i:i + self.LOAD_FILES] for i in range(0, len(paths), self.LOAD_FILES)]
-            lost = [e for e in ray.get([task.remote(self.out, p, self.parts) for p in slices]) if e]
+            try:
+                lost = [e for e in ray.get([task.remote(self.out, p, self.parts) for p in slices]) if e]
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as err:  # a loader's node lost
+                lost = [f"a row-index loader was lost ({str(err).splitlines()[0][:200]})"]
             if lost:
                 raise RowIndexLost(lost[0])
         else:
@@ -231,7 +237,7 @@ class RowIndex:
 
         try:
             return dict(zip(sent, ray.get(list(sent.values()))))
-        except ray.exceptions.RayActorError as err:
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:  # its node lost, before or after answering
             raise RowIndexLost(f"a row-index partition died ({str(err).splitlines()[0][:200]})") from None
 
 

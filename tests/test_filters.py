@@ -170,6 +170,11 @@ def test_probe_insert_sees_a_near_row_inserted_after_the_claimers_probe_from_its
     shard.commit([("first", h, b) for b in range(n_keys)])
     for i, far in enumerate(np.random.default_rng(0).integers(0, 2**63, 4).tolist()):
         shard.commit([(f"far{i}", far, b) for b in range(n_keys)])
-    assert (since < shard._recent_base) == (recent == 3)
+    assert (since[1] < shard._recent_base) == (recent == 3)
     assert shard.probe_insert(([late], since)) == ["first"]
+    # a restarted shard (its node lost) counts from its rebuild: a claimer's count from before is not trusted
+    _, before_loss = shard.probe_at(late)  # counts this copy's 75 inserts
+    restarted = DedupShard(0, 1, exact=False, near=True, max_distance=4)
+    restarted.commit([("first", h, b) for b in range(n_keys)])
+    assert before_loss[1] > restarted._inserted and restarted.probe_insert(([late], before_loss)) == ["first"]
     assert "late" not in set(shard.probe([("third", h ^ 0b1100, b) for b in range(n_keys)]))
