@@ -39,7 +39,7 @@ class IngestOptions(BaseModel):
     dedup_actors: int | None = Field(None, ge=1, description="Dedup index shards (default: one per 16 cluster CPUs)")
     row_index_actors: int | None = Field(None, ge=0, description="Actors holding the job's row index (URL occurrences, "
                                                                  "planned rows), partitioned by URL hash; 0: in the driver "
-                                                                 "(default: one per 16 cluster CPUs, at least one)")
+                                                                 "(default: one per 16 cluster CPUs; in the driver below 16)")
     per_host_connections: int | None = Field(None, ge=1, description="Job-wide concurrent downloads per host "
                                                                      "(default: unlimited)")
     per_host_rps: float | None = Field(None, gt=0, description="Job-wide download starts per second per host "

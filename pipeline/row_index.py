@@ -160,6 +160,8 @@ class RowIndex:
         are actors (each task reads a slice of the files and sends their rows to the partitions owning them)."""
         self.parts = self._make()
         self.rebuilds += 1
+        if self.on_actors:
+            self._started()
         fs, root = fsspec.core.url_to_fs(self.out)
         paths = sorted(fs.glob(f"{root}/{R.INPUTS}/[0-9]*.parquet"))
         if self.on_actors and paths:
@@ -177,6 +179,20 @@ class RowIndex:
         else:
             load_planned(self.out, paths, self.parts)
         self.seal()
+
+    START_S = 120.0
+
+    def _started(self) -> None:
+        """Wait until every partition actor runs; RowIndexLost if one does not within START_S (seen once in a test
+        session: the GCS had the actor alive, the driver was never told, and its first call waited forever)."""
+        import ray
+
+        ready, _ = ray.wait([p.__ray_ready__.remote() for p in self.parts], num_returns=len(self.parts),
+                            timeout=self.START_S)
+        if len(ready) < len(self.parts):
+            raise RowIndexLost(f"{len(self.parts) - len(ready)} of {len(self.parts)} row-index partition actors did "
+                               f"not start within {self.START_S:g} s")
+        self._gather(dict(enumerate(ready)))
 
     def recover(self, err: RowIndexLost, max_rebuilds: int = 5) -> None:
         """Rebuild after a loss, again while partitions keep dying during the rebuild; RowIndexLost saying how often
