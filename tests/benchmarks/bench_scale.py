@@ -85,6 +85,18 @@ class PeakRss:
         self._t.join()
 
 
+def run_child(args: list[str], root: str) -> tuple[dict | None, int, PeakRss]:
+    """This script as a child (`child-...` args) with `root`'s code: its RESULT dict (None if it failed), its exit
+    code, and the peak RSS of it and its process tree."""
+    p = subprocess.Popen([sys.executable, __file__, *args], env={**os.environ, "PYTHONPATH": root},
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=root)
+    rss = PeakRss(p.pid)
+    stdout, _ = p.communicate()
+    rss.stop()
+    line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
+    return (json.loads(line[7:]) if line else None), p.returncode, rss
+
+
 def child_e2e(lst: str, out: str, shard_size: int) -> None:
     from pipeline.ingest import IngestOptions, run_ingest
     from pipeline.sources import SourceManifest
@@ -115,17 +127,10 @@ def run_e2e(args) -> None:
             write_list(lst, n, base)
             for name, root in roots:  # alternating: ours then the baseline, per size
                 out = work / f"out-{name}-{n}"
-                env = {**os.environ, "PYTHONPATH": root}
-                p = subprocess.Popen([sys.executable, __file__, "child-e2e", str(lst), str(out), str(args.shard_size)],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=root)
-                rss = PeakRss(p.pid)
-                stdout, _ = p.communicate()
-                rss.stop()
-                line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    print(f"{name:9} {n:>9} failed (exit {p.returncode})")
+                s, rc, rss = run_child(["child-e2e", str(lst), str(out), str(args.shard_size)], root)
+                if s is None:
+                    print(f"{name:9} {n:>9} failed (exit {rc})")
                     continue
-                s = json.loads(line[7:])
                 frags = sorted((out / "_fragments").glob("*.parquet")) if (out / "_fragments").exists() else []
                 frag_b = sum(f.stat().st_size for f in frags) / max(1, len(frags))
                 print(f"{name:9} {n:>9} {rss.peak_self / 2**20:>10.0f} {rss.peak_tree / 2**20:>9.0f} "
@@ -169,17 +174,10 @@ def run_plan(args) -> None:
             write_list(lst, n, "http://127.0.0.1:9")
             for k in args.index_actors:
                 out = work / f"out{n}-{k}"
-                p = subprocess.Popen([sys.executable, __file__, "child-plan", str(lst), str(out), str(k)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(REPO)})
-                rss = PeakRss(p.pid)
-                stdout, _ = p.communicate()
-                rss.stop()
-                line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
-                if line is None:
-                    print(f"{n:>9} {k:>6} failed (exit {p.returncode})")
+                s, rc, rss = run_child(["child-plan", str(lst), str(out), str(k)], str(REPO))
+                if s is None:
+                    print(f"{n:>9} {k:>6} failed (exit {rc})")
                     continue
-                s = json.loads(line[7:])
                 print(f"{n:>9} {k:>6} {s['shards']:>7} {s['s']:>7.1f} {1e6 * s['s'] / n:>7.2f} "
                       f"{rss.peak_self / 2**20:>10.0f} {rss.peak_tree / 2**20:>9.0f}", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
