@@ -5,13 +5,14 @@ with `synergen.local_ray.LOOPBACK_ONLY_ENV` set to "0" every node's address is 1
 on a routable address. The head gets no CPUs (like a production head): tasks run on the worker nodes. A job's
 driver connects with `ray_address=cluster.address` (best from a subprocess, so a test session's own local Ray
 is untouched). `node_of_process(cluster, pid)` says which node a worker process belongs to, so a test can kill
-the whole node that runs a given task or actor with `cluster.remove_node(node, allow_graceful=False)`.
+the whole node that runs a given task or actor with `kill_node(cluster, node)` (returns once the loss is visible).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import psutil
 
@@ -58,6 +59,36 @@ def node_of_process(cluster, pid: int):
             if p.pid in by_raylet:
                 return by_raylet[p.pid]
     return None
+
+
+def kill_node(cluster, node, timeout: float = 60.0) -> None:
+    """Kill a whole worker node without grace and return once the cluster knows: the GCS lists the node dead and
+    every worker process it had spawned has exited. A worker outlives its raylet for a moment and still answers
+    calls made straight to it, so a test that let the job go on at once could see the job finish before the loss
+    is visible to it (then nothing was lost, and the test proves nothing)."""
+    raylet = raylet_pid(node)
+    workers = [p for p in psutil.process_iter() if _has_parent(p, raylet)]
+    cluster.remove_node(node, allow_graceful=False)
+    cluster.wait_for_nodes(timeout)  # the GCS's live nodes are the ones not removed
+    deadline = time.time() + timeout
+    while alive := [p for p in workers if _running(p)]:
+        if time.time() > deadline:
+            raise AssertionError(f"{len(alive)} worker processes of the killed node outlived it by {timeout:g} s")
+        time.sleep(0.05)
+
+
+def _running(p: psutil.Process) -> bool:
+    """Alive and not a zombie (an orphan's exit may never be reaped where pid 1 does not reap)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _has_parent(p: psutil.Process, pid: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any(q.pid == pid for q in p.parents())
+    return False
 
 
 def processes_named(part: str) -> list[int]:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from tests.multinode import multinode_cluster, node_of_process, processes_named
+from tests.multinode import kill_node, multinode_cluster, node_of_process, processes_named
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = """
@@ -71,7 +71,7 @@ def test_job_survives_losing_the_node_of_a_dedup_and_a_row_index_actor_and_shard
                 workers = [n for n in cluster.worker_nodes if n in index_hosts]
                 victim = next((n for n in workers if n in dedup_hosts), workers[0] if workers else None)
                 if victim is not None:
-                    cluster.remove_node(victim, allow_graceful=False)
+                    kill_node(cluster, victim)  # the GCS knows it is dead before the held downloads go on
                     killed = victim
             time.sleep(0.1)
         web.release()
