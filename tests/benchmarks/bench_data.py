@@ -16,6 +16,9 @@ a worker reads only its own samples, whatever the number of ranks and workers) a
 it builds (1.00: a worker plans only its own steps, `train.dataset.PlanRelay`). Each configuration runs
 `--repeat` times, interleaved, and the best run is kept (the CPUs are shared with other work). Also peak
 RSS, time to first batch, and resume time (load state + first batch) at several positions.
+The machine's share: 3 and 5 in-process readers at once (as many busy processes as 2 and 4 workers with
+their main process), so the workers' cost per CPU-second is also compared with the in-process path on an
+equally busy machine (on 2 cores, 4-5 busy processes cost each ~15% more CPU per sample: caches, switches).
 Then, with the shards on S3 (moto): bytes each simulated node reads in one epoch of one source, for 1, 2
 and 4 nodes (each node its own cache, one rank each), against the goal of 1/nodes of the dataset plus the
 indices; and shuffle quality: the rank correlation of a sample's position in the catalog (the URL-list
@@ -29,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -262,7 +266,23 @@ def run_synergen(root: str, workers: int, steps: int, global_batch: int, resume_
 
 CONFIGS = (("webdataset", "webdataset", []), ("synergen w=0", "synergen", ["--workers", "0"]),
            ("synergen w=2", "synergen", ["--workers", "2"]), ("synergen w=4", "synergen", ["--workers", "4"]),
-           ("synergen 2 ranks x w=2", "synergen", ["--workers", "2", "--world", "2"]))
+           ("synergen 2 ranks x w=2", "synergen", ["--workers", "2", "--world", "2"]),
+           ("w=0, 3 at once", "together", ["--procs", "3"]), ("w=0, 5 at once", "together", ["--procs", "5"]))
+
+
+def run_together(argv: list[str], procs: int) -> dict:
+    """`procs` in-process readers at once, each its own process: the CPU cost of the in-process path on a machine
+    as busy as it is with W = procs - 1 DataLoader workers and the main process (the same number of busy processes
+    sharing the cores and caches), so the workers' figures can be told apart from the machine's."""
+    children = [subprocess.Popen([sys.executable, __file__, "--part", "synergen", "--workers", "0", *argv],
+                                 stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    rs = [json.loads(c.communicate()[0].strip().splitlines()[-1]) for c in children]
+    if any(c.returncode for c in children):
+        raise SystemExit("a reader running alongside others failed")
+    return {"samples": sum(r["samples"] for r in rs), "tokens": sum(r["tokens"] for r in rs), "workers": procs,
+            "seconds": statistics.fmean(r["seconds"] for r in rs), "first": max(r["first"] for r in rs),
+            "rss_mib": max(r["rss_mib"] for r in rs), "packing_efficiency": rs[0]["packing_efficiency"],
+            "resume_s": rs[0]["resume_s"], "cpu": {f"{i}/{k}": c for i, r in enumerate(rs) for k, c in r["cpu"].items()}}
 
 
 def main() -> None:
@@ -275,11 +295,16 @@ def main() -> None:
     ap.add_argument("--root", default="")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--world", type=int, default=1)
+    ap.add_argument("--procs", type=int, default=1)
     args = ap.parse_args()
     total = args.shards * args.per_shard
     steps = total // args.global_batch
     if args.part == "webdataset":
         print(json.dumps(run_webdataset(args.root)))
+        return
+    if args.part == "together":
+        print(json.dumps(run_together(["--root", args.root, "--shards", str(args.shards), "--per-shard", str(args.per_shard),
+                                       "--global-batch", str(args.global_batch)], args.procs)))
         return
     if args.part == "synergen":
         print(json.dumps(run_synergen(args.root, args.workers, steps, args.global_batch, [1, steps // 4, steps // 2, steps - 1],
@@ -326,6 +351,10 @@ def main() -> None:
         w0, w2, w4 = (cpu_rate(best[f"synergen w={w}"]) for w in (0, 2, 4))
         print(f"in-process vs webdataset per CPU-second: {w0 / base_cpu:.2f} (goal >= 0.9); "
               f"workers vs in-process per CPU-second: 2 workers {w2 / w0:.2f}, 4 workers {w4 / w0:.2f} (goal >= 0.8)")
+        t3, t5 = (cpu_rate(best[f"w=0, {k} at once"]) for k in (3, 5))
+        print(f"the machine's share: in-process readers run {t3 / w0:.2f}x (3 at once) and {t5 / w0:.2f}x (5 at once) as fast per "
+              f"CPU-second as one alone; workers vs in-process readers with as many busy processes (workers + main): "
+              f"2 workers {w2 / t3:.2f}, 4 workers {w4 / t5:.2f}")
 
         sh = run_shuffle(root, args.global_batch)
         print(f"shuffle, one epoch of src_a ({sh['shards']} shards): rank correlation of catalog position vs epoch position "
