@@ -22,6 +22,9 @@ import uuid
 
 import numpy as np
 
+from synergen.errors import SynergenError
+from synergen.local_ray import started
+
 log = logging.getLogger(__name__)
 
 RID_DTYPE = "S24"  # claimers' row ids are "<20 hex>-0" (later occurrences of a URL are never downloaded)
@@ -204,14 +207,16 @@ class DedupShard:
         shard (a restarted actor counts from its rebuild) and the number of entries it had inserted."""
         return self.probe(probes), (self._incarnation, self._inserted)
 
-    def probe_insert(self, batch: tuple[list[list[tuple[str, int, int]]], tuple[str, int]]) -> list[str | None]:
-        """For (claims, since): per claim (its (row_id, phash, key) entries this shard owns), in one atomic step for
-        the whole batch, a row inserted here since the claimer's `probe_at` (`since`) within max_distance when
-        there is one (nothing inserted), else None after inserting what is not there yet. Rows inserted before
+    def probe_insert(self, batch: tuple[list[list[tuple[str, int, int]]], tuple[str, int], list[bool]]) -> list[str | None]:
+        """For (claims, since, kept): per claim (its (row_id, phash, key) entries this shard owns), in one atomic
+        step for the whole batch, a row inserted here since the claimer's `probe_at` (`since`) within max_distance
+        when there is one (nothing inserted), else None after inserting what is not there yet. Rows inserted before
         `since` were seen by that probe, so only the recent ones are checked (the whole index when the log of
-        recent inserts no longer reaches back that far). A claimer's batch holds no two claims near each other
-        (the claimer settles those itself, `Dedup.claim_many`)."""
-        claims, (incarnation, since) = batch
+        recent inserts no longer reaches back that far). A claim `kept` by an earlier attempt (a retry that found
+        itself) stays kept: its missing entries are inserted whatever is found, so its decision never depends on
+        which of the two checks ran. A claimer's batch holds no two claims near each other (the claimer settles
+        those itself, `Dedup.claim_many`)."""
+        claims, (incarnation, since), kept = batch
         entries = [e for c in claims for e in c]
         if incarnation != self._incarnation or since < self._recent_base:  # restarted since, or the log is too short
             found = self.probe(entries)
@@ -232,9 +237,9 @@ class DedupShard:
         out: list[str | None] = []
         commits: list[tuple[str, int, int]] = []
         pos = 0
-        for c in claims:
+        for c, kept_before in zip(claims, kept):
             mine, pos = found[pos:pos + len(c)], pos + len(c)
-            if "" not in mine and any(mine):
+            if not kept_before and "" not in mine and any(mine):
                 out.append(next(f for f in mine if f))
                 continue
             commits += [e for e, f in zip(c, mine) if f != ""]
@@ -343,7 +348,8 @@ class Dedup:
             if not batch:
                 continue
             entries = [[probes[k][j] for kk, j in missing[i] if kk == k] for i in batch]
-            answer = self._call("probe_insert", {k: (entries, since[k])})[k]
+            kept = [any(answers[kk][j] == "" for kk, j in where_near[i]) for i in batch]  # by an earlier attempt
+            answer = self._call("probe_insert", {k: (entries, since[k], kept)})[k]
             for i, found in zip(batch, answer):
                 if found:
                     decisions[i] = ("duplicate_near", found)
@@ -357,11 +363,28 @@ class Dedup:
         self._call("withdraw", withdraw)
 
 
+START_S = 120.0  # a dedup actor that does not run by then is replaced, once
+
+
 def start_dedup(out: str, n_actors: int, exact: bool, near: bool, max_distance: int) -> Dedup:
-    """Start the job's dedup actors (spread over nodes; restarted, and rebuilt from `out`'s fragments, when lost)."""
+    """Start the job's dedup actors (spread over nodes; restarted, and rebuilt from `out`'s fragments, when lost).
+    One that does not start within START_S is replaced once; then SynergenError naming the cluster."""
     import ray
 
     actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(DedupShard)
-    shards = [actor.options(name=None, scheduling_strategy="SPREAD").remote(i, n_actors, exact, near, max_distance, out)
-              for i in range(n_actors)]
-    return Dedup(shards, exact, near, max_distance)
+
+    def new(i: int):
+        return actor.options(name=None, scheduling_strategy="SPREAD").remote(i, n_actors, exact, near, max_distance, out)
+
+    shards = [new(i) for i in range(n_actors)]
+    for attempt in range(2):
+        late = [i for i, ok in enumerate(started(shards, START_S)) if not ok]
+        if not late:
+            return Dedup(shards, exact, near, max_distance)
+        log.warning("%d of %d dedup actors did not start within %g s%s", len(late), n_actors, START_S,
+                    ": starting them again" if attempt == 0 else "")
+        for i in late:
+            ray.kill(shards[i], no_restart=True)
+            shards[i] = new(i)
+    raise SynergenError(f"{len(late)} of {n_actors} dedup actors did not start within {START_S:g} s, twice: check the "
+                        "cluster's nodes (ray status) and re-run (published shards are kept)")

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline import rawshard as R
 from synergen.errors import SynergenError
+from synergen.local_ray import started
 
 log = logging.getLogger(__name__)
 
@@ -183,16 +184,16 @@ class RowIndex:
     START_S = 120.0
 
     def _started(self) -> None:
-        """Wait until every partition actor runs; RowIndexLost if one does not within START_S (seen once in a test
-        session: the GCS had the actor alive, the driver was never told, and its first call waited forever)."""
+        """Wait until every partition actor runs; RowIndexLost (the partitions killed, to be replaced by the
+        rebuild) if one does not within START_S."""
         import ray
 
-        ready, _ = ray.wait([p.__ray_ready__.remote() for p in self.parts], num_returns=len(self.parts),
-                            timeout=self.START_S)
-        if len(ready) < len(self.parts):
-            raise RowIndexLost(f"{len(self.parts) - len(ready)} of {len(self.parts)} row-index partition actors did "
-                               f"not start within {self.START_S:g} s")
-        self._gather(dict(enumerate(ready)))
+        ok = started(self.parts, self.START_S)
+        if not all(ok):
+            for p in self.parts:
+                ray.kill(p)
+            raise RowIndexLost(f"{ok.count(False)} of {len(ok)} row-index partition actors did not start within "
+                               f"{self.START_S:g} s")
 
     def recover(self, err: RowIndexLost, max_rebuilds: int = 5) -> None:
         """Rebuild after a loss, again while partitions keep dying during the rebuild; RowIndexLost saying how often

@@ -87,3 +87,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     with ray_services_home():
         # "local": a new cluster of our own, never one that some `ray start` on this machine left running
         ray.init(address="local", num_cpus=num_cpus, ignore_reinit_error=True, runtime_env=runtime_env, **kwargs)
+
+
+def started(actors: list, timeout: float) -> list[bool]:
+    """Which of these new actors run within `timeout` seconds (their constructor returned and the driver heard of it).
+
+    A bound on what is otherwise an unbounded wait: in one test session a driver was never told that a new actor
+    had become alive (the GCS had it ALIVE), and its first call waited forever. Callers replace the ones that did
+    not start, or stop with an error naming the cluster."""
+    import ray
+
+    refs = [a.__ray_ready__.remote() for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    ready_set = set(ready)
+    ok = []
+    for ref in refs:
+        if ref not in ready_set:
+            ok.append(False)
+            continue
+        try:
+            ray.get(ref)
+            ok.append(True)
+        except ray.exceptions.RayActorError:  # died while starting (its node lost, its constructor raised)
+            ok.append(False)
+    return ok

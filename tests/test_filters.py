@@ -171,10 +171,35 @@ def test_probe_insert_sees_a_near_row_inserted_after_the_claimers_probe_from_its
     for i, far in enumerate(np.random.default_rng(0).integers(0, 2**63, 4).tolist()):
         shard.commit([(f"far{i}", far, b) for b in range(n_keys)])
     assert (since[1] < shard._recent_base) == (recent == 3)
-    assert shard.probe_insert(([late], since)) == ["first"]
+    assert shard.probe_insert(([late], since, [False])) == ["first"]
     # a restarted shard (its node lost) counts from its rebuild: a claimer's count from before is not trusted
     _, before_loss = shard.probe_at(late)  # counts this copy's 75 inserts
     restarted = DedupShard(0, 1, exact=False, near=True, max_distance=4)
     restarted.commit([("first", h, b) for b in range(n_keys)])
-    assert before_loss[1] > restarted._inserted and restarted.probe_insert(([late], before_loss)) == ["first"]
+    assert before_loss[1] > restarted._inserted and restarted.probe_insert(([late], before_loss, [False])) == ["first"]
     assert "late" not in set(shard.probe([("third", h ^ 0b1100, b) for b in range(n_keys)]))
+
+
+@pytest.mark.parametrize("recent", [1 << 16, 3])
+def test_a_retry_kept_by_its_first_attempt_stays_kept_whichever_check_the_insert_step_runs(recent):
+    """A retried claim found itself at one shard (its first attempt kept it) and, at another, a near row that
+    shard could only have told it of from the whole index: it stays kept and its missing entries go in, from
+    the log of recent inserts and from the whole index alike (before, the whole-index check made it a duplicate
+    while its older entries elsewhere still counted as a kept row)."""
+    from pipeline.dedup import BandKeys
+
+    n_keys = len(BandKeys(4).pairs)
+    shard = DedupShard(0, 1, exact=False, near=True, max_distance=4)
+    shard.RECENT = recent
+    h = 0x0123456789ABCDEF
+    shard.commit([("other", h ^ 0b1, b) for b in range(n_keys)])  # a near row kept by another task, long ago
+    retry = [("retry", h, b) for b in range(n_keys)]
+    _, since = shard.probe_at(retry)
+    for i, far in enumerate(np.random.default_rng(1).integers(0, 2**63, 4).tolist()):
+        shard.commit([(f"far{i}", far, b) for b in range(n_keys)])
+    assert (since[1] < shard._recent_base) == (recent == 3)  # the whole-index check runs when the log is short
+    assert shard.probe_insert(([retry], since, [True])) == [None]
+    assert shard.probe(retry) == [""] * n_keys  # its entries went in, under every key
+    if recent == 3:  # the same check tells a claim not kept before of that row
+        fresh = [("fresh", h ^ 0b10, b) for b in range(n_keys)]
+        assert shard.probe_insert(([fresh], since, [False]))[0] in ("other", "retry")
