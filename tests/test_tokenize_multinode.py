@@ -14,6 +14,7 @@ from pipeline.tokenization import QualityThresholds, TokenizeConfig, run_tokeniz
 from pipeline.token_shards import iter_token_shard
 from pipeline.catalog import read_catalog
 from synergen.local_ray import LOOPBACK_ONLY_ENV
+from tests.multinode import kill_node
 from tokenize_helpers import REPO_TOKENIZER, REPO_VQ, write_raw_shards
 
 WORKER_NODES = 3
@@ -50,7 +51,7 @@ def _kill_a_node_after_first_shard(cluster, node, out: Path, n_shards: int, stop
     while not stop.is_set():
         published = len(list(out.glob("*_stats.json")))
         if published:
-            cluster.remove_node(node, allow_graceful=False)
+            kill_node(cluster, node)  # returns once the GCS lists it dead and its workers are gone
             return {"killed": node.node_id, "published_at_kill": published}
         time.sleep(0.05)
     return {}
@@ -71,7 +72,7 @@ def test_worker_node_killed_mid_job_every_sample_once_rerun_does_nothing(cluster
     killer.start()
     s = run_tokenize(TokenizeConfig(**cfg))
     stop.set()
-    killer.join(timeout=30)
+    killer.join(timeout=90)
     assert seen and seen["published_at_kill"] < n_shards, seen  # the node died mid-job
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert seen["killed"] not in alive
