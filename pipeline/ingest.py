@@ -26,7 +26,6 @@ import logging
 import math
 import shutil
 import statistics
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from pipeline.row_index import RowIndex, RowIndexLost, h64_of_row_ids, start_row
 from pipeline.rawshard import shard_name  # noqa: F401 - re-exported (tokenize imports it from here until it moves)
 from pipeline.sources import SourceManifest, check_url_lists, iter_url_list_parts, load_source_manifest
 from synergen.errors import SynergenError, validated
+from synergen.imports import submodule_alone
 from synergen.local_ray import init_ray
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,7 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
 def _download(rows: list[dict], todo: list[int], opts: IngestOptions, tmp: Path, sid: int) -> tuple[dict, dict]:
     """img2dataset's per-shard Downloader over rows `todo` (in that order): ({row: its img2dataset record},
     {row: its normalised JPEG bytes}). Raises when img2dataset reports the shard failed, so Ray retries it."""
-    from img2dataset.downloader import Downloader
-    from img2dataset.writer import WebDatasetSampleWriter
-
+    writer, samples = _memory_writer()
     ipc = tmp / "input.arrow"
     table = pa.table({"url": [rows[i]["url"] for i in todo], "caption": [rows[i]["caption"] for i in todo]})
     with pa.OSFile(str(ipc), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
@@ -162,8 +160,8 @@ def _download(rows: list[dict], todo: list[int], opts: IngestOptions, tmp: Path,
     resizer = image_decode.Normaliser(opts.encode_quality, opts.max_decoded_bytes)
     dl_dir = tmp / "dl"
     dl_dir.mkdir()
-    downloader = Downloader(
-        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=opts.thread_count,
+    downloader = submodule_alone("img2dataset.downloader").Downloader(
+        sample_writer_class=writer, resizer=resizer, thread_count=opts.thread_count,
         save_caption=True, extract_exif=False, output_folder=str(dl_dir), column_list=["url", "caption"],
         timeout=opts.timeout, number_sample_per_shard=max(len(todo), 2), oom_shard_count=R.SHARD_DIGITS,
         compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=0,
@@ -174,14 +172,30 @@ def _download(rows: list[dict], todo: list[int], opts: IngestOptions, tmp: Path,
     oom = math.ceil(math.log10(max(len(todo), 2)))
     staged_meta: dict[int, dict] = {}
     staged_img: dict[int, bytes] = {}
-    for rec in pq.read_table(dl_dir / f"{shard_name(0)}.parquet").to_pylist():
-        staged_meta[todo[int(rec["key"]) % 10**oom]] = rec
-    with tarfile.open(dl_dir / f"{shard_name(0)}.tar") as tf:
-        for member in tf:
-            k, _, ext = member.name.partition(".")
-            if ext == "jpg":
-                staged_img[todo[int(k) % 10**oom]] = tf.extractfile(member).read()
+    for key, (img, meta) in samples.items():
+        row = todo[int(key) % 10**oom]
+        staged_meta[row] = meta
+        if img is not None:
+            staged_img[row] = img
     return staged_meta, staged_img
+
+
+def _memory_writer() -> tuple[type, dict[str, tuple[bytes | None, dict]]]:
+    """img2dataset's sample-writer protocol over a dict (key -> (image bytes or None, its record)), so the shard's
+    images are not written to a tar and read back before the shard is staged: (the writer class, the dict)."""
+    samples: dict[str, tuple[bytes | None, dict]] = {}
+
+    class MemoryWriter:
+        def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
+            pass
+
+        def write(self, img_str, key, caption, meta):
+            samples[key] = (img_str, dict(meta))
+
+        def close(self):
+            pass
+
+    return MemoryWriter, samples
 
 
 def _records(rows: list[dict], sid: int, staged_meta: dict, staged_img: dict, fc: dict, dedup) -> list[dict]:
@@ -227,13 +241,13 @@ def _stage_shard(spec: dict, m: SourceManifest, rows: list[dict], records: list[
                  t0: float) -> tuple[str, dict, int, float]:
     """Write the shard (tar in row order, so deterministic; parquet with every row; stats; ledger fragment) into
     `final`, then copy it under `<out>/_staging/`: (staged URL, stats, image bytes, fragment write ms)."""
-    import webdataset as wds
-
     sid = spec["shard"]
     final.mkdir()
     name = shard_name(sid)
     n_bytes = 0
-    with wds.TarWriter(str(final / f"{name}.tar")) as tw:
+    # webdataset's TarWriter, imported alone (synergen.imports), over a file we open: alone, its module's `gopen`
+    # is not the function webdataset's __init__ would have put there
+    with open(final / f"{name}.tar", "wb") as f, submodule_alone("webdataset.writer").TarWriter(f) as tw:
         for i, (r, rec) in enumerate(zip(rows, records)):
             if rec["state"] != "ok":
                 continue

@@ -510,7 +510,9 @@ def install(policy: AddressPolicy, connect_audit: str | None = None, deadline_s:
     `deadline_s`: from now, how long downloads may go on (a shard's download phase); None: no outer bound.
     """
     global _installed_policy, _installed_deadline, _audit_path, _audit_installed
-    import img2dataset.downloader as dl
+    from synergen.imports import submodule_alone
+
+    dl = submodule_alone("img2dataset.downloader")
 
     _installed_policy = policy
     _installed_deadline = None if deadline_s is None else time.monotonic() + deadline_s

@@ -84,7 +84,9 @@ class HostLimiter:
 
 def install(limiter: HostLimiter) -> None:
     """Wrap the download function img2dataset calls in this process (netguard's, installed first) with `limiter`."""
-    import img2dataset.downloader as dl
+    from synergen.imports import submodule_alone
+
+    dl = submodule_alone("img2dataset.downloader")
 
     from pipeline import netguard
 

@@ -124,6 +124,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # a real server's accept backlog (nginx: 511), not socketserver's 5: with 64 clients connecting at once a
+    # backlog of 5 drops SYNs, and the retransmits (1 s, 3 s, 7 s...) turn into client timeouts
+    request_queue_size = 512
 
     def __init__(self, root: Path, host: str, port: int):
         super().__init__((host, port), _Handler)
