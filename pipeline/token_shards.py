@@ -75,20 +75,33 @@ def encode_token_sample(sample: TokenSample, compress: bool = False, level: int 
     return MEMBER, raw
 
 
+MAX_SAMPLE_BYTES = 1 << 28  # a sample decodes to at most this (a 4,096-code image is 8 KiB; tiles add little)
+CODE_DTYPES = {"<u2", "<u4"}  # codes_dtype's
+
+
 def decode_token_sample(data: bytes, key: str = "") -> TokenSample:
-    """Bytes of a `.sgt` or `.sgt.zst` member -> TokenSample (raises ShardError on garbage)."""
+    """Bytes of a `.sgt` or `.sgt.zst` member -> TokenSample (raises ShardError on garbage, whatever its kind: a zstd
+    frame that would decode past MAX_SAMPLE_BYTES, a short or malformed header, codes of another dtype)."""
     if data[:4] != MAGIC:
         try:
-            data = zstandard.ZstdDecompressor().decompress(data)
+            declared = zstandard.frame_content_size(data)
+            if declared > MAX_SAMPLE_BYTES:
+                raise ShardError(f"sample {key!r}: a zstd frame declaring {declared} bytes, more than a sample holds "
+                                 f"({MAX_SAMPLE_BYTES}); re-tokenize its shard")
+            data = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_SAMPLE_BYTES)
         except zstandard.ZstdError as e:
             raise ShardError(f"sample {key!r}: neither a token sample nor zstd ({e}); re-tokenize its shard") from e
         if data[:4] != MAGIC:
             raise ShardError(f"sample {key!r}: bad magic {data[:4]!r}; re-tokenize its shard")
-    (hlen,) = struct.unpack_from("<I", data, 4)
     try:
+        (hlen,) = struct.unpack_from("<I", data, 4)
         header = json.loads(data[8 : 8 + hlen])
+        if header["codes"]["dtype"] not in CODE_DTYPES:
+            raise ValueError(f"codes of dtype {header['codes']['dtype']!r}, not one of {sorted(CODE_DTYPES)}")
         dt = np.dtype(header["codes"]["dtype"])
-        shape = tuple(header["codes"]["shape"])
+        shape = tuple(int(d) for d in header["codes"]["shape"])
+        if any(d < 0 for d in shape) or not isinstance(header["meta"], dict):
+            raise ValueError(f"codes of shape {list(shape)} and meta {type(header['meta']).__name__}")
         n_codes = math.prod(shape) if shape else 0
         off = 8 + hlen
         codes = np.frombuffer(data, dtype=dt, count=n_codes, offset=off).reshape(shape)
@@ -96,8 +109,10 @@ def decode_token_sample(data: bytes, key: str = "") -> TokenSample:
         text = np.frombuffer(data, dtype="<i4", count=int(header["text"]["n"]), offset=off)
         if off + text.nbytes != len(data):
             raise ValueError(f"{len(data) - off - text.nbytes} trailing bytes")
-    except (ValueError, KeyError, json.JSONDecodeError) as e:
-        raise ShardError(f"sample {key!r}: corrupt token sample ({e}); re-tokenize its shard") from e
+    except (ValueError, KeyError, TypeError, struct.error, RecursionError, OverflowError, MemoryError) as e:
+        # json.JSONDecodeError is a ValueError; TypeError: a header of the wrong shape (a list for a dict, ...)
+        raise ShardError(f"sample {key!r}: corrupt token sample ({type(e).__name__}: {str(e)[:200]}); re-tokenize its "
+                         "shard") from None
     return TokenSample(key=key, codes=codes, text_ids=text, meta=header["meta"])
 
 

@@ -31,8 +31,8 @@ from typing import Literal, NamedTuple
 import fsspec
 import numpy as np
 
-from pipeline.token_shards import (INDEX_SUFFIX, TokenSample, _index_dtype, build_shard_index, decode_token_sample, index_bytes,
-                                 parse_shard_index, sample_checksum)
+from pipeline.token_shards import (INDEX_SUFFIX, TokenSample, _index_dtype, build_shard_index, codes_dtype,
+                                   decode_token_sample, index_bytes, parse_shard_index, sample_checksum)
 from synergen.errors import ShardError
 from train.sources import Shard, Source
 
@@ -393,6 +393,9 @@ class ShardStore:
         except ShardError as e:
             return self._bad(shard, str(e))
         c = sample.codes
+        if c.size and (c.dtype != codes_dtype(shard.codebook_size) or int(c.max()) >= shard.codebook_size):
+            return self._bad(shard, f"sample {key}: codes of dtype {c.dtype} up to {int(c.max())}, but the codebook has "
+                                    f"{shard.codebook_size} codes ({codes_dtype(shard.codebook_size)})")
         rows, cols = sample.meta.get("tiles", [1, 1])
         facts = (r.n_images, r.groups, r.fold_size, r.text, r.tiles, r.thumbnail)
         got = (c.shape[0] if c.ndim else 0, c.shape[1] if c.ndim == 3 else 0, c.shape[2] if c.ndim == 3 else -1,

@@ -40,6 +40,7 @@ class Shard:
     text_tokens: int
     codes: int  # sum of n_images * groups * fold_size
     fold_size: int
+    codebook_size: int = 1 << 16  # codes read from it are below this (the model's codebook, checked against the catalog)
 
     @property
     def tokens(self) -> int:
@@ -63,8 +64,16 @@ class Source:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+MIN_SAMPLE_BYTES = 1024  # a tar member: a 512-byte header and at least one 512-byte block
+
+
 def _check_row(row: dict, catalog: str, spec: ModelDataSpec) -> None:
     shard = f"{catalog} shard {row['path']}"
+    samples, size = int(row["samples"]), int(row["bytes"])
+    if samples < 0 or samples > size // MIN_SAMPLE_BYTES:
+        raise ConfigMismatchError(f"{shard}: {samples} samples in {size} bytes, but a sample takes at least "
+                                  f"{MIN_SAMPLE_BYTES} bytes of a tar; the catalog row is wrong: rewrite the catalog "
+                                  "(synergen tokenize writes it) or restore it")
     if str(Fold.parse(row["fold"])) != str(spec.fold):
         raise ConfigMismatchError(f"{shard}: fold {row['fold']} but the model config folds {spec.fold}; "
                                   "use catalogs tokenized with the model's fold or change model.fold")
@@ -96,7 +105,7 @@ def resolve_sources(manifest: MixtureManifest, spec: ModelDataSpec, storage_opti
                     _check_row(row, url, spec)
                     shards.append(Shard(f"{folder}/{row['path']}", int(row["samples"]), int(row["bytes"]), row["sha256"],
                                         row.get("index_sha256"), int(row["image_tokens"]), int(row["text_tokens"]),
-                                        int(row["codes"]), spec.fold.size))
+                                        int(row["codes"]), spec.fold.size, spec.codebook_size))
             sources[name] = Source(name, task, shards)
             if not shards:
                 log.warning("source %s (task %s) lists no shards; it is left out of the mixture", name, task)
