@@ -28,6 +28,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -141,7 +142,9 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
         share = spec["share"]
         politeness.install(politeness.HostLimiter(
             max(1, opts.per_host_connections // share) if opts.per_host_connections else None,
-            opts.per_host_rps / share if opts.per_host_rps else None, max_wait=opts.timeout))
+            opts.per_host_rps / share if opts.per_host_rps else None,
+            # long enough for this attempt's share of the rate to start at least two requests
+            max_wait=max(opts.timeout, 2.0 * share / opts.per_host_rps if opts.per_host_rps else 0.0)))
     staged_meta, staged_img = _download(rows, todo, opts, tmp, sid) if todo else ({}, {})
     records = _records(rows, sid, staged_meta, staged_img, spec["filters"], dedup)
     staged, stats, n_bytes, frag_ms = _stage_shard(spec, m, rows, records, staged_img, tmp / "final", t0)
@@ -206,9 +209,11 @@ def _records(rows: list[dict], sid: int, staged_meta: dict, staged_img: dict, fc
     for i, r in enumerate(rows):
         meta = staged_meta.get(i, {})
         downloaded = not r["prefilter"]
+        # a row the politeness budget kept from being requested: no request, so no attempt used up
+        throttled = bool(meta) and netguard.parse_error_text(meta.get("error_message") or "")[0] == "throttled"
         rec = {"row_id": r["row_id"], "rid64": r["rid64"], "url": netguard.redact_url(r["url"]) if r["url"] else r["url"],
                "url_hash": netguard.url_hash(r["url"]), "shard": sid, "key": r["key"], "sha256": meta.get("sha256"),
-               "phash": None, "dup_of": r["dup_of"], "attempts": (r["attempts"] or 0) + int(downloaded),
+               "phash": None, "dup_of": r["dup_of"], "attempts": (r["attempts"] or 0) + int(downloaded and not throttled),
                "width": meta.get("width"), "height": meta.get("height"),
                "original_width": meta.get("original_width"), "original_height": meta.get("original_height"),
                "error_message": meta.get("error_message")}
@@ -254,7 +259,9 @@ def _stage_shard(spec: dict, m: SourceManifest, rows: list[dict], records: list[
             meta = {k: rec[k] for k in ("key", "status", "width", "height", "original_width", "original_height", "sha256")}
             meta |= {k: r[k] for k in ["caption", *m.extra_columns]} | {"url": rec["url"]}  # input columns win (COYO's width)
             meta["error_message"] = None
-            tw.write({"__key__": rec["key"], "jpg": staged_img[i], "txt": r["caption"] or "", "json": json.dumps(meta)})
+            # an input column JSON has no type for (a timestamp, a decimal) goes in as its text
+            tw.write({"__key__": rec["key"], "jpg": staged_img[i], "txt": r["caption"] or "",
+                      "json": json.dumps(meta, default=str)})
             n_bytes += len(staged_img[i])
     cols = {"url": pa.array([rec["url"] for rec in records], pa.string()),
             "caption": pa.array([r["caption"] for r in rows], pa.string())}
@@ -379,7 +386,11 @@ class Planner:
             sid = self.next_id
             self.next_id += 1
             keys = [R.sample_key(sid, i, size) for i in range(take)]
-            L.write_parquet_atomic(self.fs, R.input_path(self.root, sid), rows.append_column("key", pa.array(keys, pa.string())))
+            path = R.input_path(self.root, sid)
+            if self.fs.exists(path):  # planned by another job since this one scanned the folder
+                raise IngestError(f"{path} appeared while this run planned shard {shard_name(sid)}: another ingest is "
+                                  "writing to the same folder; run one ingest per output folder")
+            L.write_parquet_atomic(self.fs, path, rows.append_column("key", pa.array(keys, pa.string())))
             retried = rows.filter(pc.greater(rows["attempts"], 0))
             if retried.num_rows:  # their records in closed shards stop being current (the index learns at `seal`)
                 self.index.add_planned(retried["row_id"], retried["rid64"].to_numpy(), sid)
@@ -388,6 +399,14 @@ class Planner:
 
 
 # ---------------------------------------------------------------- driver side: running and publishing
+
+
+def _failure(err: Exception) -> str:
+    """Why a shard failed all its retries, for the summary and the log: the task's own exception (type and first
+    line), not Ray's wrapper ("ray::ingest-shard-00000() (pid=...)")."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _publish(fs, root: str, staged: str, sid: int) -> bool:
@@ -415,24 +434,110 @@ def _close_failed_shard(fs, root: str, sid: int) -> None:
     L.write_parquet_atomic(fs, R.fragment_path(root, sid), L.fragment_table(recs, "shard_failed"))
 
 
+class OutputLease:
+    """The one ingest job writing to an output folder: `<out>/_lease.json` (its host, pid, a token, when it last
+    renewed). Another job finding a live lease stops with IngestError naming it, before it touches anything, so
+    two runs never plan into the same shard numbers or delete each other's staged shards. A lease is stale, and
+    taken over, when not renewed for STALE_S, or at once when it names a process of this host that is gone (a
+    killed driver's re-run need not wait). The holder renews it every RENEW_S and stops if another job took it
+    over (two jobs that started at the same instant: one of them stops at its next renewal)."""
+
+    STALE_S, RENEW_S = 60.0, 10.0
+
+    def __init__(self, fs, root: str, out: str):
+        import os
+        import socket
+
+        self.fs, self.path, self.out = fs, f"{root}/{R.LEASE}", out
+        self.me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.renewed = 0.0
+
+    def _read(self) -> dict | None:
+        try:
+            with self.fs.open(self.path, "r") as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError, OSError):
+            return None
+
+    def _live(self, other: dict) -> bool:
+        import os
+        import socket
+
+        if time.time() - float(other.get("renewed", 0)) > self.STALE_S:
+            return False
+        if other.get("host") == socket.gethostname():
+            try:
+                os.kill(int(other["pid"]), 0)
+            except ProcessLookupError:
+                return False
+            except (PermissionError, KeyError, ValueError, TypeError):
+                pass
+        return True
+
+    def _busy(self, other: dict) -> IngestError:
+        return IngestError(f"another ingest (host {other.get('host')}, pid {other.get('pid')}, renewed "
+                           f"{time.time() - float(other.get('renewed', 0)):.0f} s ago) is writing to "
+                           f"{netguard.redact_url(self.out)}: run one ingest per output folder; wait for it to end (its "
+                           f"lease, {R.LEASE}, is taken over {self.STALE_S:g} s after it stops being renewed)")
+
+    def acquire(self) -> None:
+        other = self._read()
+        if other and other.get("token") != self.me["token"] and self._live(other):
+            raise self._busy(other)
+        self._write()
+
+    def renew(self) -> None:
+        if time.time() - self.renewed < self.RENEW_S:
+            return
+        other = self._read()
+        if other and other.get("token") != self.me["token"]:
+            raise self._busy(other)
+        self._write()
+
+    def _write(self) -> None:
+        self.renewed = time.time()
+        with self.fs.open(self.path, "w") as f:
+            json.dump({**self.me, "renewed": self.renewed}, f)
+
+    def release(self) -> None:
+        other = self._read()
+        if other and other.get("token") == self.me["token"]:
+            self.fs.rm(self.path)
+
+
 def run_ingest(manifest: SourceManifest | str, out: str, ray_address: str | None = None, url_lists: list[str] | None = None,
                progress: Callable[[int, int | None], None] | None = None, **options) -> dict:
     """Ingest the manifest's URL lists into `out` (local path or s3://); returns the job summary (also `_summary.json`).
 
     `options` are `IngestOptions`' fields; values that do not validate raise ConfigError naming each and the fix.
-
-    Long because it is the driver's one scheduling loop: the attempts running, each shard's attempt count, the
-    straggler deadline and wall time, the published and failed shards are state that setup, the loop and the
-    summary share (split, they would travel as a dozen arguments or a class holding nothing else)."""
-    import ray
-
+    One job at a time per folder: the job holds the folder's lease (`OutputLease`) from start to end."""
     opts = validated(IngestOptions, "run_ingest", "ingest options", **options)
     m = load_source_manifest(manifest) if isinstance(manifest, str) else manifest
     if url_lists is not None:
         m = m.model_copy(update={"url_lists": list(url_lists)})
     t_start = time.time()
     fs, root = fsspec.core.url_to_fs(out)
-    for folder in (root, f"{root}/{R.INPUTS}", f"{root}/{R.FRAGMENTS}"):
+    if fs.isfile(root):
+        raise IngestError(f"the output {netguard.redact_url(out)} is a file; give --out a folder (new or an earlier "
+                          "run's)")
+    fs.makedirs(root, exist_ok=True)
+    lease = OutputLease(fs, root, out)
+    lease.acquire()  # before anything in the folder is touched
+    try:
+        return _run(m, out, opts, fs, root, lease, t_start, ray_address, progress)
+    finally:
+        lease.release()
+
+
+def _run(m: SourceManifest, out: str, opts: IngestOptions, fs, root: str, lease: OutputLease, t_start: float,
+         ray_address: str | None, progress) -> dict:
+    """run_ingest's job, holding the output folder's lease. Long because it is the driver's one scheduling loop:
+    the attempts running, each shard's attempt count, the straggler deadline and wall time, the published and
+    failed shards are state that setup, the loop and the summary share (split, they would travel as a dozen
+    arguments or a class holding nothing else)."""
+    import ray
+
+    for folder in (f"{root}/{R.INPUTS}", f"{root}/{R.FRAGMENTS}"):
         fs.makedirs(folder, exist_ok=True)
     if fs.exists(f"{root}/{R.STAGING}"):
         fs.rm(f"{root}/{R.STAGING}", recursive=True)  # attempts of a dead run; their shards were not published
@@ -496,6 +601,7 @@ def run_ingest(manifest: SourceManifest | str, out: str, ray_address: str | None
                 start(sid)
         if not running:
             break
+        lease.renew()
         ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
         for ref in ready:
             sid, _ = running.pop(ref)
@@ -505,9 +611,12 @@ def run_ingest(manifest: SourceManifest | str, out: str, ray_address: str | None
                 res = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - a shard that failed all retries; other attempts may still win
                 if not any(s == sid for s, _ in running.values()):
-                    give_up(sid, str(err).splitlines()[0][:300])
+                    give_up(sid, _failure(err))
                 continue
-            _publish(fs, root, res["staged"], sid)
+            if not _publish(fs, root, res["staged"], sid):
+                raise IngestError(f"{netguard.redact_url(out)}: {shard_name(sid)}.parquet appeared while this run made shard "
+                                  f"{shard_name(sid)} (a file this run did not write: another job, or a copy): move it "
+                                  "away and re-run; run one ingest per output folder")
             published[sid] = res
             durations.append(res["duration"])
             for other, (osid, _) in list(running.items()):

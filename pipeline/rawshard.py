@@ -23,6 +23,7 @@ SUMMARY = "_summary.json"
 STAGING = "_staging"
 INPUTS = "_inputs"
 FRAGMENTS = "_fragments"
+LEASE = "_lease.json"  # the one job writing to the folder (pipeline.ingest.OutputLease)
 RAW_SUFFIXES = (".tar", "_stats.json", ".parquet")  # publish order: the parquet last
 
 
