@@ -173,3 +173,18 @@ def test_a_sparse_jsonl_extra_column_first_seen_deep_in_the_file_reads_and_one_n
     assert [v for p in parts for v in p.column("lic").to_pylist()] == [None] * 10 + ["cc"]
     with pytest.raises(UrlListError, match="lacks extra_columns"):
         check_url_lists(_manifest(tmp_path, [str(tmp_path / "l.jsonl")], extra_columns=["nowhere"]))
+
+
+def test_a_csv_line_with_too_many_fields_near_the_top_is_counted_like_one_deep_in_the_file(tmp_path):
+    """The list check reads only the header's block: a bad line there is the reader's to count (as one deeper in
+    the file is), not a reason to refuse the whole file."""
+    from pipeline.sources import check_url_lists, iter_url_list_parts
+
+    rows = [f"http://h/{i},c{i}\n" for i in range(50)]
+    rows[3] = "http://h/3,c3,extra,fields\n"
+    (tmp_path / "l.csv").write_text("url,caption\n" + "".join(rows))
+    m = _manifest(tmp_path, [str(tmp_path / "l.csv")])
+    parts = list(iter_url_list_parts(m, check_url_lists(m)))
+    got = [u for p in parts for u in p.column("url").to_pylist() if u is not None]
+    assert got == [f"http://h/{i}" for i in range(50) if i != 3]
+    assert [b for p in parts for b in p.column("bad_row").to_pylist() if b] and sum(p.num_rows for p in parts) == 50
