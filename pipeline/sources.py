@@ -425,7 +425,8 @@ def check_url_lists(m: SourceManifest) -> list[tuple[str, str]]:
             try:
                 with fsspec.open(path, "rb", compression="infer") as f:
                     names = (pq.ParquetFile(f).schema_arrow.names if fmt == "parquet" else
-                             pcsv.open_csv(f, parse_options=pcsv.ParseOptions(newlines_in_values=True)).schema.names)
+                             pcsv.open_csv(f, parse_options=pcsv.ParseOptions(  # a bad line is the reader's to count
+                                 newlines_in_values=True, invalid_row_handler=lambda row: "skip")).schema.names)
             except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
                 raise UrlListError(f"{path}: not a readable {fmt} file ({type(err).__name__}: {err}); re-download or "
                                    "re-export it, or remove it from url_lists") from None
