@@ -15,7 +15,27 @@ import threading
 import time
 import urllib.parse
 
-RETRY_AFTER = re.compile(r"Retry-After (\d+(?:\.\d+)?)")
+RETRY_AFTER = re.compile(r"Retry-After (.+?)\s*$")
+MAX_RETRY_AFTER_S = 3600.0  # a longer pause than this is the re-run's business
+
+
+def retry_after_s(text: str) -> float:
+    """Seconds to pause a host from an error text's `Retry-After VALUE`: delay-seconds or an HTTP-date (RFC 9110),
+    1 s when absent or unreadable, at most MAX_RETRY_AFTER_S."""
+    import email.utils
+
+    m = RETRY_AFTER.search(text)
+    if not m:
+        return 1.0
+    value = m.group(1).strip()
+    try:
+        wait = float(value)
+    except ValueError:
+        try:
+            wait = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError):
+            return 1.0
+    return min(MAX_RETRY_AFTER_S, max(0.0, wait))
 
 
 def host_of(url: str | None) -> str:
@@ -103,8 +123,7 @@ def install(limiter: HostLimiter) -> None:
             result = inner(row, timeout, *args, **kwargs)
             text = result[2] or ""
             if text.startswith(("http_429|", "http_503|")):
-                m = RETRY_AFTER.search(text)
-                retry_after = float(m.group(1)) if m else 1.0
+                retry_after = retry_after_s(text)
             return result
         finally:
             limiter.release(host, retry_after)

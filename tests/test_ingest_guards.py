@@ -113,3 +113,17 @@ def test_an_input_column_json_has_no_type_for_goes_in_as_text(ray_cluster, web, 
     (sample,) = list(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False))
     assert json.loads(sample["json"])["crawled"] == str(when)
     shutil.rmtree(tmp_path / "out")
+
+
+def test_retry_after_reads_delay_seconds_and_http_dates():
+    """RFC 9110 allows both forms; an HTTP-date used to read as a 1 s pause."""
+    import email.utils
+
+    from pipeline.politeness import MAX_RETRY_AFTER_S, retry_after_s
+
+    in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert retry_after_s("HTTP 429; Retry-After 5") == 5.0
+    assert 25 < retry_after_s(f"HTTP 503; Retry-After {in_30s}") <= 30
+    assert retry_after_s("HTTP 503") == retry_after_s("HTTP 503; Retry-After soon") == 1.0
+    assert retry_after_s("HTTP 429; Retry-After 99999999") == MAX_RETRY_AFTER_S
+    assert retry_after_s(f"HTTP 429; Retry-After {email.utils.formatdate(time.time() - 60, usegmt=True)}") == 0.0
