@@ -11,7 +11,8 @@ are enabled or not (no environment variable turns it off; Ray 2.60). The file is
 cluster-launcher config, which `ray up` places on every head it launches. So Ray's services (GCS,
 raylet, dashboard) start with HOME set to `ray_home()`, a folder of ours holding that file (and a link
 to the real `~/.ray`, where Ray keeps its auth token); the driver's HOME is restored as soon as
-`ray.init` returns and job workers get the real HOME back through the runtime env. A cluster operator
+`ray.init` returns and job workers get the real HOME back through the runtime env (so `init_ray` starts them
+itself: Ray prestarts only workers without a runtime env). A cluster operator
 does the same on a head node: see infra/README.md, "Safety: cloud metadata, egress, secrets".
 """
 
@@ -87,6 +88,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     with ray_services_home():
         # "local": a new cluster of our own, never one that some `ray start` on this machine left running
         ray.init(address="local", num_cpus=num_cpus, ignore_reinit_error=True, runtime_env=runtime_env, **kwargs)
+    _start_workers(ray)
+
+
+def _start_workers(ray) -> None:
+    """Start the job's worker processes now, one per CPU, as Ray's prestart does for workers without a runtime env
+    (ours carries the real HOME, so Ray's prestarted workers cannot run its tasks and each first task would wait
+    ~1.5 s for a worker to start). A job's first tasks then start at once."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cpus:
+        noop = ray.remote(num_cpus=1)(_noop)
+        ray.get([noop.remote() for _ in range(cpus)])
+
+
+def _noop() -> None:
+    return None
 
 
 def started(actors: list, timeout: float) -> list[bool]:
