@@ -247,6 +247,13 @@ class DedupShard:
         self.commit(commits)
         return out
 
+    def release_exact(self, claims: list[tuple[str, str]]) -> None:
+        """(row_id, sha256) pairs this shard owns whose claimer will not store its image: the hash is free again."""
+        for rid, sha in claims:
+            key = bytes.fromhex(sha)
+            if self._by_sha.get(key) == rid:
+                del self._by_sha[key]
+
     def withdraw(self, rids: list[str]) -> None:
         """Rows that inserted entries here, then found a near row at a later shard: probes no longer see them."""
         self._withdrawn.update(rids)
@@ -334,6 +341,19 @@ class Dedup:
             kept_here.add(pos)  # kept before (a retry: already stored), or nothing near so far
         self._insert(claims, [order[p] for p in sorted(kept_here)], where_near, probes, answers, since, decisions)
         return decisions
+
+    def release(self, kept: list[tuple[str, str | None]]) -> None:
+        """Rows a failed attempt kept but will not store ((row_id, sha256)): their exact hashes are freed and their
+        near entries no longer count, so a copy claimed later is kept (one claimed before stays a duplicate of it;
+        a re-run retries the failed rows, which claim again)."""
+        if self.exact:
+            by_shard: dict[int, list] = {}
+            for rid, sha in kept:
+                if sha:
+                    by_shard.setdefault(int(sha[:8], 16) % self.n, []).append((rid, sha))
+            self._call("release_exact", by_shard)
+        if self.near:
+            self._call("withdraw", {k: [rid for rid, _ in kept] for k in range(self.n)})
 
     def _insert(self, claims, todo: list[int], where_near: dict, probes: dict, answers: dict, since: dict,
                 decisions: list) -> None:

@@ -147,7 +147,12 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
             max_wait=max(opts.timeout, 2.0 * share / opts.per_host_rps if opts.per_host_rps else 0.0)))
     staged_meta, staged_img = _download(rows, todo, opts, tmp, sid) if todo else ({}, {})
     records = _records(rows, sid, staged_meta, staged_img, spec["filters"], dedup)
-    staged, stats, n_bytes, frag_ms = _stage_shard(spec, m, rows, records, staged_img, tmp / "final", t0)
+    try:
+        staged, stats, n_bytes, frag_ms = _stage_shard(spec, m, rows, records, staged_img, tmp / "final", t0)
+    except BaseException:
+        if dedup is not None:  # this attempt's kept rows are not stored: copies claimed from now on are kept
+            dedup.release([(r["row_id"], r["sha256"]) for r in records if r["state"] == "ok"])
+        raise
     return {"shard": sid, "attempt": spec["attempt"], "staged": staged, "counts": stats["counts"], "image_bytes": n_bytes,
             "duration": stats["duration"], "downloaded": len(todo), "fragment_ms": frag_ms, "node": ray.get_runtime_context().get_node_id()}
 

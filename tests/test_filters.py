@@ -203,3 +203,19 @@ def test_a_retry_kept_by_its_first_attempt_stays_kept_whichever_check_the_insert
     if recent == 3:  # the same check tells a claim not kept before of that row
         fresh = [("fresh", h ^ 0b10, b) for b in range(n_keys)]
         assert shard.probe_insert(([fresh], since, [False]))[0] in ("other", "retry")
+
+
+def test_rows_a_failed_attempt_kept_are_released_so_a_copy_claimed_later_is_kept():
+    """A shard attempt that claimed its rows and then failed to store them (staging failed) releases them: an
+    exact or near copy claimed afterwards is kept instead of naming a row no tar holds."""
+    from pipeline.dedup import Dedup
+
+    shards = [DedupShard(i, 2, exact=True, near=True, max_distance=4) for i in range(2)]
+    d = Dedup(shards, True, True, 4)
+    h = 0x0123456789ABCDEF
+    assert d.claim_many([("lost-0", "a" * 64, h)]) == [None]
+    assert d.claim_many([("before-0", "a" * 64, 0x0F0F0F0F0F0F0F0F)]) == [("duplicate_exact", "lost-0")]
+    d.release([("lost-0", "a" * 64)])
+    assert d.claim_many([("exact-0", "a" * 64, 0x00FF00FF00FF00FF)]) == [None]  # the same bytes, now kept
+    assert d.claim_many([("near-0", "b" * 64, h ^ 0b101)]) == [None]  # near the released row only: kept
+    assert d.claim_many([("later-0", "c" * 64, h ^ 0b11)]) == [("duplicate_near", "near-0")]
