@@ -24,6 +24,7 @@ import json
 import math
 import struct
 import tarfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -315,10 +316,16 @@ def write_shard_index(url: str, index: np.ndarray, storage_options: dict | None 
     return hashlib.sha256(blob).hexdigest()
 
 
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's compile() is not thread-safe: sidecars parsed
+# by concurrent threads (a source table's build) sometimes raised SystemError "AST constructor recursion depth mismatch"
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def parse_shard_index(blob: bytes, name: str) -> np.ndarray:
     """Bytes of an index file -> the index (ShardError naming `name` when it is not one)."""
     try:
-        index = np.load(io.BytesIO(blob), allow_pickle=False)
+        with _NPY_HEADER_LOCK:
+            index = np.load(io.BytesIO(blob), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ShardError(f"shard index {name}: not a .npy index ({e}); delete it (the loader rebuilds it from the tar)") from None
     fields = index.dtype.names or ()

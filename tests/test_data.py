@@ -15,10 +15,10 @@ import yaml
 from loader_corpus import corpus, tokenizer  # noqa: F401 - module-scoped fixtures shared by the loader tests
 from loader_corpus import CODEBOOK, FOLD, as_bytes, manifest, model_spec, stream, write_source
 from model.folding import Fold
-from pipeline.token_shards import TokenSample, TokenShardWriter
+from pipeline.token_shards import TokenSample, TokenShardWriter, read_shard_index
 from pipeline.catalog import vocab_hash
 from synergen.errors import ConfigMismatchError, ShardError
-from train.data import ModelDataSpec, StreamingMixture
+from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
 from train.mixture import MixtureManifest
 from train.sequence import IGNORE, LayoutIds, SequenceSpec, build_sequence, plan_layout
 
@@ -164,6 +164,44 @@ def test_bad_shards_error_or_recorded_skip(tmp_path, tokenizer, request, where):
     rep = out[-1].report
     assert {u.rsplit("/", 1)[-1] for u in rep["skipped_shards"]} == {"gen_a-00001.tar", "gen_a-00002.tar"}
     assert rep["sources"]["gen_a"]["skipped"] >= 12
+
+
+def _flip_every_sample(path):
+    """One byte of every member of the tar changed, the size kept (as bytes a reader can no longer trust)."""
+    with open(path, "r+b") as f:
+        for off, size in zip(*(read_shard_index(path)[k] for k in ("offset", "size"))):
+            f.seek(int(off + size - 3))
+            b = f.read(1)
+            f.seek(int(off + size - 3))
+            f.write(bytes([b[0] ^ 1]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_mode_stops_when_most_samples_become_unreadable_naming_the_shards(tmp_path, tokenizer, workers):
+    """Every sample unreadable (e.g. credentials expired mid-run): skip mode stops within the window with a ShardError
+    naming the worst shards and the fix, in-process and from DataLoader workers alike, instead of empty steps forever."""
+    root = str(tmp_path / "data")
+    mf = _bad_corpus(root, tokenizer)
+    for i in range(3):
+        _flip_every_sample(f"{root}/gen_a/gen_a-0000{i}.tar")
+    ds = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=7, max_steps=100, on_bad_shard="skip",
+                                                                            cache_dir=str(tmp_path / "cache")))
+    got = []
+    with pytest.raises(ShardError, match=r"could not read \d+ of the \d+ samples .*max_unread_fraction=0\.05.*"
+                                         r"gen_a-0000\d\.tar \(\d+\).*restore access.*raise data_options\.max_unread_fraction"):
+        for sb in StreamingLoader(ds, num_workers=workers):
+            got.append(sb)
+    assert len(got) < 20 and not any(sb.samples["gen"] for sb in got)  # no more than the window's worth of empty steps
+
+
+def test_skip_mode_keeps_skipping_a_bad_shard_among_good_ones_within_the_bound(tmp_path, tokenizer):
+    root = str(tmp_path / "data")
+    mf = _bad_corpus(root, tokenizer)
+    _flip_every_sample(f"{root}/gen_a/gen_a-00001.tar")  # a third of the samples
+    out, _ = stream(root, tokenizer, 12, mf=mf, on_bad_shard="skip", max_unread_fraction=0.5, cache_dir=str(tmp_path / "c"))
+    assert len(out) == 12 and sum(len(sb.report["unread_samples"]) for sb in out) == 24
+    with pytest.raises(ShardError, match=r"gen_a-00001\.tar \(\d+\)"):  # over the default bound (5%) it stops
+        stream(root, tokenizer, 12, mf=mf, on_bad_shard="skip", cache_dir=str(tmp_path / "c"))
 
 
 def test_s3_reads_like_local_by_byte_ranges(corpus, tokenizer, s3, tmp_path):
