@@ -130,8 +130,45 @@ def test_a_row_that_agrees_with_every_total_but_not_its_sample_is_named_on_read(
     i, j = (int(x) for x in np.flatnonzero(idx["text"] != idx["text"][0])[:1].tolist() + [0])
     idx["text"][i], idx["text"][j] = idx["text"][j], idx["text"][i]  # two captions' lengths swapped: totals unchanged
     np.save(root / "gen_a" / f"gen_a-00000.tar{INDEX_SUFFIX}", idx)
-    with pytest.raises(ShardError, match=rf"shard index .*gen_a-00000\.tar{INDEX_SUFFIX}: sample gen_a-000-\d+ .* index row says"):
+    with pytest.raises(ShardError, match=rf"shard index .*gen_a-00000\.tar{INDEX_SUFFIX}: sample gen_a-000-\d+ .* index row says"
+                                         r".*source table .*gen_a-\w+-v\d+\.npy.*the table is removed.*delete the index"):
         stream(str(root), tokenizer, 12, cache_dir=str(tmp_path / "c"))
+    assert not glob.glob(str(tmp_path / "c" / "tables" / "gen_a-*"))  # so following the fix is enough:
+    os.remove(root / "gen_a" / f"gen_a-00000.tar{INDEX_SUFFIX}")
+    got, _ = stream(str(root), tokenizer, 12, cache_dir=str(tmp_path / "c"))
+    want, _ = stream(corpus, tokenizer, 12, cache_dir=str(tmp_path / "c0"))
+    assert [as_bytes(x) for x in got] == [as_bytes(x) for x in want]
+
+
+def test_an_edited_cached_table_is_named_and_rebuilt_not_served(corpus, tokenizer, tmp_path, caplog):
+    """A row of the machine's cached table pointed at another sample's bytes (with that sample's xxh3): the digest
+    beside the table catches it, the table is rebuilt from the sidecars, and every sample is served under its own key."""
+    cache = tmp_path / "c"
+    want, _ = stream(corpus, tokenizer, 6, cache_dir=str(cache))
+    table = glob.glob(str(cache / "tables" / "gen_a-*.npy"))[0]
+    rows = np.load(table)
+    rows[0] = rows[1]
+    rows[0]["key"] = np.load(table)[0]["key"]
+    np.save(table, rows)
+    with caplog.at_level("WARNING", logger="train.shard_store"):
+        got, _ = stream(corpus, tokenizer, 6, cache_dir=str(cache))
+    assert f"cached source table {table} does not match the digest" in caplog.text
+    assert [as_bytes(x) for x in got] == [as_bytes(x) for x in want]
+    assert (np.load(table) == np.load(table, mmap_mode="r")).all() and not (np.load(table)[0] == rows[0])
+
+
+def test_the_default_cache_is_this_users_own_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from synergen.errors import SynergenError
+    from train.shard_store import default_cache_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = default_cache_dir()
+    assert path == str(tmp_path / f"synergen-shards-{os.getuid()}") and os.stat(path).st_mode & 0o777 == 0o700
+    os.chmod(path, 0o777)  # as if another user made it first, for everyone to write
+    with pytest.raises(SynergenError, match=rf"{path} is not a folder of this user.*data_options\.cache_dir"):
+        default_cache_dir()
 
 
 def test_cache_smaller_than_the_indices_warns_and_reads_never_walk_it(corpus, tokenizer, s3, tmp_path, caplog, monkeypatch):

@@ -39,7 +39,7 @@ class DataOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     on_bad_shard: Literal["error", "skip"] = Field("error", description="skip: every rank passes over bad shards, named")
-    cache_dir: str | None = Field(None, description="this machine's source tables (default: <tmp>/synergen-shards)")
+    cache_dir: str | None = Field(None, description="this machine's source tables (default: <tmp>/synergen-shards-<uid>, made 0o700)")
     cache_bytes: int = Field(8 << 30, ge=0, description="bound of the table cache (other runs' tables are evicted)")
     max_steps: int | None = Field(None, ge=0, description="stop after this loader step (None: stream forever)")
     migrate_order: bool = Field(False, description="resume a state saved with another sample order: each source "

@@ -28,7 +28,6 @@ import mmap
 import os
 import pickle
 import select
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, fields
@@ -45,7 +44,7 @@ from train.mixture import MixtureManifest, online_weights, resolve_weights
 from train.packing import ROW_ARRAYS, Shapes, pack, packing_efficiency
 from train.plan import STATE_VERSION, Planner, assign_ranks
 from train.sequence import Layout, LayoutIds, SequenceSpec, layout_of
-from train.shard_store import ShardStore, SourceTable
+from train.shard_store import ShardStore, SourceTable, default_cache_dir
 from train.sources import ModelDataSpec, resolve_sources
 
 log = logging.getLogger(__name__)
@@ -364,7 +363,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
             for seg in range(len(manifest.schedule) + 1):
                 step = 0 if seg == 0 else manifest.schedule[seg - 1].at_step
                 resolve_weights(manifest, task, step, {n: self.sources[n].size for n in manifest.tasks[task].sources})
-        self.store = ShardStore(c.cache_dir or os.path.join(tempfile.gettempdir(), "synergen-shards"), c.cache_bytes,
+        self.store = ShardStore(c.cache_dir or default_cache_dir(), c.cache_bytes,
                                 c.on_bad_shard, dict(c.storage_options))
         self._tables = self._load_tables(retry_bad=True)
         self.store.evict(keep=[self.sources[n] for n in self._tables])
