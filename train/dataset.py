@@ -42,7 +42,7 @@ from synergen.errors import ConfigMismatchError, ShardError, SynergenError
 from train.config import DataOptions
 from train.mixture import MixtureManifest, online_weights, resolve_weights
 from train.packing import ROW_ARRAYS, Shapes, pack, packing_efficiency
-from train.plan import STATE_VERSION, Planner, assign_ranks
+from train.plan import STATE_VERSION, Planner, assign_ranks, check_state
 from train.sequence import Layout, LayoutIds, SequenceSpec, layout_of
 from train.shard_store import ShardStore, SourceTable, default_cache_dir
 from train.sources import ModelDataSpec, resolve_sources
@@ -407,8 +407,9 @@ class StreamingMixture(torch.utils.data.IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         """Start from a saved state (any rank's: they are equal); may follow a mixture change."""
-        if state.get("version") not in (1, STATE_VERSION):
+        if isinstance(state, dict) and state.get("version") not in (1, STATE_VERSION):
             raise SynergenError(f"loader state version {state.get('version')} is not {STATE_VERSION}; it was saved by another synergen")
+        check_state(state)
         if state["seed"] != self.config.seed:
             raise ConfigMismatchError(f"loader state has seed {state['seed']} but the config has {self.config.seed}; "
                                       "resume with the checkpoint's seed")
