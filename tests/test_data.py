@@ -230,6 +230,24 @@ def test_manifest_errors_name_the_key(tmp_path):
         MixtureManifest.load(str(p))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterating_a_loader_again_continues_where_its_state_says(corpus, tokenizer, workers):
+    """A loop stopped after 3 steps (e.g. for an eval), then a second loop: it starts at step 3, as state_dict() says,
+    and the two loops together are the uninterrupted stream."""
+    full, _ = stream(corpus, tokenizer, 6)
+    ds = StreamingMixture(manifest(corpus), model_spec(tokenizer), tokenizer, LoaderConfig(seed=7, max_steps=6))
+    loader = StreamingLoader(ds, num_workers=workers)
+    head = []
+    for sb in loader:
+        head.append(sb)
+        if sb.step == 2:
+            break
+    assert loader.state_dict()["step"] == 3
+    tail = list(loader)
+    assert [sb.step for sb in head + tail] == list(range(6))
+    assert [as_bytes(x) for x in head + tail] == [as_bytes(x) for x in full]
+
+
 def test_torch_dataloader_workers_yield_the_same_stream(corpus, tokenizer):
     single, _ = stream(corpus, tokenizer, 5)
     multi, _ = stream(corpus, tokenizer, 5, workers=2)

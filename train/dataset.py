@@ -545,7 +545,8 @@ class StreamingLoader:
     """A torch DataLoader over a StreamingMixture that remembers the state after the last StepBatch handed out.
 
     `state_dict()` is what to save with the checkpoint of the last step trained: workers run ahead
-    (prefetch), but the state travels with each batch, so it is exact whatever the worker count.
+    (prefetch), but the state travels with each batch, so it is exact whatever the worker count. Iterating
+    again (after a `break`, e.g. for an eval) continues from that state, not from where the first loop began.
     """
 
     def __init__(self, dataset: StreamingMixture, num_workers: int = 0, prefetch_factor: int | None = None):
@@ -555,6 +556,8 @@ class StreamingLoader:
         self._state: dict | None = None
 
     def __iter__(self) -> Iterator[StepBatch]:
+        if self._state is not None:
+            self.dataset.load_state_dict(self._state)
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                              persistent_workers=False, **kw)
