@@ -7,8 +7,9 @@ of the machine. A sidecar that fails a check is named and rebuilt from its tar (
 sha256 checked against the catalog). So what a machine reads of a source to plan is its indices, once.
 
 Samples are read by byte range (a `pread` locally; concurrent range GETs through fsspec on S3), never whole
-shards, and every sample's bytes are checked against its row's xxh3 (and its tar header's name and size)
-before decoding: a flipped byte after the index was written is an error naming the shard and the sample.
+shards: only a member's own bytes, at the offset and size of its (checked) index row, not its tar header. Those
+bytes are checked against the row's xxh3 before decoding, and the decoded sample against the row's facts: a
+flipped byte after the index was written is an error naming the shard and the sample.
 The whole-shard sha256 stays in the catalog for audits; it is not needed to trust a sample.
 """
 
@@ -148,7 +149,7 @@ class ShardStore:
         self.index_bytes = 0  # sidecars (and tars, to rebuild an index) this process read
         self.rebuilt = 0  # indices this process rebuilt from a tar (missing or bad sidecar)
         self.decoded = 0  # samples this process read and decoded
-        self.read_bytes = 0  # bytes of those samples (with their tar headers)
+        self.read_bytes = 0  # bytes of those samples (their members alone: no tar header is read)
         self.table_files: dict[str, str] = {}  # shard url -> the cached table its rows were read from
 
     def __getstate__(self) -> dict:  # to DataLoader workers (spawn): counters and settings, not locks or open files
