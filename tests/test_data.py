@@ -204,6 +204,22 @@ def test_skip_mode_keeps_skipping_a_bad_shard_among_good_ones_within_the_bound(t
         stream(root, tokenizer, 12, mf=mf, on_bad_shard="skip", cache_dir=str(tmp_path / "c"))
 
 
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_a_catalog_row_claiming_more_samples_than_its_bytes_hold_is_refused_naming_it(tmp_path, tokenizer, mode):
+    """A hand-edited or corrupt catalog row (samples > bytes // 1024): refused before any table is sized by it."""
+    from pipeline.catalog import read_catalog, write_catalog
+
+    root = str(tmp_path / "data")
+    mf = _bad_corpus(root, tokenizer)
+    rows = read_catalog(f"{root}/gen_a")
+    rows[1]["samples"] = 100_000
+    write_catalog(f"{root}/gen_a", rows)
+    with pytest.raises(ConfigMismatchError, match=rf"{root}/gen_a shard gen_a-00001\.tar: 100000 samples in \d+ bytes, "
+                                                  r"but a sample takes at least 1024 bytes.*catalog row is wrong"):
+        stream(root, tokenizer, 1, mf=mf, on_bad_shard=mode, cache_dir=str(tmp_path / "c"))
+    assert not (tmp_path / "c" / "tables").exists()
+
+
 def test_s3_reads_like_local_by_byte_ranges(corpus, tokenizer, s3, tmp_path):
     """The same shards on S3 give the same batches as on local disk, read by range (no whole shard fetched)."""
     import fsspec

@@ -4,7 +4,9 @@ sidecars checked against their shard, the cache bounded without walking it."""
 from __future__ import annotations
 
 import glob
+import json
 import os
+import struct
 import shutil
 from collections import Counter
 
@@ -58,6 +60,62 @@ def test_zstd_members_carry_a_frame_checksum():
     bad[-5] ^= 0xFF  # inside the frame's last block or its checksum
     with pytest.raises(ShardError, match="sample 'k'"):
         decode_token_sample(bytes(bad), "k")
+
+
+def _header(h: dict) -> bytes:
+    b = json.dumps(h).encode()
+    return b"SGT1" + struct.pack("<I", len(b)) + b
+
+
+def _zstd_declaring_16_tib() -> bytes:
+    """A real sample's zstd frame whose header claims 16 TiB of content (frame content size field widened to 8 bytes)."""
+    s = TokenSample("k", np.zeros((1, 4, 4), np.uint16), np.arange(3, dtype=np.int32), {"tiles": [1, 1]})
+    z = encode_token_sample(s, compress=True)[1]
+    assert zstandard.get_frame_parameters(z).content_size < 256  # a 1-byte size field, replaced below
+    forged = z[:4] + bytes([0xE4]) + struct.pack("<Q", 1 << 44) + z[6:]  # single segment, checksum, 8-byte size
+    assert zstandard.frame_content_size(forged) == 1 << 44
+    return forged
+
+
+@pytest.mark.parametrize("member, why", [
+    (b"SGT1", r"corrupt token sample \(error: unpack_from requires a buffer of at least 8 bytes"),
+    (_header({"meta": {"tiles": [1, 1]}, "codes": {"dtype": "bogus", "shape": [1, 4, 4]}, "text": {"n": 3}}) + bytes(44),
+     r"codes of dtype 'bogus'"),
+    (_header({"meta": {}, "codes": {"dtype": "<f4", "shape": [1, 4, 4]}, "text": {"n": 0}}) + bytes(64), r"codes of dtype '<f4'"),
+    (b"SGT1" + struct.pack("<I", 200_000) + b"[" * 100_000 + b"]" * 100_000, r"RecursionError"),
+    (_zstd_declaring_16_tib(), r"a zstd frame declaring 17592186044416 bytes, more than a sample holds"),
+], ids=["truncated-header", "bogus-dtype", "float32-dtype", "deeply-nested-header", "zstd-16-TiB"])
+def test_a_malformed_member_is_a_shard_error_naming_its_sample(member, why):
+    """Garbage in a member (a crafted or truncated shard) is a ShardError naming the sample and the fix, never a raw
+    exception, a recursion crash or a 16 TiB allocation."""
+    with pytest.raises(ShardError, match=rf"sample 'k': .*{why}.*re-tokenize its shard"):
+        decode_token_sample(member, "k")
+
+
+@pytest.mark.parametrize("case", ["codes >= codebook", "uint32 codes", "float32 codes", "int8 codes"])
+def test_codes_outside_the_codebook_or_of_another_dtype_are_refused_on_read(tmp_path, tokenizer, monkeypatch, case):
+    """A shard whose catalog says a codebook of 64 but whose sample holds codes the model's embedding cannot take
+    (>= 64, or another dtype): reading it is a ShardError naming the shard and the sample, not a batch."""
+    import pipeline.token_shards as ts
+
+    encode = ts.encode_token_sample
+
+    def forged(s, compress=False, level=3):
+        if s.key == "gen_a-000-0001":
+            c = s.codes.astype(np.int64)
+            c = {"codes >= codebook": lambda: (c + 60000).astype(np.uint16), "uint32 codes": lambda: c.astype(np.uint32),
+                 "float32 codes": lambda: c.astype(np.float32) + 0.5, "int8 codes": lambda: (-c - 1).astype(np.int8)}[case]()
+            s = TokenSample(s.key, c, s.text_ids, s.meta)
+        return encode(s, compress, level)
+
+    root = str(tmp_path / "data")
+    monkeypatch.setattr(ts, "encode_token_sample", forged)
+    mf = manifest(root, tasks={"gen": {"global_batch": 4, "sources": {"gen_a": {"catalogs": ["gen_a"], "weight": 1}}}})
+    write_source(root, "gen_a", "gen", [4], tokenizer, seed=3)
+    monkeypatch.setattr(ts, "encode_token_sample", encode)
+    why = r"codes of dtype uint16 up to 6\d{4}, but the codebook has 64 codes" if case == "codes >= codebook" else "codes of dtype"
+    with pytest.raises(ShardError, match=rf"gen_a-00000\.tar: sample '?gen_a-000-0001'?: .*{why}"):
+        stream(root, tokenizer, 1, mf=mf, cache_dir=str(tmp_path / "c"))
 
 
 def test_each_node_reads_its_share_of_the_samples_from_s3(corpus, tokenizer, s3, tmp_path):
