@@ -68,7 +68,8 @@ def _edited(state, path, value):
     (["seed"], KeyError, SynergenError, r"loader state: seed is missing"),
     (["step"], -1, SynergenError, r"loader state: step is -1 \(below 0\)"),
     (["step"], True, SynergenError, r"loader state: step is True \(not an int\)"),
-])
+], ids=["pos-negative", "pos-past-the-end", "pos-a-string", "epoch-negative", "no-fingerprint", "no-sources", "no-seed",
+        "step-negative", "step-a-bool"])
 def test_a_malformed_or_out_of_range_state_is_refused_naming_the_field(corpus, tokenizer, path, value, error, message):
     """A corrupted or hand-edited state: an error naming the field, its value and the fix, before any step; never a
     hang (pos=-1 walked the shuffle forever), a silently skipped epoch (pos=10**9) or a raw TypeError/KeyError."""
