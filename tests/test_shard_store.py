@@ -17,7 +17,8 @@ import zstandard
 
 from loader_corpus import corpus, tokenizer  # noqa: F401 - module-scoped fixtures shared by the loader tests
 from loader_corpus import as_bytes, manifest, stream, write_source
-from pipeline.token_shards import INDEX_SUFFIX, TokenSample, decode_token_sample, encode_token_sample, read_shard_index
+from pipeline.token_shards import (INDEX_SUFFIX, TokenSample, build_shard_index, decode_token_sample, encode_token_sample,
+                                   read_shard_index)
 from pipeline.catalog import CATALOG_NAME
 from synergen.errors import ShardError
 
@@ -90,6 +91,30 @@ def test_a_malformed_member_is_a_shard_error_naming_its_sample(member, why):
     exception, a recursion crash or a 16 TiB allocation."""
     with pytest.raises(ShardError, match=rf"sample 'k': .*{why}.*re-tokenize its shard"):
         decode_token_sample(member, "k")
+
+
+@pytest.mark.parametrize("member, why", [
+    (b"SGT1", r"corrupt token sample header \(error: unpack_from requires"),
+    (b"SGT1" + struct.pack("<I", 200_000) + b"[" * 100_000 + b"]" * 100_000, r"RecursionError"),
+    (_header([1, 2, 3]), r"a header that is not \{codes"),
+    (_header({"meta": {"tiles": 7}, "codes": {"shape": [1, 4, 4]}, "text": {"n": 3}}), r"TypeError"),
+], ids=["truncated-header", "deeply-nested-header", "a-list", "tiles-not-a-list"])
+def test_indexing_a_shard_with_a_malformed_member_names_the_shard_and_sample(member, why):
+    """A shard from elsewhere has no sidecar, so the loader indexes it from its tar headers: a member without a
+    readable header is a ShardError naming shard and sample there too (the shard is then skipped or an error)."""
+    import io
+    import tarfile
+
+    good = encode_token_sample(TokenSample("s-0000", np.zeros((1, 4, 4), np.uint16), np.arange(3, dtype=np.int32),
+                                           {"tiles": [1, 1]}))[1]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for key, data in (("s-0000", good), ("s-0001", member)):
+            info = tarfile.TarInfo(f"{key}.sgt")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with pytest.raises(ShardError, match=rf"token shard x/a\.tar: sample 's-0001': .*{why}.*re-tokenize its shard"):
+        build_shard_index(buf.getvalue(), "x/a.tar")
 
 
 @pytest.mark.parametrize("case", ["codes >= codebook", "uint32 codes", "float32 codes", "int8 codes"])
