@@ -194,6 +194,24 @@ def test_skip_mode_stops_when_most_samples_become_unreadable_naming_the_shards(t
     assert len(got) < 20 and not any(sb.samples["gen"] for sb in got)  # no more than the window's worth of empty steps
 
 
+def test_the_unread_bound_judges_a_window_of_enough_samples_not_a_chance_few():
+    from train.dataset import UnreadWindow
+
+    w = UnreadWindow(0.05, rank=3)
+    w.add(32, ["s3://b/x.tar"] * 2)  # 6% of 32, but two samples: chance where a few shards are bad
+    for _ in range(19):
+        w.add(32, [])
+    w.add(32, ["s3://b/x.tar"] * 20 + ["s3://b/y.tar"] * 4)  # the window's oldest step left it: 24 of 640 (3.75%)
+    with pytest.raises(ShardError, match=r"rank 3 could not read 34 of the 640 samples of its last 20 steps.*"
+                                         r"most unread: s3://b/x\.tar \(30\), s3://b/y\.tar \(4\)"):
+        w.add(32, ["s3://b/x.tar"] * 10)
+    empty = UnreadWindow(0.05, rank=0)  # one sample a step, none read: 20 samples, under the minimum, still stops
+    for _ in range(19):
+        empty.add(1, ["z.tar"])
+    with pytest.raises(ShardError, match=r"could not read 20 of the 20 samples"):
+        empty.add(1, ["z.tar"])
+
+
 def test_skip_mode_keeps_skipping_a_bad_shard_among_good_ones_within_the_bound(tmp_path, tokenizer):
     root = str(tmp_path / "data")
     mf = _bad_corpus(root, tokenizer)

@@ -46,9 +46,10 @@ class DataOptions(BaseModel):
                                                    "starts its next epoch in this loader's order")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for remote catalogs and shards")
     max_unread_fraction: float = Field(0.05, ge=0, le=1, description=(
-        "on_bad_shard='skip' bound: over the last 20 steps of a loader process (once they hold 32 samples or more), the "
-        "fraction of its samples it could not read (bytes changed, shard gone, access lost) above which it stops with a "
-        "ShardError naming the worst shards; a process that read none of its samples in all of those steps stops too"))
+        "on_bad_shard='skip' bound: over the last 20 steps of a loader process (once they hold 32 samples or more, and 8 "
+        "unread), the fraction of its samples it could not read (bytes changed, shard gone, access lost) above which it "
+        "stops with a ShardError naming the worst shards; a process that read none of its samples in all of those steps "
+        "stops too"))
 
 
 class TrainConfig(BaseModel):

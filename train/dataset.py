@@ -314,11 +314,14 @@ class UnreadWindow:
     after its credentials expired or its mount went away, stops rather than yield empty batches forever.
 
     `add` raises the ShardError once the window holds at least `MIN_SAMPLES` samples and more than `max_fraction`
-    of them were unread, or once every one of its `STEPS` steps had samples and read none of them (a process given
-    fewer samples a step than that minimum)."""
+    of them (and at least `MIN_UNREAD`) were unread, or once every one of its `STEPS` steps had samples and read
+    none of them (a process given fewer samples a step than that minimum). The floor keeps a window of few samples
+    from judging by chance: 2 unread of 32 is over 5%, and happens by chance to about one window in five where 2.5%
+    of the samples are bad; 8 of 32 does not."""
 
     STEPS = 20
     MIN_SAMPLES = 32
+    MIN_UNREAD = 8
 
     def __init__(self, max_fraction: float, rank: int):
         self.max_fraction = max_fraction
@@ -331,7 +334,8 @@ class UnreadWindow:
         tried = sum(a for a, _ in self.steps)
         unread = sum(len(u) for _, u in self.steps)
         all_empty = len(self.steps) == self.STEPS and all(a and len(u) == a for a, u in self.steps)
-        if not (tried >= self.MIN_SAMPLES and unread > self.max_fraction * tried) and not all_empty:
+        over = tried >= self.MIN_SAMPLES and unread >= self.MIN_UNREAD and unread > self.max_fraction * tried
+        if not over and not all_empty:
             return
         worst = collections.Counter(u for _, us in self.steps for u in us).most_common(3)
         raise ShardError(f"rank {self.rank} could not read {unread} of the {tried} samples of its last {len(self.steps)} "
