@@ -269,6 +269,29 @@ class ShardStore:
     def _table_path(self, source: Source) -> str:
         return os.path.join(self.cache_dir, "tables", f"{source.name}-{source.fingerprint}-v{TABLE_VERSION}.npy")
 
+    def _cached(self, source: Source, starts: np.ndarray, retry_bad: bool, warn: bool = True) -> SourceTable | None:
+        """The source's table from this machine's cache if it is there, whole (its rows' digest is the one recorded
+        beside it when it was written: else a warning naming it, and None so it is rebuilt) and of the catalog's size."""
+        path = self._table_path(source)
+        try:
+            with open(path[:-4] + ".json") as f:
+                meta = json.load(f)
+            problems = {int(k): v for k, v in meta["problems"].items()}
+            rows = np.load(path, mmap_mode="r", allow_pickle=False)
+            digest = _digest(rows)
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if digest != meta.get("xxh3_128"):
+            if warn:
+                log.warning("cached source table %s does not match the digest recorded beside it (changed after it was "
+                            "written); rebuilding it from the shards' indices", path)
+            return None
+        if len(rows) != starts[-1] or (retry_bad and problems):
+            return None
+        os.utime(path)  # recently used: evicted last
+        self.table_files.update({s.url: path for s in source.shards})
+        return SourceTable(rows, starts, problems)
+
     def table(self, source: Source, retry_bad: bool = False) -> SourceTable:
         """The source's table: from this machine's cache, else built (by one process of the machine) from the sidecars.
 
@@ -277,32 +300,11 @@ class ShardStore:
         plan from the very table their main process decided with."""
         path = self._table_path(source)
         starts = np.concatenate([[0], np.cumsum([s.samples for s in source.shards])]).astype(np.int64)
-
-        def cached(warn: bool = True) -> SourceTable | None:
-            try:
-                with open(path[:-4] + ".json") as f:
-                    meta = json.load(f)
-                problems = {int(k): v for k, v in meta["problems"].items()}
-                rows = np.load(path, mmap_mode="r", allow_pickle=False)
-                digest = _digest(rows)
-            except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
-                return None
-            if digest != meta.get("xxh3_128"):
-                if warn:
-                        log.warning("cached source table %s does not match the digest recorded beside it (changed after it "
-                                "was written); rebuilding it from the shards' indices", path)
-                return None
-            if len(rows) != starts[-1] or (retry_bad and problems):
-                return None
-            os.utime(path)  # recently used: evicted last
-            self.table_files.update({s.url: path for s in source.shards})
-            return SourceTable(rows, starts, problems)
-
-        table = cached()
+        table = self._cached(source, starts, retry_bad)
         if table is not None:
             return table
         with self._locked(f"table-{source.fingerprint}"):
-            table = cached(warn=False)  # another process may have built it meanwhile
+            table = self._cached(source, starts, retry_bad, warn=False)  # another process may have built it meanwhile
             if table is not None:
                 return table
             parts: list[np.ndarray | None] = [None] * len(source.shards)
