@@ -24,6 +24,7 @@ import json
 import math
 import struct
 import tarfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -230,23 +231,32 @@ def facts_row(key: str, offset: int, size: int, checksum: int, shape: list[int],
 
 
 def _sample_header(member: memoryview, key: str) -> dict:
-    """The JSON header of a `.sgt`/`.sgt.zst` member, without decoding its codes."""
-    if bytes(member[:4]) != MAGIC:
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(member)) as r:
-                head = r.read(8)
-                if head[:4] != MAGIC:
-                    raise ShardError(f"sample {key!r}: bad magic {head[:4]!r}; re-tokenize its shard")
-                body = r.read(struct.unpack_from("<I", head, 4)[0])
-        except zstandard.ZstdError as e:
-            raise ShardError(f"sample {key!r}: neither a token sample nor zstd ({e}); re-tokenize its shard") from e
-    else:
-        (hlen,) = struct.unpack_from("<I", member, 4)
-        body = bytes(member[8:8 + hlen])
+    """The JSON header of a `.sgt`/`.sgt.zst` member, without decoding its codes (ShardError naming the sample when
+    it has none: a short member, a header longer than a sample holds, not JSON, nested past Python's recursion)."""
     try:
-        return json.loads(body)
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ShardError(f"sample {key!r}: corrupt token sample header ({e}); re-tokenize its shard") from e
+        if bytes(member[:4]) != MAGIC:
+            try:
+                with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(member)) as r:
+                    head = r.read(8)
+                    if head[:4] != MAGIC:
+                        raise ShardError(f"sample {key!r}: bad magic {head[:4]!r}; re-tokenize its shard")
+                    (hlen,) = struct.unpack_from("<I", head, 4)
+                    if hlen > MAX_SAMPLE_BYTES:
+                        raise ValueError(f"a header of {hlen} bytes, more than a sample holds")
+                    body = r.read(hlen)
+            except zstandard.ZstdError as e:
+                raise ShardError(f"sample {key!r}: neither a token sample nor zstd ({e}); re-tokenize its shard") from e
+        else:
+            (hlen,) = struct.unpack_from("<I", member, 4)
+            body = bytes(member[8:8 + hlen])
+        header = json.loads(body)
+        if not isinstance(header, dict) or not isinstance(header.get("codes", {}), dict) \
+                or not isinstance(header.get("text", {}), dict) or not isinstance(header.get("meta", {}), dict):
+            raise ValueError("a header that is not {codes: {...}, text: {...}, meta: {...}}")
+        return header
+    except (ValueError, struct.error, RecursionError) as e:  # json.JSONDecodeError is a ValueError
+        raise ShardError(f"sample {key!r}: corrupt token sample header ({type(e).__name__}: {str(e)[:200]}); "
+                         "re-tokenize its shard") from None
 
 
 def _tar_members(url: str, data: bytes) -> Iterator[tuple[str, int, int]]:
@@ -290,9 +300,15 @@ def build_shard_index(data: bytes, url: str = "") -> np.ndarray:
         if ext not in (MEMBER, MEMBER_ZST):
             continue
         member = view[off:off + size]
-        h = _sample_header(member, key)
-        rows.append(facts_row(key, off, size, sample_checksum(member), list(h.get("codes", {}).get("shape", [])),
-                              int(h.get("text", {}).get("n", 0)), h.get("meta", {})))
+        try:
+            h = _sample_header(member, key)
+            rows.append(facts_row(key, off, size, sample_checksum(member), list(h.get("codes", {}).get("shape", [])),
+                                  int(h.get("text", {}).get("n", 0)), h.get("meta", {})))
+        except ShardError as e:
+            raise ShardError(f"token shard {url}: {e}") from None
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:  # header values of the wrong kind
+            raise ShardError(f"token shard {url}: sample {key!r}: corrupt token sample header ({type(e).__name__}: "
+                             f"{str(e)[:200]}); re-tokenize its shard") from None
     return index_rows(rows)
 
 
@@ -315,10 +331,16 @@ def write_shard_index(url: str, index: np.ndarray, storage_options: dict | None 
     return hashlib.sha256(blob).hexdigest()
 
 
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's compile() is not thread-safe: sidecars parsed
+# by concurrent threads (a source table's build) sometimes raised SystemError "AST constructor recursion depth mismatch"
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def parse_shard_index(blob: bytes, name: str) -> np.ndarray:
     """Bytes of an index file -> the index (ShardError naming `name` when it is not one)."""
     try:
-        index = np.load(io.BytesIO(blob), allow_pickle=False)
+        with _NPY_HEADER_LOCK:
+            index = np.load(io.BytesIO(blob), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ShardError(f"shard index {name}: not a .npy index ({e}); delete it (the loader rebuilds it from the tar)") from None
     fields = index.dtype.names or ()

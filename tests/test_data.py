@@ -15,10 +15,10 @@ import yaml
 from loader_corpus import corpus, tokenizer  # noqa: F401 - module-scoped fixtures shared by the loader tests
 from loader_corpus import CODEBOOK, FOLD, as_bytes, manifest, model_spec, stream, write_source
 from model.folding import Fold
-from pipeline.token_shards import TokenSample, TokenShardWriter
+from pipeline.token_shards import TokenSample, TokenShardWriter, read_shard_index
 from pipeline.catalog import vocab_hash
 from synergen.errors import ConfigMismatchError, ShardError
-from train.data import ModelDataSpec, StreamingMixture
+from train.data import LoaderConfig, ModelDataSpec, StreamingLoader, StreamingMixture
 from train.mixture import MixtureManifest
 from train.sequence import IGNORE, LayoutIds, SequenceSpec, build_sequence, plan_layout
 
@@ -166,6 +166,78 @@ def test_bad_shards_error_or_recorded_skip(tmp_path, tokenizer, request, where):
     assert rep["sources"]["gen_a"]["skipped"] >= 12
 
 
+def _flip_every_sample(path):
+    """One byte of every member of the tar changed, the size kept (as bytes a reader can no longer trust)."""
+    with open(path, "r+b") as f:
+        for off, size in zip(*(read_shard_index(path)[k] for k in ("offset", "size"))):
+            f.seek(int(off + size - 3))
+            b = f.read(1)
+            f.seek(int(off + size - 3))
+            f.write(bytes([b[0] ^ 1]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_mode_stops_when_most_samples_become_unreadable_naming_the_shards(tmp_path, tokenizer, workers):
+    """Every sample unreadable (e.g. credentials expired mid-run): skip mode stops within the window with a ShardError
+    naming the worst shards and the fix, in-process and from DataLoader workers alike, instead of empty steps forever."""
+    root = str(tmp_path / "data")
+    mf = _bad_corpus(root, tokenizer)
+    for i in range(3):
+        _flip_every_sample(f"{root}/gen_a/gen_a-0000{i}.tar")
+    ds = StreamingMixture(mf, model_spec(tokenizer), tokenizer, LoaderConfig(seed=7, max_steps=100, on_bad_shard="skip",
+                                                                            cache_dir=str(tmp_path / "cache")))
+    got = []
+    with pytest.raises(ShardError, match=r"could not read \d+ of the \d+ samples .*max_unread_fraction=0\.05.*"
+                                         r"gen_a-0000\d\.tar \(\d+\).*restore access.*raise data_options\.max_unread_fraction"):
+        for sb in StreamingLoader(ds, num_workers=workers):
+            got.append(sb)
+    assert len(got) < 20 and not any(sb.samples["gen"] for sb in got)  # no more than the window's worth of empty steps
+
+
+def test_the_unread_bound_judges_a_window_of_enough_samples_not_a_chance_few():
+    from train.dataset import UnreadWindow
+
+    w = UnreadWindow(0.05, rank=3)
+    w.add(32, ["s3://b/x.tar"] * 2)  # 6% of 32, but two samples: chance where a few shards are bad
+    for _ in range(19):
+        w.add(32, [])
+    w.add(32, ["s3://b/x.tar"] * 20 + ["s3://b/y.tar"] * 4)  # the window's oldest step left it: 24 of 640 (3.75%)
+    with pytest.raises(ShardError, match=r"rank 3 could not read 34 of the 640 samples of its last 20 steps.*"
+                                         r"most unread: s3://b/x\.tar \(30\), s3://b/y\.tar \(4\)"):
+        w.add(32, ["s3://b/x.tar"] * 10)
+    empty = UnreadWindow(0.05, rank=0)  # one sample a step, none read: 20 samples, under the minimum, still stops
+    for _ in range(19):
+        empty.add(1, ["z.tar"])
+    with pytest.raises(ShardError, match=r"could not read 20 of the 20 samples"):
+        empty.add(1, ["z.tar"])
+
+
+def test_skip_mode_keeps_skipping_a_bad_shard_among_good_ones_within_the_bound(tmp_path, tokenizer):
+    root = str(tmp_path / "data")
+    mf = _bad_corpus(root, tokenizer)
+    _flip_every_sample(f"{root}/gen_a/gen_a-00001.tar")  # a third of the samples
+    out, _ = stream(root, tokenizer, 12, mf=mf, on_bad_shard="skip", max_unread_fraction=0.5, cache_dir=str(tmp_path / "c"))
+    assert len(out) == 12 and sum(len(sb.report["unread_samples"]) for sb in out) == 24
+    with pytest.raises(ShardError, match=r"gen_a-00001\.tar \(\d+\)"):  # over the default bound (5%) it stops
+        stream(root, tokenizer, 12, mf=mf, on_bad_shard="skip", cache_dir=str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_a_catalog_row_claiming_more_samples_than_its_bytes_hold_is_refused_naming_it(tmp_path, tokenizer, mode):
+    """A hand-edited or corrupt catalog row (samples > bytes // 1024): refused before any table is sized by it."""
+    from pipeline.catalog import read_catalog, write_catalog
+
+    root = str(tmp_path / "data")
+    mf = _bad_corpus(root, tokenizer)
+    rows = read_catalog(f"{root}/gen_a")
+    rows[1]["samples"] = 100_000
+    write_catalog(f"{root}/gen_a", rows)
+    with pytest.raises(ConfigMismatchError, match=rf"{root}/gen_a shard gen_a-00001\.tar: 100000 samples in \d+ bytes, "
+                                                  r"but a sample takes at least 1024 bytes.*catalog row is wrong"):
+        stream(root, tokenizer, 1, mf=mf, on_bad_shard=mode, cache_dir=str(tmp_path / "c"))
+    assert not (tmp_path / "c" / "tables").exists()
+
+
 def test_s3_reads_like_local_by_byte_ranges(corpus, tokenizer, s3, tmp_path):
     """The same shards on S3 give the same batches as on local disk, read by range (no whole shard fetched)."""
     import fsspec
@@ -190,6 +262,24 @@ def test_manifest_errors_name_the_key(tmp_path):
     p.write_text(yaml.safe_dump({"name": "x", "tasks": {"und": {"global_batch": 4, "sources": {"a": {"catalogs": ["a"]}}}}}))
     with pytest.raises(ManifestError, match=r"m\.yaml[\s\S]*tasks\.und[\s\S]*no `weight`"):
         MixtureManifest.load(str(p))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterating_a_loader_again_continues_where_its_state_says(corpus, tokenizer, workers):
+    """A loop stopped after 3 steps (e.g. for an eval), then a second loop: it starts at step 3, as state_dict() says,
+    and the two loops together are the uninterrupted stream."""
+    full, _ = stream(corpus, tokenizer, 6)
+    ds = StreamingMixture(manifest(corpus), model_spec(tokenizer), tokenizer, LoaderConfig(seed=7, max_steps=6))
+    loader = StreamingLoader(ds, num_workers=workers)
+    head = []
+    for sb in loader:
+        head.append(sb)
+        if sb.step == 2:
+            break
+    assert loader.state_dict()["step"] == 3
+    tail = list(loader)
+    assert [sb.step for sb in head + tail] == list(range(6))
+    assert [as_bytes(x) for x in head + tail] == [as_bytes(x) for x in full]
 
 
 def test_torch_dataloader_workers_yield_the_same_stream(corpus, tokenizer):

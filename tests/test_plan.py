@@ -46,6 +46,41 @@ def test_global_batch_smaller_than_the_ranks_is_a_config_error(corpus, tokenizer
         stream(corpus, tokenizer, 1, rank=0, world=5)
 
 
+def _edited(state, path, value):
+    state = copy.deepcopy(state)
+    d = state
+    for k in path[:-1]:
+        d = d[k]
+    if value is KeyError:
+        del d[path[-1]]
+    else:
+        d[path[-1]] = value
+    return state
+
+
+@pytest.mark.parametrize("path, value, error, message", [
+    (["sources", "cap_a", "pos"], -1, SynergenError, r"sources\.cap_a\.pos is -1 \(below 0\)"),
+    (["sources", "cap_a", "pos"], 10**9, ConfigMismatchError, r"sources\.cap_a\.pos is 1000000000 but source cap_a has 27 samples"),
+    (["sources", "cap_a", "pos"], "3", SynergenError, r"sources\.cap_a\.pos is '3' \(not an int\)"),
+    (["sources", "cap_b", "epoch"], -2, SynergenError, r"sources\.cap_b\.epoch is -2 \(below 0\)"),
+    (["sources", "cap_a", "fingerprint"], KeyError, SynergenError, r"sources\.cap_a\.fingerprint is missing"),
+    (["sources"], KeyError, SynergenError, r"loader state: sources is missing"),
+    (["seed"], KeyError, SynergenError, r"loader state: seed is missing"),
+    (["step"], -1, SynergenError, r"loader state: step is -1 \(below 0\)"),
+    (["step"], True, SynergenError, r"loader state: step is True \(not an int\)"),
+], ids=["pos-negative", "pos-past-the-end", "pos-a-string", "epoch-negative", "no-fingerprint", "no-sources", "no-seed",
+        "step-negative", "step-a-bool"])
+def test_a_malformed_or_out_of_range_state_is_refused_naming_the_field(corpus, tokenizer, path, value, error, message):
+    """A corrupted or hand-edited state: an error naming the field, its value and the fix, before any step; never a
+    hang (pos=-1 walked the shuffle forever), a silently skipped epoch (pos=10**9) or a raw TypeError/KeyError."""
+    _, loader = stream(corpus, tokenizer, 2)
+    state = _edited(loader.state_dict(), path, value)
+    with pytest.raises(error, match=message + r".*resume with the loader state saved with the checkpoint"):
+        stream(corpus, tokenizer, 4, state=state)
+    with pytest.raises(SynergenError, match=r"loader state: the state is 'list' \(not a dict\)"):
+        stream(corpus, tokenizer, 4, state=[state])
+
+
 def test_resume_refuses_another_order_or_migrates_to_the_next_epoch(corpus, tokenizer):
     _, loader = stream(corpus, tokenizer, 3)
     state = loader.state_dict()

@@ -34,3 +34,9 @@ def test_epoch_positions_do_not_follow_the_catalog_order():
     window = got[40_000:41_000]
     shards = np.unique(window // 1000)  # 100 shards of 1,000 samples
     assert len(shards) > 95
+
+
+@pytest.mark.parametrize("pos", [[-1], [0, 27], [10**9]], ids=["negative", "the-size", "far-past"])
+def test_positions_outside_the_source_are_refused_not_walked_forever(pos):
+    with pytest.raises(ValueError, match=r"source src: positions .* not all in \[0, 27\)"):
+        SourceOrder("src", 27, seed=5).samples(0, np.array(pos))

@@ -39,12 +39,17 @@ class DataOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     on_bad_shard: Literal["error", "skip"] = Field("error", description="skip: every rank passes over bad shards, named")
-    cache_dir: str | None = Field(None, description="this machine's source tables (default: <tmp>/synergen-shards)")
+    cache_dir: str | None = Field(None, description="this machine's source tables (default: <tmp>/synergen-shards-<uid>, made 0o700)")
     cache_bytes: int = Field(8 << 30, ge=0, description="bound of the table cache (other runs' tables are evicted)")
     max_steps: int | None = Field(None, ge=0, description="stop after this loader step (None: stream forever)")
     migrate_order: bool = Field(False, description="resume a state saved with another sample order: each source "
                                                    "starts its next epoch in this loader's order")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for remote catalogs and shards")
+    max_unread_fraction: float = Field(0.05, ge=0, le=1, description=(
+        "on_bad_shard='skip' bound: over the last 20 steps of a loader process (once they hold 32 samples or more, and 8 "
+        "unread), the fraction of its samples it could not read (bytes changed, shard gone, access lost) above which it "
+        "stops with a ShardError naming the worst shards; a process that read none of its samples in all of those steps "
+        "stops too"))
 
 
 class TrainConfig(BaseModel):

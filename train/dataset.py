@@ -17,6 +17,7 @@ on_bad_shard='skip' that rank leaves it out of its batch and reports it, otherwi
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import fcntl
@@ -27,7 +28,6 @@ import mmap
 import os
 import pickle
 import select
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, fields
@@ -42,9 +42,9 @@ from synergen.errors import ConfigMismatchError, ShardError, SynergenError
 from train.config import DataOptions
 from train.mixture import MixtureManifest, online_weights, resolve_weights
 from train.packing import ROW_ARRAYS, Shapes, pack, packing_efficiency
-from train.plan import STATE_VERSION, Planner, assign_ranks
+from train.plan import STATE_VERSION, Planner, assign_ranks, check_state
 from train.sequence import Layout, LayoutIds, SequenceSpec, layout_of
-from train.shard_store import ShardStore, SourceTable
+from train.shard_store import ShardStore, SourceTable, default_cache_dir
 from train.sources import ModelDataSpec, resolve_sources
 
 log = logging.getLogger(__name__)
@@ -308,6 +308,43 @@ def _agree(found: set[str], world_size: int) -> set[str]:
     return set(found)
 
 
+class UnreadWindow:
+    """With on_bad_shard='skip', how much of what this process was given it could not read over its last `STEPS`
+    steps: a few bad shards among many are skipped and reported, but a process that reads (almost) nothing, e.g.
+    after its credentials expired or its mount went away, stops rather than yield empty batches forever.
+
+    `add` raises the ShardError once the window holds at least `MIN_SAMPLES` samples and more than `max_fraction`
+    of them (and at least `MIN_UNREAD`) were unread, or once every one of its `STEPS` steps had samples and read
+    none of them (a process given fewer samples a step than that minimum). The floor keeps a window of few samples
+    from judging by chance: 2 unread of 32 is over 5%, and happens by chance to about one window in five where 2.5%
+    of the samples are bad; 8 of 32 does not."""
+
+    STEPS = 20
+    MIN_SAMPLES = 32
+    MIN_UNREAD = 8
+
+    def __init__(self, max_fraction: float, rank: int):
+        self.max_fraction = max_fraction
+        self.rank = rank
+        self.steps: collections.deque[tuple[int, list[str]]] = collections.deque(maxlen=self.STEPS)
+
+    def add(self, attempted: int, unread_shards: list[str]) -> None:
+        """One step's count of samples this process had to read, and the shard (url) of each it could not."""
+        self.steps.append((attempted, unread_shards))
+        tried = sum(a for a, _ in self.steps)
+        unread = sum(len(u) for _, u in self.steps)
+        all_empty = len(self.steps) == self.STEPS and all(a and len(u) == a for a, u in self.steps)
+        over = tried >= self.MIN_SAMPLES and unread >= self.MIN_UNREAD and unread > self.max_fraction * tried
+        if not over and not all_empty:
+            return
+        worst = collections.Counter(u for _, us in self.steps for u in us).most_common(3)
+        raise ShardError(f"rank {self.rank} could not read {unread} of the {tried} samples of its last {len(self.steps)} "
+                         f"steps (more than max_unread_fraction={self.max_fraction}); most unread: "
+                         + ", ".join(f"{url} ({n})" for url, n in worst)
+                         + "; restore access to the shards (credentials, mount) or the shards themselves, or raise "
+                         "data_options.max_unread_fraction")
+
+
 class StreamingMixture(torch.utils.data.IterableDataset):
     """The mixture's packed batches for one rank, one `StepBatch` per step; use with DataLoader(batch_size=None)."""
 
@@ -330,7 +367,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
             for seg in range(len(manifest.schedule) + 1):
                 step = 0 if seg == 0 else manifest.schedule[seg - 1].at_step
                 resolve_weights(manifest, task, step, {n: self.sources[n].size for n in manifest.tasks[task].sources})
-        self.store = ShardStore(c.cache_dir or os.path.join(tempfile.gettempdir(), "synergen-shards"), c.cache_bytes,
+        self.store = ShardStore(c.cache_dir or default_cache_dir(), c.cache_bytes,
                                 c.on_bad_shard, dict(c.storage_options))
         self._tables = self._load_tables(retry_bad=True)
         self.store.evict(keep=[self.sources[n] for n in self._tables])
@@ -374,8 +411,9 @@ class StreamingMixture(torch.utils.data.IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         """Start from a saved state (any rank's: they are equal); may follow a mixture change."""
-        if state.get("version") not in (1, STATE_VERSION):
+        if isinstance(state, dict) and state.get("version") not in (1, STATE_VERSION):
             raise SynergenError(f"loader state version {state.get('version')} is not {STATE_VERSION}; it was saved by another synergen")
+        check_state(state)
         if state["seed"] != self.config.seed:
             raise ConfigMismatchError(f"loader state has seed {state['seed']} but the config has {self.config.seed}; "
                                       "resume with the checkpoint's seed")
@@ -405,6 +443,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
             at = start  # the step the planner plans next
             # wall time to plan one step and to build one here (running means): how long a hand-over may take to come
             plan_s, build_s = 1e-3, None
+            window = UnreadWindow(self.config.max_unread_fraction, self.config.rank)
             for step in itertools.count(start + worker, n_workers) if end is None else range(start + worker, end, n_workers):
                 if at < step and relay is not None:  # the worker of step - 1 hands over where the plan stands
                     # it plans that step right after building its previous one, which it began before this worker
@@ -421,7 +460,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                 plan_s += 0.1 * ((t1 - t0) / (at - first) - plan_s)
                 if relay is not None and (end is None or at < end):
                     relay.send(worker, at, planner.progress())
-                sb = self._build(step, plan, planner, worker, skipped,
+                sb = self._build(step, plan, planner, worker, skipped, window,
                                  slots.writer(worker, (step - start) // n_workers + 1) if slots else None)
                 took = time.perf_counter() - t1
                 build_s = took if build_s is None else build_s + 0.1 * (took - build_s)
@@ -436,7 +475,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                 relay.close()  # the successor reads end-of-file and plans alone
 
     def _build(self, step: int, plan: dict[str, dict], planner: Planner, worker: int, skipped: list[str],
-               slot: _SlotWriter | None = None) -> StepBatch:
+               window: UnreadWindow, slot: _SlotWriter | None = None) -> StepBatch:
         c, store = self.config, self.store
         mine, rows, items = {}, {}, []
         for task, p in plan.items():
@@ -449,7 +488,8 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                     rows[task][k] = r
             items += [(self.sources[p["names"][si]].shards[sh], r) for si, sh, r in zip(src.tolist(), shard, rows[task])]
         got = iter(store.read(items))  # one batch of reads for the whole step (concurrent range GETs remotely)
-        batches, samples, unread = {}, {}, []
+        batches, samples, unread, unread_shards = {}, {}, [], []
+        shards = iter([shard.url for shard, _ in items])
         report = {"step": step, "mixture": planner.mixture_id(step), "tasks": {}}
         for task, p in plan.items():
             names = p["names"]
@@ -459,12 +499,13 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                        p["uncond"][m].tolist(), rows[task])
             for si, epoch, view, length, uncond, r in cols:
                 name = names[si]
-                sample = next(got)
+                sample, url = next(got), next(shards)
                 if isinstance(sample, ShardError):
                     if c.on_bad_shard == "error":
                         raise sample
                     log.warning("rank %d leaves a sample out of step %d (the plan stays the same on every rank): %s", c.rank, step, sample)
                     unread.append(str(sample))
+                    unread_shards.append(url)
                     continue
                 lay = (r.n_images, r.tiles, r.thumbnail, task, view, length)  # few distinct: made once per process
                 if lay not in self._layouts:
@@ -482,6 +523,7 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                 "uncond": int(p["uncond"][mine[task]].sum()),
                 "weights": dict(p["weights"]),
             }
+        window.add(len(items), unread_shards)
         state = planner.state(step + 1)
         report["sources"] = {n: {k: s[k] for k in ("epoch", "pos", "dropped", "skipped")} for n, s in state["sources"].items()
                              if n in self.sources}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from synergen.errors import ConfigMismatchError, ShardError
+from synergen.errors import ConfigMismatchError, ShardError, SynergenError
 from train.mixture import MixLedger, MixtureManifest, merge_by_credit, resolve_weights
 from train.sequence import VIEW_DROPPED, LayoutIds, SequenceSpec, plan_lengths
 from train.shard_store import SourceTable
@@ -66,6 +66,47 @@ def _uncond(seed: int, name: str, epoch: int, pos: np.ndarray, prob: float) -> n
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z ^= z >> np.uint64(31)
     return (z >> np.uint64(11)).astype(np.float64) / 2.0**53 < prob
+
+
+_STATE_FIX = "resume with the loader state saved with the checkpoint itself (StreamingLoader.state_dict()), unedited"
+
+
+def _bad_state(field: str, value, why: str) -> SynergenError:
+    return SynergenError(f"loader state: {field} is {value!r} ({why}); {_STATE_FIX}")
+
+
+def check_state(state) -> None:
+    """Refuse a loader state that is not one a loader saved (missing keys, wrong types, negative counts) with a
+    SynergenError naming the field, its value and the fix; whether it fits the sources is `Planner.load`'s check."""
+    if not isinstance(state, dict):
+        raise _bad_state("the state", type(state).__name__, "not a dict")
+
+    def need(d: dict, key: str, where: str, kind: type, minimum: int | None = None, required: bool = True):
+        if key not in d:
+            if required:
+                raise SynergenError(f"loader state: {where}{key} is missing; {_STATE_FIX}")
+            return
+        v = d[key]
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            raise _bad_state(f"{where}{key}", v, f"not {'an int' if kind is int else 'a ' + kind.__name__}")
+        if minimum is not None and v < minimum:
+            raise _bad_state(f"{where}{key}", v, f"below {minimum}")
+
+    need(state, "step", "", int, 0)
+    need(state, "seed", "", int)
+    need(state, "mixture", "", str)
+    need(state, "sources", "", dict)
+    need(state, "skip", "", list, required=False)
+    need(state, "mix", "", dict, required=False)
+    for n, src in state["sources"].items():
+        where = f"sources.{n}."
+        if not isinstance(src, dict):
+            raise _bad_state(f"sources.{n}", src, "not a dict")
+        for key in ("epoch", "pos"):
+            need(src, key, where, int, 0)
+        for key in ("dropped", "skipped"):
+            need(src, key, where, int, 0, required=False)
+        need(src, "fingerprint", where, str, required=state.get("order", ORDER) == ORDER)
 
 
 def assign_ranks(length: np.ndarray, world_size: int) -> np.ndarray:
@@ -249,7 +290,9 @@ class Planner:
     def load(self, state: dict, migrate_order: bool = False) -> None:
         """Continue from `state`: the same order (else ConfigMismatchError, or with `migrate_order` every source
         starts its next epoch in this loader's order), the same content per source (by shard sha256s, wherever
-        they are stored), and the skip list of the run (kept, so every rank still passes over the same shards)."""
+        they are stored), and the skip list of the run (kept, so every rank still passes over the same shards).
+        A malformed state (`check_state`) or a position past its source's end is refused, naming the field."""
+        check_state(state)
         order = state.get("order", f"shards shuffled in groups (state version {state.get('version')})")
         if order != ORDER and not migrate_order:
             raise ConfigMismatchError(f"loader state orders samples by {order!r} but this loader by {ORDER!r}: positions would "
@@ -270,6 +313,9 @@ class Planner:
                                           f"then, {self.sources[n].fingerprint} now: another shard list or other shard contents), "
                                           "so saved positions would name other samples; restore the catalog or give the new "
                                           "data another source name")
+            if s["pos"] > self.sources[n].size.samples:
+                raise ConfigMismatchError(f"loader state: sources.{n}.pos is {s['pos']} but source {n} has "
+                                          f"{self.sources[n].size.samples} samples; {_STATE_FIX}")
             cur = SourceCursor(s["epoch"], s["pos"], s.get("dropped", 0), s.get("skipped", 0))
             if order != ORDER:
                 log.warning("source %s: migrating from order %r: epoch %d ends at position %d; epoch %d starts in order %r",

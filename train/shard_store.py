@@ -7,8 +7,9 @@ of the machine. A sidecar that fails a check is named and rebuilt from its tar (
 sha256 checked against the catalog). So what a machine reads of a source to plan is its indices, once.
 
 Samples are read by byte range (a `pread` locally; concurrent range GETs through fsspec on S3), never whole
-shards, and every sample's bytes are checked against its row's xxh3 (and its tar header's name and size)
-before decoding: a flipped byte after the index was written is an error naming the shard and the sample.
+shards: only a member's own bytes, at the offset and size of its (checked) index row, not its tar header. Those
+bytes are checked against the row's xxh3 before decoding, and the decoded sample against the row's facts: a
+flipped byte after the index was written is an error naming the shard and the sample.
 The whole-shard sha256 stays in the catalog for audits; it is not needed to trust a sample.
 """
 
@@ -20,6 +21,8 @@ import hashlib
 import json
 import logging
 import os
+import stat
+import tempfile
 import threading
 import time
 import uuid
@@ -30,16 +33,37 @@ from typing import Literal, NamedTuple
 
 import fsspec
 import numpy as np
+import xxhash
 
 from pipeline.token_shards import (INDEX_SUFFIX, TokenSample, _index_dtype, build_shard_index, codes_dtype,
                                    decode_token_sample, index_bytes, parse_shard_index, sample_checksum)
-from synergen.errors import ShardError
+from synergen.errors import ShardError, SynergenError
 from train.sources import Shard, Source
 
 log = logging.getLogger(__name__)
 
 STALE_PART_S = 3600  # a partial file untouched this long belongs to a dead process
-TABLE_VERSION = 1  # bump when a table's layout changes: old tables in caches are then rebuilt, not misread
+TABLE_VERSION = 2  # bump when a table's layout changes: old tables in caches are then rebuilt, not misread (2: digest)
+
+
+def default_cache_dir() -> str:
+    """This user's cache folder under the temp dir (created 0o700): a table there decides which bytes are served as a
+    sample, so a folder another user can write (or made before us) is refused rather than trusted."""
+    path = os.path.join(tempfile.gettempdir(), f"synergen-shards-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise SynergenError(f"the default loader cache {path} is not a folder of this user that only it can write; remove "
+                            "it, or set data_options.cache_dir to a folder of yours")
+    return path
+
+
+def _digest(rows: np.ndarray) -> str:
+    """What a cached table's json records of its rows (their dtype, shape and bytes): checked whenever it is opened."""
+    h = xxhash.xxh3_128(repr((rows.dtype.descr, rows.shape)).encode())
+    h.update(np.ascontiguousarray(rows))
+    return h.hexdigest()
 
 
 def index_problem(index: np.ndarray, shard: Shard) -> str | None:
@@ -125,7 +149,8 @@ class ShardStore:
         self.index_bytes = 0  # sidecars (and tars, to rebuild an index) this process read
         self.rebuilt = 0  # indices this process rebuilt from a tar (missing or bad sidecar)
         self.decoded = 0  # samples this process read and decoded
-        self.read_bytes = 0  # bytes of those samples (with their tar headers)
+        self.read_bytes = 0  # bytes of those samples (their members alone: no tar header is read)
+        self.table_files: dict[str, str] = {}  # shard url -> the cached table its rows were read from
 
     def __getstate__(self) -> dict:  # to DataLoader workers (spawn): counters and settings, not locks or open files
         return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
@@ -244,6 +269,29 @@ class ShardStore:
     def _table_path(self, source: Source) -> str:
         return os.path.join(self.cache_dir, "tables", f"{source.name}-{source.fingerprint}-v{TABLE_VERSION}.npy")
 
+    def _cached(self, source: Source, starts: np.ndarray, retry_bad: bool, warn: bool = True) -> SourceTable | None:
+        """The source's table from this machine's cache if it is there, whole (its rows' digest is the one recorded
+        beside it when it was written: else a warning naming it, and None so it is rebuilt) and of the catalog's size."""
+        path = self._table_path(source)
+        try:
+            with open(path[:-4] + ".json") as f:
+                meta = json.load(f)
+            problems = {int(k): v for k, v in meta["problems"].items()}
+            rows = np.load(path, mmap_mode="r", allow_pickle=False)
+            digest = _digest(rows)
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if digest != meta.get("xxh3_128"):
+            if warn:
+                log.warning("cached source table %s does not match the digest recorded beside it (changed after it was "
+                            "written); rebuilding it from the shards' indices", path)
+            return None
+        if len(rows) != starts[-1] or (retry_bad and problems):
+            return None
+        os.utime(path)  # recently used: evicted last
+        self.table_files.update({s.url: path for s in source.shards})
+        return SourceTable(rows, starts, problems)
+
     def table(self, source: Source, retry_bad: bool = False) -> SourceTable:
         """The source's table: from this machine's cache, else built (by one process of the machine) from the sidecars.
 
@@ -252,24 +300,11 @@ class ShardStore:
         plan from the very table their main process decided with."""
         path = self._table_path(source)
         starts = np.concatenate([[0], np.cumsum([s.samples for s in source.shards])]).astype(np.int64)
-
-        def cached() -> SourceTable | None:
-            try:
-                with open(path[:-4] + ".json") as f:
-                    problems = {int(k): v for k, v in json.load(f).items()}
-                rows = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (FileNotFoundError, ValueError):
-                return None
-            if len(rows) != starts[-1] or (retry_bad and problems):
-                return None
-            os.utime(path)  # recently used: evicted last
-            return SourceTable(rows, starts, problems)
-
-        table = cached()
+        table = self._cached(source, starts, retry_bad)
         if table is not None:
             return table
         with self._locked(f"table-{source.fingerprint}"):
-            table = cached()
+            table = self._cached(source, starts, retry_bad, warn=False)  # another process may have built it meanwhile
             if table is not None:
                 return table
             parts: list[np.ndarray | None] = [None] * len(source.shards)
@@ -294,7 +329,8 @@ class ShardStore:
                 if p is not None:
                     rows[starts[i]:starts[i + 1]] = p.astype(dtype)
             self._write_atomic(path, index_bytes(rows))
-            self._write_atomic(path[:-4] + ".json", json.dumps(problems).encode())
+            self._write_atomic(path[:-4] + ".json", json.dumps({"problems": problems, "xxh3_128": _digest(rows)}).encode())
+            self.table_files.update({s.url: path for s in source.shards})
             return SourceTable(np.load(path, mmap_mode="r", allow_pickle=False), starts, problems)
 
     def evict(self, keep: list[Source]) -> None:
@@ -401,9 +437,16 @@ class ShardStore:
         got = (c.shape[0] if c.ndim else 0, c.shape[1] if c.ndim == 3 else 0, c.shape[2] if c.ndim == 3 else -1,
                int(sample.text_ids.size), int(rows) * int(cols), bool(sample.meta.get("thumbnail", False)))
         if got != facts:
+            table = self.table_files.get(shard.url)
+            if table is not None:  # the next start rebuilds it from the sidecars (a process still using it keeps its map)
+                for victim in (table, table[:-4] + ".json"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(victim)
+            held = (f" (read from this machine's source table {table}, built from that index; the table is removed, so "
+                    "the next start rebuilds it)") if table is not None else ""
             return ShardError(f"shard index {shard.url}{INDEX_SUFFIX}: sample {key} is {list(got)} (images, groups, fold size, "
-                              f"text, tiles, thumbnail) but its index row says {list(facts)}; delete the index (the loader "
-                              "rebuilds it) or re-tokenize")
+                              f"text, tiles, thumbnail) but its index row says {list(facts)}{held}; delete the index (the "
+                              "loader then rebuilds it from the tar) or re-tokenize the shard")
         self.decoded += 1
         self.read_bytes += r.size
         return sample

@@ -51,9 +51,14 @@ class SourceOrder:
         return (left << half) | right
 
     def samples(self, epoch: int, pos: np.ndarray) -> np.ndarray:
-        """Sample index (int64) of every position in `pos` (each in [0, size))."""
+        """Sample index (int64) of every position in `pos` (each in [0, size), else ValueError: cycle walking from a
+        value outside the domain would never end)."""
+        pos = np.asarray(pos)
+        if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= self.size):
+            raise ValueError(f"source {self.name}: positions {int(pos.min())}..{int(pos.max())} are not all in "
+                             f"[0, {self.size})")
         keys = self._round_keys(epoch)
-        out = self._feistel(np.asarray(pos, dtype=np.uint64), keys)
+        out = self._feistel(pos.astype(np.uint64), keys)
         n = np.uint64(self.size)
         walk = np.flatnonzero(out >= n)
         while walk.size:  # cycle walking: the domain is < 4n, so a few rounds at most on average
