@@ -3,7 +3,8 @@
 A shard task uses `img2dataset.downloader` and `webdataset.writer`. Importing either the ordinary way first runs
 its package's `__init__`: img2dataset's imports its command line (its writers import webdataset, its resizer
 albumentations), webdataset's imports its torch integration. That is ~3.5 s of CPU in every Ray worker, for code a
-shard task never runs; alone, the two modules take ~0.6 s (measured: README, "Ingest").
+shard task never runs; alone, the two modules take ~0.6 s (measured: README, "Ingest"). The rest of the package
+is imported the first time anything asks for it.
 """
 
 from __future__ import annotations
@@ -15,19 +16,55 @@ from types import ModuleType
 
 
 def submodule_alone(name: str) -> ModuleType:
-    """`package.module` imported without running `package/__init__.py` where nothing imported the package yet. A
-    later `import package` in the same process still runs its `__init__` and gets the whole package (reusing this
-    module)."""
+    """`package.module` imported without running `package/__init__.py` where nothing imported the package yet.
+
+    The package stays in `sys.modules` with only its submodules; the first attribute anything asks of it later
+    (`import package; package.X`, `from package import X`) runs its `__init__` then, in place, as a normal import
+    would have: the same module objects, the same names."""
     if name in sys.modules:
         return sys.modules[name]
     package = name.partition(".")[0]
-    if package in sys.modules:  # the whole package is there already
+    if package in sys.modules:  # the whole package is there already (or half, from an earlier call)
         return importlib.import_module(name)
     spec = importlib.util.find_spec(package)
     if spec is None:
         raise ModuleNotFoundError(f"{package} is not installed: `make test` (or pip install -e .) installs it")
-    sys.modules[package] = importlib.util.module_from_spec(spec)  # the package with its path, __init__ not run
+    pkg = importlib.util.module_from_spec(spec)  # the package with its path, __init__ not run
+    ready = False
+
+    def complete(attr: str):
+        """Module `__getattr__` (PEP 562) of the half-imported package: run its `__init__` now, then answer."""
+        if not ready:  # while the submodule imports (`from . import x` probes): as if __init__ had not run
+            raise AttributeError(f"module {package!r} has no attribute {attr!r}")
+        del pkg.__getattr__  # before __init__ runs: it may define its own
+        spec.loader.exec_module(pkg)
+        return getattr(pkg, attr)
+
+    pkg.__getattr__ = complete
+    sys.modules[package] = pkg
     try:
-        return importlib.import_module(name)
-    finally:
+        module = importlib.import_module(name)
+    except BaseException:
         del sys.modules[package]
+        raise
+    _bind_reexports(module, package, spec.origin)
+    ready = True
+    return module
+
+
+def _bind_reexports(module: ModuleType, package: str, init_path: str | None) -> None:
+    """What the package's `__init__` would have bound: a module doing `from . import gopen` gets the submodule
+    when `__init__` did not run, where the package would hand it the function its `__init__` re-exports
+    (`from .gopen import gopen`). Rebind such names to what `__init__` re-exports, so this module works for a later
+    `import package` in the same process too."""
+    import re
+
+    try:
+        with open(init_path or "", encoding="utf-8") as f:
+            init = f.read()
+    except OSError:
+        return
+    for attr, value in list(vars(module).items()):
+        if isinstance(value, ModuleType) and value.__name__ == f"{package}.{attr}" and hasattr(value, attr):
+            if re.search(rf"^from \.{attr} import [^\n]*\b{attr}\b", init, re.M):
+                setattr(module, attr, getattr(value, attr))
