@@ -154,3 +154,26 @@ def test_worker_hook_returns_img2dataset_contract(web):
     netguard.install(AddressPolicy(allow_private_network=True))
     key, stream, err = dl.download_image((7, web.url(f"files/{name}")), 2, "synergen", ["noai"])
     assert err is None and stream.read()[:4] == b"\x89PNG"
+
+
+def test_one_watchdog_thread_expires_every_deadline_in_order_and_never_a_closed_one():
+    """Download deadlines share one thread per process (a timer thread each cost a shard ~3% of its CPU): each
+    expires at its moment, whatever order they were made in, and one closed in time never does."""
+    import threading
+    import time
+
+    from pipeline.netguard import _Deadline
+
+    before = threading.active_count()
+    t0 = time.monotonic()
+    deadlines = [_Deadline(s) for s in (0.6, 0.2, 0.4, 0.05)]
+    closed = _Deadline(0.3)
+    closed.close()
+    assert threading.active_count() <= before + 1  # one watchdog at most, not one per deadline
+    while not all(d.expired for d in deadlines) and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    assert all(d.expired for d in deadlines) and not closed.expired
+    assert time.monotonic() - t0 >= 0.6
+    late = _Deadline(30)
+    assert not late.expired
+    late.close()
