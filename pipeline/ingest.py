@@ -444,8 +444,8 @@ class OutputLease:
     renewed). Another job finding a live lease stops with IngestError naming it, before it touches anything, so
     two runs never plan into the same shard numbers or delete each other's staged shards. A lease is stale, and
     taken over, when not renewed for STALE_S, or at once when it names a process of this host that is gone (a
-    killed driver's re-run need not wait). The holder renews it every RENEW_S and stops if another job took it
-    over (two jobs that started at the same instant: one of them stops at its next renewal)."""
+    killed driver's re-run need not wait). The holder renews it every RENEW_S from a thread and stops if another job
+    took it over (two jobs that started at the same instant: one of them stops after its next renewal)."""
 
     STALE_S, RENEW_S = 60.0, 10.0
 
@@ -486,10 +486,32 @@ class OutputLease:
                            f"lease, {R.LEASE}, is taken over {self.STALE_S:g} s after it stops being renewed)")
 
     def acquire(self) -> None:
+        """Take the lease (IngestError naming the holder of a live one), then keep it renewed from a thread while
+        the job runs, through long phases too (planning a big list, compaction)."""
+        import threading
+
         other = self._read()
         if other and other.get("token") != self.me["token"] and self._live(other):
             raise self._busy(other)
         self._write()
+        self._stop, self._lost = threading.Event(), None
+        self._thread = threading.Thread(target=self._keep, name="ingest-lease", daemon=True)
+        self._thread.start()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.RENEW_S):
+            try:
+                self.renew()
+            except IngestError as err:  # taken over: the job stops at its next check
+                self._lost = err
+                return
+            except Exception as err:  # noqa: BLE001 - storage hiccup: try again next time, the lease lasts STALE_S
+                log.warning("could not renew the lease %s: %s", self.path, err)
+
+    def check(self) -> None:
+        """IngestError if another job took the lease over (called by the job's scheduling loop)."""
+        if self._lost is not None:
+            raise self._lost
 
     def renew(self) -> None:
         if time.time() - self.renewed < self.RENEW_S:
@@ -500,11 +522,17 @@ class OutputLease:
         self._write()
 
     def _write(self) -> None:
+        """Atomically (a temporary name, then moved into place): a reader never sees half a lease."""
         self.renewed = time.time()
-        with self.fs.open(self.path, "w") as f:
+        tmp = f"{self.path}.tmp-{self.me['token'][:8]}"
+        with self.fs.open(tmp, "w") as f:
             json.dump({**self.me, "renewed": self.renewed}, f)
+        self.fs.mv(tmp, self.path)
 
     def release(self) -> None:
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()
+            self._thread.join(timeout=30)
         other = self._read()
         if other and other.get("token") == self.me["token"]:
             self.fs.rm(self.path)
@@ -606,7 +634,7 @@ def _run(m: SourceManifest, out: str, opts: IngestOptions, fs, root: str, lease:
                 start(sid)
         if not running:
             break
-        lease.renew()
+        lease.check()
         ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
         for ref in ready:
             sid, _ = running.pop(ref)

@@ -52,10 +52,20 @@ def test_a_lease_is_taken_over_when_stale_or_its_process_is_gone_and_a_holder_st
         lease = OutputLease(fs, root, out)
         lease.acquire()
         assert json.load(open(os.path.join(out, R.LEASE)))["token"] == lease.me["token"]
-    _lease_file(out, host="elsewhere")  # another job took it over: the holder stops at its next renewal
-    lease.renewed = 0.0
+        lease.release()
+        assert not os.path.exists(os.path.join(out, R.LEASE))
+    # the holder renews from a thread, through long phases too, and stops when another job took the lease over
+    lease = OutputLease(fs, root, out)
+    lease.RENEW_S = 0.05
+    lease.acquire()
+    first = json.load(open(os.path.join(out, R.LEASE)))["renewed"]
+    time.sleep(0.5)
+    assert json.load(open(os.path.join(out, R.LEASE)))["renewed"] > first
+    lease.check()
+    _lease_file(out, host="elsewhere")
+    time.sleep(0.5)
     with pytest.raises(IngestError, match="host elsewhere"):
-        lease.renew()
+        lease.check()
     lease.release()  # not ours any more: left in place
     assert json.load(open(os.path.join(out, R.LEASE)))["host"] == "elsewhere"
 
