@@ -247,12 +247,12 @@ class DedupShard:
         self.commit(commits)
         return out
 
-    def release_exact(self, claims: list[tuple[str, str]]) -> None:
-        """(row_id, sha256) pairs this shard owns whose claimer will not store its image: the hash is free again."""
-        for rid, sha in claims:
-            key = bytes.fromhex(sha)
-            if self._by_sha.get(key) == rid:
-                del self._by_sha[key]
+    def release_exact(self, rids: list[str]) -> None:
+        """Rows whose images will not be stored (their shard failed every attempt): their hashes are free again.
+        A scan of this shard's hashes: shards seldom fail for good."""
+        gone = set(rids)
+        for key in [k for k, rid in self._by_sha.items() if rid in gone]:
+            del self._by_sha[key]
 
     def withdraw(self, rids: list[str]) -> None:
         """Rows that inserted entries here, then found a near row at a later shard: probes no longer see them."""
@@ -342,18 +342,17 @@ class Dedup:
         self._insert(claims, [order[p] for p in sorted(kept_here)], where_near, probes, answers, since, decisions)
         return decisions
 
-    def release(self, kept: list[tuple[str, str | None]]) -> None:
-        """Rows a failed attempt kept but will not store ((row_id, sha256)): their exact hashes are freed and their
-        near entries no longer count, so a copy claimed later is kept (one claimed before stays a duplicate of it;
-        a re-run retries the failed rows, which claim again)."""
+    def release(self, rids: list[str]) -> None:
+        """Rows of a shard that failed every attempt (none of its images is stored): their exact hashes are freed
+        and their near entries no longer count, so a copy claimed later is kept (one claimed before stays a
+        duplicate of it; a re-run retries the failed rows, which claim again). Called by the driver once no attempt
+        of the shard is left, so a straggler's other attempt, which claims with the same row ids, cannot lose its
+        claims to a failed one."""
+        everywhere = {k: list(rids) for k in range(self.n)}
         if self.exact:
-            by_shard: dict[int, list] = {}
-            for rid, sha in kept:
-                if sha:
-                    by_shard.setdefault(int(sha[:8], 16) % self.n, []).append((rid, sha))
-            self._call("release_exact", by_shard)
+            self._call("release_exact", everywhere)
         if self.near:
-            self._call("withdraw", {k: [rid for rid, _ in kept] for k in range(self.n)})
+            self._call("withdraw", everywhere)
 
     def _insert(self, claims, todo: list[int], where_near: dict, probes: dict, answers: dict, since: dict,
                 decisions: list) -> None:

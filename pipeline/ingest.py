@@ -147,12 +147,7 @@ def _download_shard(spec: dict, dedup, tmp: Path) -> dict:
             max_wait=max(opts.timeout, 2.0 * share / opts.per_host_rps if opts.per_host_rps else 0.0)))
     staged_meta, staged_img = _download(rows, todo, opts, tmp, sid) if todo else ({}, {})
     records = _records(rows, sid, staged_meta, staged_img, spec["filters"], dedup)
-    try:
-        staged, stats, n_bytes, frag_ms = _stage_shard(spec, m, rows, records, staged_img, tmp / "final", t0)
-    except BaseException:
-        if dedup is not None:  # this attempt's kept rows are not stored: copies claimed from now on are kept
-            dedup.release([(r["row_id"], r["sha256"]) for r in records if r["state"] == "ok"])
-        raise
+    staged, stats, n_bytes, frag_ms = _stage_shard(spec, m, rows, records, staged_img, tmp / "final", t0)
     return {"shard": sid, "attempt": spec["attempt"], "staged": staged, "counts": stats["counts"], "image_bytes": n_bytes,
             "duration": stats["duration"], "downloaded": len(todo), "fragment_ms": frag_ms, "node": ray.get_runtime_context().get_node_id()}
 
@@ -430,13 +425,15 @@ def _publish(fs, root: str, staged: str, sid: int) -> bool:
     return True
 
 
-def _close_failed_shard(fs, root: str, sid: int) -> None:
-    """The fragment of a shard that failed all its retries: every row failed_retryable (`shard_failed`)."""
+def _close_failed_shard(fs, root: str, sid: int) -> list[str]:
+    """The fragment of a shard that failed all its retries: every row failed_retryable (`shard_failed`). Returns
+    the rows' ids."""
     with fs.open(R.input_path(root, sid), "rb") as f:
         recs = L.pending_records(pq.read_table(f), sid).to_pylist()
     for r in recs:
         r.update(state="failed_retryable", reason="shard_failed", attempts=(r["attempts"] or 0) + 1)
     L.write_parquet_atomic(fs, R.fragment_path(root, sid), L.fragment_table(recs, "shard_failed"))
+    return [r["row_id"] for r in recs]
 
 
 class OutputLease:
@@ -454,7 +451,8 @@ class OutputLease:
         import socket
 
         self.fs, self.path, self.out = fs, f"{root}/{R.LEASE}", out
-        self.me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
+                   "started": time.time()}
         self.renewed = 0.0
 
     def _read(self) -> dict | None:
@@ -470,7 +468,8 @@ class OutputLease:
 
         if time.time() - float(other.get("renewed", 0)) > self.STALE_S:
             return False
-        if other.get("host") == socket.gethostname():
+        # a pid means this process only on this host and in this pid namespace (containers share host names)
+        if other.get("host") == socket.gethostname() and other.get("pidns") == _pid_namespace():
             try:
                 os.kill(int(other["pid"]), 0)
             except ProcessLookupError:
@@ -536,6 +535,15 @@ class OutputLease:
         other = self._read()
         if other and other.get("token") == self.me["token"]:
             self.fs.rm(self.path)
+
+
+def _pid_namespace() -> int | None:
+    try:
+        import os
+
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def run_ingest(manifest: SourceManifest | str, out: str, ray_address: str | None = None, url_lists: list[str] | None = None,
@@ -620,7 +628,9 @@ def _run(m: SourceManifest, out: str, opts: IngestOptions, fs, root: str, lease:
     def give_up(sid: int, err: str) -> None:
         failed_shards[sid] = err
         log.error("shard %s failed after %d attempts: %s", shard_name(sid), attempts[sid], err)
-        _close_failed_shard(fs, root, sid)
+        row_ids = _close_failed_shard(fs, root, sid)
+        if dedup is not None:  # its images are stored nowhere: copies claimed from now on are kept
+            dedup.release(row_ids)
 
     while True:
         while not exhausted and len(running) < window:
@@ -682,6 +692,7 @@ def _run(m: SourceManifest, out: str, opts: IngestOptions, fs, root: str, lease:
     if fs.exists(f"{root}/{R.STAGING}"):
         fs.rm(f"{root}/{R.STAGING}", recursive=True)
 
+    lease.check()  # a job whose folder was taken over writes no ledger or summary over the new holder's
     t_compact = time.time()
     totals = _compact(out, planner.index)
     summary = _summarize(fs, root, totals, published, failed_shards, restarts, abandoned, time.time() - t_start)

@@ -32,6 +32,7 @@ import io
 import ipaddress
 import logging
 import math
+import os
 import re
 import socket
 import ssl
@@ -299,6 +300,8 @@ class _Watchdog:
 
 
 _watchdog = _Watchdog()
+if hasattr(os, "register_at_fork"):  # a forked child gets its own (the parent's lock may be held, its thread is gone)
+    os.register_at_fork(after_in_child=_watchdog.__init__)
 
 
 _SSL_CONTEXT: ssl.SSLContext | None = None

@@ -107,7 +107,10 @@ def decode_token_sample(data: bytes, key: str = "") -> TokenSample:
         off = 8 + hlen
         codes = np.frombuffer(data, dtype=dt, count=n_codes, offset=off).reshape(shape)
         off += n_codes * dt.itemsize
-        text = np.frombuffer(data, dtype="<i4", count=int(header["text"]["n"]), offset=off)
+        n_text = int(header["text"]["n"])
+        if n_text < 0:
+            raise ValueError(f"text of {n_text} ids")
+        text = np.frombuffer(data, dtype="<i4", count=n_text, offset=off)
         if off + text.nbytes != len(data):
             raise ValueError(f"{len(data) - off - text.nbytes} trailing bytes")
     except (ValueError, KeyError, TypeError, struct.error, RecursionError, OverflowError, MemoryError) as e:

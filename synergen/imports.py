@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 from types import ModuleType
 
 
@@ -31,14 +32,37 @@ def submodule_alone(name: str) -> ModuleType:
         raise ModuleNotFoundError(f"{package} is not installed: `make test` (or pip install -e .) installs it")
     pkg = importlib.util.module_from_spec(spec)  # the package with its path, __init__ not run
     ready = False
+    subs: dict[str, ModuleType] = {}
+    state = {"running": False, "done": False}
 
     def complete(attr: str):
-        """Module `__getattr__` (PEP 562) of the half-imported package: run its `__init__` now, then answer."""
+        """Module `__getattr__` (PEP 562) of the half-imported package: run its `__init__` now (once, under a lock:
+        other threads asking meanwhile wait for it, as they would on an import's module lock), then answer."""
         if not ready:  # while the submodule imports (`from . import x` probes): as if __init__ had not run
             raise AttributeError(f"module {package!r} has no attribute {attr!r}")
-        del pkg.__getattr__  # before __init__ runs: it may define its own
-        spec.loader.exec_module(pkg)
-        return getattr(pkg, attr)
+        with _LOCK:
+            if not state["done"]:
+                if state["running"]:  # asked by __init__ itself, still running: not bound yet
+                    raise AttributeError(f"module {package!r} has no attribute {attr!r}")
+                state["running"] = True
+                try:
+                    spec.loader.exec_module(pkg)
+                except BaseException:
+                    sys.modules.pop(package, None)  # a later import tries again, as after any failed import
+                    raise
+                finally:
+                    state["running"] = False
+                state["done"] = True
+                if pkg.__dict__.get("__getattr__") is complete:  # unless __init__ defined its own
+                    del pkg.__dict__["__getattr__"]
+                for sub, mod in subs.items():  # a submodule where __init__ bound nothing of that name
+                    pkg.__dict__.setdefault(sub, mod)
+        if attr in pkg.__dict__:
+            return pkg.__dict__[attr]
+        own = pkg.__dict__.get("__getattr__")
+        if own is not None and own is not complete:
+            return own(attr)
+        raise AttributeError(f"module {package!r} has no attribute {attr!r}")
 
     pkg.__getattr__ = complete
     sys.modules[package] = pkg
@@ -48,8 +72,16 @@ def submodule_alone(name: str) -> ModuleType:
         del sys.modules[package]
         raise
     _bind_reexports(module, package, spec.origin)
+    # the submodules' names stay off the package until __init__ runs: asking for one (`package.gopen`) completes the
+    # package and gets what __init__ binds to it (the function `gopen`), not the submodule
+    for attr, value in list(vars(pkg).items()):
+        if isinstance(value, ModuleType) and value.__name__ == f"{package}.{attr}":
+            subs[attr] = pkg.__dict__.pop(attr)
     ready = True
     return module
+
+
+_LOCK = threading.RLock()
 
 
 def _bind_reexports(module: ModuleType, package: str, init_path: str | None) -> None:

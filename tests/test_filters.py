@@ -205,9 +205,9 @@ def test_a_retry_kept_by_its_first_attempt_stays_kept_whichever_check_the_insert
         assert shard.probe_insert(([fresh], since, [False]))[0] in ("other", "retry")
 
 
-def test_rows_a_failed_attempt_kept_are_released_so_a_copy_claimed_later_is_kept():
-    """A shard attempt that claimed its rows and then failed to store them (staging failed) releases them: an
-    exact or near copy claimed afterwards is kept instead of naming a row no tar holds."""
+def test_rows_of_a_shard_that_failed_for_good_are_released_so_a_copy_claimed_later_is_kept():
+    """The driver releases the rows of a shard that failed every attempt (they claimed, then nothing was stored):
+    an exact or near copy claimed afterwards is kept instead of naming a row no tar holds."""
     from pipeline.dedup import Dedup
 
     shards = [DedupShard(i, 2, exact=True, near=True, max_distance=4) for i in range(2)]
@@ -215,7 +215,7 @@ def test_rows_a_failed_attempt_kept_are_released_so_a_copy_claimed_later_is_kept
     h = 0x0123456789ABCDEF
     assert d.claim_many([("lost-0", "a" * 64, h)]) == [None]
     assert d.claim_many([("before-0", "a" * 64, 0x0F0F0F0F0F0F0F0F)]) == [("duplicate_exact", "lost-0")]
-    d.release([("lost-0", "a" * 64)])
+    d.release(["lost-0"])
     assert d.claim_many([("exact-0", "a" * 64, 0x00FF00FF00FF00FF)]) == [None]  # the same bytes, now kept
     assert d.claim_many([("near-0", "b" * 64, h ^ 0b101)]) == [None]  # near the released row only: kept
     assert d.claim_many([("later-0", "c" * 64, h ^ 0b11)]) == [("duplicate_near", "near-0")]

@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import rawshard as R
-from pipeline.ingest import IngestError, OutputLease, _records, run_ingest
+from pipeline.ingest import IngestError, OutputLease, _pid_namespace, _records, run_ingest
 from pipeline.sources import SourceManifest
 
 LOOPBACK = ("127.0.0.0/8",)
@@ -25,8 +25,8 @@ LOOPBACK = ("127.0.0.0/8",)
 
 def _lease_file(out, **fields):
     os.makedirs(out, exist_ok=True)
-    lease = {"token": "other", "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-             "renewed": time.time(), **fields}
+    lease = {"token": "other", "host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
+             "started": time.time(), "renewed": time.time(), **fields}
     with open(os.path.join(out, R.LEASE), "w") as f:
         json.dump(lease, f)
 
@@ -47,6 +47,10 @@ def test_a_lease_is_taken_over_when_stale_or_its_process_is_gone_and_a_holder_st
     fs, root = fsspec.core.url_to_fs(out)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
+    # a live job in another pid namespace of a host of the same name (a container) is not taken for a dead pid
+    _lease_file(out, pid=gone.pid, pidns=-1)
+    with pytest.raises(IngestError, match="another ingest"):
+        OutputLease(fs, root, out).acquire()
     for stale in ({"pid": gone.pid}, {"host": "elsewhere", "renewed": time.time() - 61}):
         _lease_file(out, **stale)
         lease = OutputLease(fs, root, out)
