@@ -31,40 +31,8 @@ def submodule_alone(name: str) -> ModuleType:
     if spec is None:
         raise ModuleNotFoundError(f"{package} is not installed: `make test` (or pip install -e .) installs it")
     pkg = importlib.util.module_from_spec(spec)  # the package with its path, __init__ not run
-    ready = False
-    subs: dict[str, ModuleType] = {}
-    state = {"running": False, "done": False}
-
-    def complete(attr: str):
-        """Module `__getattr__` (PEP 562) of the half-imported package: run its `__init__` now (once, under a lock:
-        other threads asking meanwhile wait for it, as they would on an import's module lock), then answer."""
-        if not ready:  # while the submodule imports (`from . import x` probes): as if __init__ had not run
-            raise AttributeError(f"module {package!r} has no attribute {attr!r}")
-        with _LOCK:
-            if not state["done"]:
-                if state["running"]:  # asked by __init__ itself, still running: not bound yet
-                    raise AttributeError(f"module {package!r} has no attribute {attr!r}")
-                state["running"] = True
-                try:
-                    spec.loader.exec_module(pkg)
-                except BaseException:
-                    sys.modules.pop(package, None)  # a later import tries again, as after any failed import
-                    raise
-                finally:
-                    state["running"] = False
-                state["done"] = True
-                if pkg.__dict__.get("__getattr__") is complete:  # unless __init__ defined its own
-                    del pkg.__dict__["__getattr__"]
-                for sub, mod in subs.items():  # a submodule where __init__ bound nothing of that name
-                    pkg.__dict__.setdefault(sub, mod)
-        if attr in pkg.__dict__:
-            return pkg.__dict__[attr]
-        own = pkg.__dict__.get("__getattr__")
-        if own is not None and own is not complete:
-            return own(attr)
-        raise AttributeError(f"module {package!r} has no attribute {attr!r}")
-
-    pkg.__getattr__ = complete
+    completer = _Completer(pkg, spec)
+    pkg.__getattr__ = completer
     sys.modules[package] = pkg
     try:
         module = importlib.import_module(name)
@@ -76,9 +44,49 @@ def submodule_alone(name: str) -> ModuleType:
     # package and gets what __init__ binds to it (the function `gopen`), not the submodule
     for attr, value in list(vars(pkg).items()):
         if isinstance(value, ModuleType) and value.__name__ == f"{package}.{attr}":
-            subs[attr] = pkg.__dict__.pop(attr)
-    ready = True
+            completer.subs[attr] = pkg.__dict__.pop(attr)
+    completer.ready = True
     return module
+
+
+class _Completer:
+    """Module `__getattr__` (PEP 562) of a half-imported package: on the first name asked, run its `__init__` (once,
+    under a lock: other threads asking meanwhile wait for it, as they would on an import's module lock), then
+    answer."""
+
+    def __init__(self, pkg: ModuleType, spec):
+        self.pkg, self.spec, self.name = pkg, spec, spec.name
+        self.subs: dict[str, ModuleType] = {}
+        self.ready = False  # False while the submodule imports (`from . import x` probes: as if __init__ had not run)
+        self.running = self.done = False
+
+    def __call__(self, attr: str):
+        pkg = self.pkg
+        if not self.ready:
+            raise AttributeError(f"module {self.name!r} has no attribute {attr!r}")
+        with _LOCK:
+            if not self.done:
+                if self.running:  # asked by __init__ itself, still running: not bound yet
+                    raise AttributeError(f"module {self.name!r} has no attribute {attr!r}")
+                self.running = True
+                try:
+                    self.spec.loader.exec_module(pkg)
+                except BaseException:
+                    sys.modules.pop(self.name, None)  # a later import tries again, as after any failed import
+                    raise
+                finally:
+                    self.running = False
+                self.done = True
+                if pkg.__dict__.get("__getattr__") is self:  # unless __init__ defined its own
+                    del pkg.__dict__["__getattr__"]
+                for sub, mod in self.subs.items():  # a submodule where __init__ bound nothing of that name
+                    pkg.__dict__.setdefault(sub, mod)
+        if attr in pkg.__dict__:
+            return pkg.__dict__[attr]
+        own = pkg.__dict__.get("__getattr__")
+        if own is not None and own is not self:
+            return own(attr)
+        raise AttributeError(f"module {self.name!r} has no attribute {attr!r}")
 
 
 _LOCK = threading.RLock()
