@@ -55,6 +55,18 @@ def s3_server():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _deepspeed_shm_buffers():
+    """DeepSpeed's CPU all-reduce leaves its shared-memory buffers (`/dev/shm/deepspeed_allreduce_buffer_*`, ~66 MB
+    each, two per multi-rank run) behind when a run ends; a day of test sessions filled this machine's /dev/shm
+    (19 GB) until Ray's memory monitor killed tasks. The session removes the ones its runs made."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
+    yield
+    for path in (set(shm.glob("deepspeed_allreduce_buffer_*")) - before) if shm.is_dir() else ():
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _aws_env(request):
     """Dummy credentials for every test; the endpoint is set by `s3`. Real credentials never leak in."""
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
