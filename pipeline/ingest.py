@@ -24,9 +24,12 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -447,9 +450,6 @@ class OutputLease:
     STALE_S, RENEW_S = 60.0, 10.0
 
     def __init__(self, fs, root: str, out: str):
-        import os
-        import socket
-
         self.fs, self.path, self.out = fs, f"{root}/{R.LEASE}", out
         self.me = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
                    "started": time.time()}
@@ -463,9 +463,6 @@ class OutputLease:
             return None
 
     def _live(self, other: dict) -> bool:
-        import os
-        import socket
-
         if time.time() - float(other.get("renewed", 0)) > self.STALE_S:
             return False
         # a pid means this process only on this host and in this pid namespace (containers share host names)
@@ -487,8 +484,6 @@ class OutputLease:
     def acquire(self) -> None:
         """Take the lease (IngestError naming the holder of a live one), then keep it renewed from a thread while
         the job runs, through long phases too (planning a big list, compaction)."""
-        import threading
-
         other = self._read()
         if other and other.get("token") != self.me["token"] and self._live(other):
             raise self._busy(other)
@@ -539,8 +534,6 @@ class OutputLease:
 
 def _pid_namespace() -> int | None:
     try:
-        import os
-
         return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return None
